@@ -1,0 +1,174 @@
+"""The delta artifact: a folder with manifest.json, delta.safetensors and the fine-tune's config files.
+
+manifest.json (format "adamix-delta", version 1):
+  format, format_version, tool_version, method, settings, alpha (asked), sizes (bytes, achieved alpha),
+  base_fingerprint (sha256 of the base's tensors), finetune_config_fingerprint, dropped (tensors of
+  the base that the fine-tune lacks, e.g. non-float buffers), tensors: {name: entry}.
+  entry: kind ("svd-mixed" | "raw"), shape (of the weight as stored in the model), dtype (the base
+  tensor's torch dtype), transposed (Conv1D weights: the method saw W^T), meta (kind-specific),
+  bytes, stats (error_predicted, error_measured, rank_kept, ...).
+delta.safetensors: for each entry the tensors "<name>.<suffix>" (e.g. ".codes" uint8, ".params" fp16,
+  ".delta" fp16). finetune/: config.json and tokenizer files of the fine-tune, so that `merge`
+  writes a complete model. No pickle anywhere: loading never executes code from the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import __version__
+from .errors import AdamixError
+from .methods.base import decode
+
+FORMAT = "adamix-delta"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "delta.safetensors"
+CONFIG_DIR = "finetune"
+
+
+def prepare_output(out: str | os.PathLike, overwrite: bool) -> Path:
+    """Check that `out` can be written; returns it as a Path. Nothing is created yet."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise AdamixError(f"{out} already exists (pass --overwrite to replace it)")
+    parent = out.absolute().parent
+    if not parent.is_dir():
+        raise AdamixError(f"cannot write {out}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise AdamixError(f"cannot write {out}: folder {parent} is not writable")
+    return out
+
+
+class AtomicFolder:
+    """Context manager: a temporary sibling folder renamed onto `out` only if the block succeeds."""
+
+    def __init__(self, out: Path, overwrite: bool):
+        self.out, self.overwrite = out, overwrite
+
+    def __enter__(self) -> Path:
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.absolute().parent))
+        os.chmod(self.tmp, 0o755)  # mkdtemp makes it private; the artifact is an ordinary folder
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if self.out.exists() and self.overwrite:
+            shutil.rmtree(self.out) if self.out.is_dir() else self.out.unlink()
+        os.replace(self.tmp, self.out)
+
+
+def write_artifact(folder: Path, manifest: dict, tensors: dict[str, torch.Tensor], config_files: list[Path]) -> None:
+    """Write the three parts into `folder` (already created, normally an AtomicFolder).
+
+    The manifest's "sizes" are filled in here from the bytes actually written.
+    """
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / WEIGHTS), metadata={"format": FORMAT})
+    (folder / CONFIG_DIR).mkdir()
+    for f in config_files:
+        shutil.copy2(f, folder / CONFIG_DIR / f.name)
+    weights_bytes = (folder / WEIGHTS).stat().st_size
+    sizes = manifest["sizes"]
+    sizes["delta_safetensors_bytes"] = weights_bytes
+    for _ in range(3):  # the manifest's own size appears in it: iterate to a fixed point
+        text = json.dumps(manifest, separators=(",", ":"))
+        sizes["manifest_bytes"] = len(text.encode())
+        total = weights_bytes + sizes["manifest_bytes"]
+        sizes["total_bytes"] = total
+        sizes["alpha_achieved"] = (total - sizes["raw_bytes"]) / sizes["fp16_bytes_method"] if sizes["fp16_bytes_method"] else 0.0
+    (folder / MANIFEST).write_text(json.dumps(manifest, separators=(",", ":")))
+
+
+class Artifact:
+    """A delta artifact opened for reading: manifest checked, tensors verified, decoded on demand."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        mpath, wpath = self.path / MANIFEST, self.path / WEIGHTS
+        if not mpath.is_file() or not wpath.is_file():
+            raise AdamixError(f"{self.path}: not an adamix delta (needs {MANIFEST} and {WEIGHTS})")
+        try:
+            self.manifest = json.loads(mpath.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise AdamixError(f"{mpath}: invalid JSON ({e})") from None
+        m = self.manifest
+        if not isinstance(m, dict) or m.get("format") != FORMAT:
+            raise AdamixError(f"{mpath}: not an adamix manifest (format {m.get('format') if isinstance(m, dict) else None!r})")
+        if m.get("format_version") != FORMAT_VERSION:
+            raise AdamixError(f"{mpath}: format version {m.get('format_version')!r} is not supported "
+                              f"(this adamix {__version__} reads version {FORMAT_VERSION})")
+        if not isinstance(m.get("tensors"), dict):
+            raise AdamixError(f"{mpath}: manifest has no tensor table")
+        try:
+            self._file = safe_open(str(wpath), framework="pt")
+            self._stored = set(self._file.keys())
+        except Exception as e:
+            raise AdamixError(f"{wpath}: cannot read safetensors ({e})") from None
+        self._verify()
+
+    def _verify(self) -> None:
+        """Every entry's stored tensors exist and their byte counts match the manifest."""
+        expected = set()
+        for name, e in self.entries.items():
+            if not isinstance(e, dict) or "kind" not in e or "shape" not in e:
+                raise AdamixError(f"manifest entry {name!r} is malformed")
+            stored = 0
+            for suffix in self._suffixes(e):
+                key = f"{name}.{suffix}"
+                if key not in self._stored:
+                    raise AdamixError(f"{self.path / WEIGHTS}: tensor {key} is missing")
+                sl = self._file.get_slice(key)
+                nbytes = 1
+                for d in sl.get_shape():
+                    nbytes *= d
+                stored += nbytes * {"U8": 1, "F16": 2, "F32": 4, "BF16": 2}.get(sl.get_dtype(), 0)
+                expected.add(key)
+            if stored != e.get("bytes"):
+                raise AdamixError(f"{name}: stored tensors take {stored} bytes, the manifest says {e.get('bytes')}")
+        extra = self._stored - expected
+        if extra:
+            raise AdamixError(f"{self.path / WEIGHTS} holds tensors the manifest does not list: {sorted(extra)[:3]}")
+
+    @staticmethod
+    def _suffixes(entry: dict) -> list[str]:
+        return {"svd-mixed": ["codes", "params"], "raw": ["delta"]}.get(entry["kind"], []) or \
+            list(entry.get("meta", {}).get("tensors", []))
+
+    @property
+    def entries(self) -> dict[str, dict]:
+        return self.manifest["tensors"]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return {s: self._file.get_tensor(f"{name}.{s}") for s in self._suffixes(self.entries[name])}
+
+    def delta(self, name: str) -> torch.Tensor:
+        """D^ for tensor `name` in the model's own shape, float32."""
+        e = self.entries[name]
+        shape = tuple(e["shape"])
+        if e.get("transposed"):
+            return decode(e["kind"], shape[::-1], e.get("meta", {}), self.tensors(name)).T.contiguous()
+        return decode(e["kind"], shape, e.get("meta", {}), self.tensors(name))
+
+    def check_base(self, fingerprint: str) -> None:
+        want = self.manifest.get("base_fingerprint")
+        if fingerprint != want:
+            raise AdamixError(f"wrong base model: its fingerprint is {fingerprint[:16]}, "
+                              f"the delta was made against {str(want)[:16]}")
+
+
+def load(path: str | os.PathLike) -> Artifact:
+    """Open and verify an artifact (see Artifact)."""
+    return Artifact(path)

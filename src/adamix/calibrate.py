@@ -1,0 +1,222 @@
+"""Calibration: text -> token windows; block-by-block runner that accumulates input Gram matrices.
+
+The runner builds the fine-tune's module tree with empty (meta) parameters, loads only the modules
+outside the repeated blocks (embeddings, rotary tables, ...), captures the inputs of block 0, then
+for each block in turn loads its weights, runs every window through it with hooks on its linear
+layers accumulating H = sum_t x_t x_t^T (n x n) per layer, and passes the block's outputs on.
+Peak memory: one block plus the hidden states of the calibration windows, whatever the depth.
+Layer discovery is generic: the blocks are the longest nn.ModuleList of identical modules; the
+linears are nn.Linear (y = W x) and transformers' Conv1D (GPT-2 style, y = x W, so W is transposed).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .checkpoint import Checkpoint
+from .errors import AdamixError
+
+
+def default_calibration_file() -> Path:
+    """gensim's lee_background.cor (news text that ships inside the gensim package)."""
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
+        raise AdamixError("the default calibration text ships with gensim: pip install gensim==4.4.0, "
+                          "or pass --calib FILE (or --calib none for the data-free mode)")
+    path = Path(spec.submodule_search_locations[0]) / "test" / "test_data" / "lee_background.cor"
+    if not path.is_file():
+        raise AdamixError(f"{path} is missing from the installed gensim; pass --calib FILE")
+    return path
+
+
+def token_windows(text: str, tokenizer, samples: int, seqlen: int) -> list[torch.Tensor]:
+    """Cut the tokenized text into up to `samples` consecutive windows of `seqlen` tokens.
+
+    Each window is wrapped with the tokenizer's own special tokens (e.g. [CLS] ... [SEP]).
+    Returns a list of (1, <= seqlen) int64 tensors.
+    """
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    head, tail = special_tokens(tokenizer)
+    body = max(1, seqlen - len(head) - len(tail))
+    windows = []
+    for start in range(0, len(ids), body):
+        chunk = ids[start:start + body]
+        if len(chunk) < body // 2 and windows:
+            break
+        windows.append(torch.tensor([head + chunk + tail]))
+        if len(windows) == samples:
+            break
+    if not windows:
+        raise AdamixError("the calibration text is empty after tokenization")
+    return windows
+
+
+def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after a text (e.g. [CLS] / [SEP]; <s> / none)."""
+    probe = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for i in range(len(full) - len(probe) + 1):
+        if full[i:i + len(probe)] == probe:
+            return full[:i], full[i + len(probe):]
+    return [], []
+
+
+def read_text(path: Path) -> str:
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise AdamixError(f"calibration file {path}: {e.strerror}") from None
+    if not text.strip():
+        raise AdamixError(f"calibration file {path} is empty")
+    return text
+
+
+@dataclass
+class LinearInfo:
+    name: str          # weight tensor name in the checkpoint, e.g. "encoder.layer.0.attention.self.query.weight"
+    module: nn.Module
+    transposed: bool   # Conv1D stores W as (in, out)
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The longest nn.ModuleList whose children all have the same type (the transformer blocks)."""
+    best = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and len({type(c) for c in mod}) == 1:
+            if best is None or len(mod) > len(best[1]):
+                best = (name, mod)
+    if best is None:
+        raise AdamixError("cannot find the model's transformer blocks (no nn.ModuleList of layers)")
+    return best
+
+
+def linears(block: nn.Module, prefix: str) -> list[LinearInfo]:
+    out = []
+    for name, mod in block.named_modules():
+        if isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D":
+            out.append(LinearInfo(f"{prefix}{name}.weight", mod, not isinstance(mod, nn.Linear)))
+    return out
+
+
+def _move(module: nn.Module, device: torch.device) -> None:
+    """Move the materialised tensors of `module` to `device`, leaving meta (not yet loaded) ones."""
+    module._apply(lambda t: t if t.device.type == "meta" else t.to(device))
+
+
+class _Catch(Exception):
+    pass
+
+
+class BlockRunner:
+    """Runs calibration windows through a checkpoint one block at a time (see module doc)."""
+
+    def __init__(self, ckpt: Checkpoint, windows: list[torch.Tensor], device: str = "cpu"):
+        import transformers
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig
+
+        self.ckpt, self.device = ckpt, torch.device(device)
+        try:
+            config = AutoConfig.from_pretrained(ckpt.folder)
+        except Exception as e:
+            raise AdamixError(f"{ckpt.folder}: transformers cannot read config.json ({e})") from None
+        arch = (getattr(config, "architectures", None) or [None])[0]
+        cls = getattr(transformers, arch, None) if arch else None
+        with init_empty_weights(include_buffers=False):
+            self.model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
+        self.model.eval()
+        self.names = self._name_map()
+        self.blocks_name, self.blocks = find_blocks(self.model)
+        block_prefix = self.blocks_name + "."
+        outside = {k: v for k, v in self.names.items() if not k.startswith(block_prefix)}
+        self._load(self.model, outside, "")
+        _move(self.model, self.device)
+        self.windows = windows
+        self.inputs, self.kwargs = self._capture()
+
+    def _name_map(self) -> dict[str, str]:
+        """state_dict name -> checkpoint tensor name (prefix differences such as 'bert.' resolved)."""
+        keys = set(self.ckpt.keys())
+        prefix = getattr(self.model, "base_model_prefix", "") or ""
+        out = {}
+        for name, _ in self.model.named_parameters(remove_duplicate=False):
+            for cand in (name, name.removeprefix(prefix + "."), f"{prefix}.{name}"):
+                if cand in keys:
+                    out[name] = cand
+                    break
+        return out
+
+    def _load(self, module: nn.Module, names: dict[str, str], strip: str) -> None:
+        """Materialise `module`'s parameters from the checkpoint (names relative to the model)."""
+        state = {full[len(strip):]: self.ckpt.get(ck).float() for full, ck in names.items()}
+        module.load_state_dict(state, strict=False, assign=True)
+        if module is self.model and hasattr(module, "tie_weights"):
+            module.tie_weights()  # e.g. lm_head shares embed_tokens; unused heads may stay on meta
+        elif missing := [n for n, p in module.named_parameters() if p.device.type == "meta"]:
+            raise AdamixError(f"{self.ckpt.source}: checkpoint lacks tensors the model needs: {', '.join(missing[:3])}")
+
+    def _capture(self) -> tuple[list[torch.Tensor], list[dict]]:
+        first = self.blocks[0]
+        inputs, kwargs = [], []
+
+        class Catcher(nn.Module):
+            def __init__(self):
+                super().__init__()
+
+            def forward(self, hidden, *args, **kw):
+                inputs.append(hidden.detach())
+                kwargs.append({"args": args, **kw})
+                raise _Catch
+
+        self.blocks[0] = Catcher()
+        try:
+            with torch.no_grad():
+                for ids in self.windows:
+                    try:
+                        self.model(input_ids=ids.to(self.device), attention_mask=torch.ones_like(ids).to(self.device),
+                                   use_cache=False)
+                    except _Catch:
+                        pass
+        finally:
+            self.blocks[0] = first
+        if len(inputs) != len(self.windows):
+            raise AdamixError("could not capture the inputs of the first transformer block")
+        return inputs, kwargs
+
+    def run(self) -> Iterator[tuple[int, list[LinearInfo], dict[str, torch.Tensor]]]:
+        """For each block i: (i, its linears, {weight name: H (n x n float32)}). The block's outputs
+        become the next block's inputs."""
+        for i, block in enumerate(self.blocks):
+            prefix = f"{self.blocks_name}.{i}."
+            names = {k: v for k, v in self.names.items() if k.startswith(prefix)}
+            self._load(block, names, prefix)
+            _move(block, self.device)
+            infos = linears(block, prefix)
+            grams: dict[str, torch.Tensor] = {}
+            hooks = [info.module.register_forward_hook(self._gram_hook(grams, info.name)) for info in infos]
+            outs = []
+            with torch.no_grad():
+                for x, kw in zip(self.inputs, self.kwargs):
+                    kw = dict(kw)
+                    args = kw.pop("args", ())
+                    out = block(x, *args, **kw)
+                    outs.append(out[0] if isinstance(out, (tuple, list)) else out)
+            for h in hooks:
+                h.remove()
+            self.inputs = outs
+            yield i, infos, {k: v.cpu() for k, v in grams.items()}
+            block.to("meta")
+
+    @staticmethod
+    def _gram_hook(grams: dict[str, torch.Tensor], name: str):
+        def hook(_mod, inp, _out):
+            x = inp[0].detach().reshape(-1, inp[0].shape[-1]).float()
+            g = x.T @ x
+            grams[name] = grams[name] + g if name in grams else g
+        return hook

@@ -1,0 +1,96 @@
+"""The `adamix` command: compress, merge, inspect, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import __version__
+from .errors import AdamixError
+
+CALIB_HELP = ("calibration text file; 'default' uses gensim's lee_background.cor (ships with gensim, "
+              "a few hundred news paragraphs); 'none' = data-free (H = I, RTN)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="adamix", description="Store a fine-tune as a tiny mixed-precision delta "
+                                "against its base (ADAMIX), and restore it.")
+    p.add_argument("--version", action="version", version=f"adamix {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="compress FINETUNED against BASE into a delta folder")
+    c.add_argument("base", help="base model: Hugging Face folder (config.json + safetensors) or .gguf file")
+    c.add_argument("finetuned", help="fine-tuned model, same forms as BASE")
+    c.add_argument("-o", "--out", required=True, help="output delta folder (must not exist)")
+    c.add_argument("--ratio", default="1/16", help="alpha = compressed bits / fp16 bits of the delta (default 1/16)")
+    c.add_argument("--calib", default="default", help=CALIB_HELP)
+    c.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
+    c.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window (default 256)")
+    c.add_argument("--bits", default="0,2,3,4,8", help="allowed bit-widths per singular vector (default 0,2,3,4,8)")
+    c.add_argument("--group-size", type=int, default=128, help="entries per quantization group (default 128)")
+    c.add_argument("--device", default="cpu", help="cpu or cuda[:N] for the calibration passes (default cpu)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    m = sub.add_parser("merge", help="restore the fine-tune: BASE + DELTA -> Hugging Face checkpoint")
+    m.add_argument("base")
+    m.add_argument("delta")
+    m.add_argument("-o", "--out", required=True, help="output model folder (must not exist)")
+    m.add_argument("--overwrite", action="store_true")
+    m.add_argument("-q", "--quiet", action="store_true")
+
+    i = sub.add_parser("inspect", help="sizes, achieved ratio, bit-widths and errors of a delta")
+    i.add_argument("delta")
+    i.add_argument("--json", action="store_true", help="print the manifest as JSON")
+
+    d = sub.add_parser("demo", help="compress the all-MiniLM-L6-v2 -> sre-embedding-model pair, merge and evaluate")
+    d.add_argument("-o", "--out", default="adamix-demo", help="working folder (default ./adamix-demo)")
+    d.add_argument("--ratio", default="1/16")
+    d.add_argument("--calib", default="default", help=CALIB_HELP)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from .report import print_summary
+    if args.command == "compress":
+        from .pipeline import compress
+        manifest = compress(args.base, args.finetuned, args.out, ratio=args.ratio,
+                            calib=None if args.calib == "none" else args.calib, samples=args.samples,
+                            seqlen=args.seqlen, bits=args.bits, group_size=args.group_size, device=args.device,
+                            seed=args.seed, overwrite=args.overwrite, progress=not args.quiet)
+        print_summary(manifest)
+        s = manifest["sizes"]
+        print(f"wrote {args.out} in {s['wall_seconds']:.1f} s, peak RSS {s['peak_rss_mib']:.0f} MiB")
+    elif args.command == "merge":
+        from .merge import merge
+        out = merge(args.base, args.delta, args.out, overwrite=args.overwrite, progress=not args.quiet)
+        print(f"wrote {out}")
+    elif args.command == "inspect":
+        from .artifact import Artifact
+        art = Artifact(args.delta)
+        if args.json:
+            print(json.dumps(art.manifest, indent=2))
+        else:
+            print_summary(art.manifest, per_tensor=True)
+    elif args.command == "demo":
+        from .demo import demo
+        demo(args.out, ratio=args.ratio, calib=None if args.calib == "none" else args.calib)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except AdamixError as e:
+        print(f"adamix: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("adamix: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

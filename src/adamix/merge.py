@@ -1,0 +1,50 @@
+"""base + artifact -> a standard Hugging Face checkpoint of the restored fine-tune."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from .artifact import CONFIG_DIR, AtomicFolder, Artifact, prepare_output
+from .checkpoint import Checkpoint
+from .errors import AdamixError
+
+
+def merged_state(base: Checkpoint, art: Artifact, progress: bool = False) -> dict[str, torch.Tensor]:
+    """W_base + D^ for every tensor of the base (in the base's dtype), less the artifact's 'dropped'."""
+    dropped = set(art.manifest.get("dropped", []))
+    missing = [n for n in art.entries if n not in base]
+    if missing:
+        raise AdamixError(f"the base has no tensor {missing[0]} that the delta changes")
+    state = {}
+    for name in tqdm(base.keys(), desc="merge", disable=not progress, unit="tensor"):
+        if name in dropped:
+            continue
+        w = base.get(name)
+        if name in art:
+            if list(w.shape) != list(art.entries[name]["shape"]):
+                raise AdamixError(f"tensor {name}: base shape {list(w.shape)}, delta shape {art.entries[name]['shape']}")
+            w = (w.float() + art.delta(name)).to(w.dtype)
+        state[name] = w.contiguous()
+    return state
+
+
+def merge(base: str | os.PathLike, delta: str | os.PathLike, out: str | os.PathLike, *,
+          overwrite: bool = False, progress: bool = True) -> Path:
+    """Restore the fine-tune: write `out` with model.safetensors and the fine-tune's config/tokenizer."""
+    out = prepare_output(out, overwrite)
+    art = Artifact(delta)
+    base_ck = Checkpoint(base)
+    art.check_base(base_ck.fingerprint())
+    state = merged_state(base_ck, art, progress)
+    with AtomicFolder(out, overwrite) as tmp:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        for f in sorted((art.path / CONFIG_DIR).glob("*")):
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
+    return out

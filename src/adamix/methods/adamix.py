@@ -1,0 +1,150 @@
+"""ADAMIX (arXiv 2506.11087): mixed-precision singular vectors chosen by an exact ILP.
+
+For one delta D (m x n) with input Gram H (n x n; None = data-free, H = I):
+1. SVD  D = U S V^T.
+2. Error table e_i(b) for every triplet i and width b (allocate.error_table).
+3. Widths b_i from the 0/1 ILP under budget = alpha * 16 * m * n bits minus this tensor's share of
+   the file header and manifest (`overhead_bits`, set by the pipeline) (allocate.solve_allocation).
+4. V step: the kept rows of V^T (k x n) quantized at their widths with GPTQ on H (RTN if data-free).
+5. U step, reconstruction target correction: U* = D H V^^T (V^ H V^^T + lambda I)^-1 (m x k), the
+   least-squares fit of the original outputs D X from the quantized z = V^ x; then U* quantized
+   column by column at the same widths with GPTQ on H_z = V^ H V^^T (RTN if data-free).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..allocate import error_table, solve_allocation, triplet_cost
+from ..quant.gptq import gptq_columns, gptq_rows, rtn_columns
+from ..quant.grid import rtn
+from .base import Encoded
+from .factors import decode_factors, encode_factors, expected_sizes
+
+
+@dataclass(frozen=True)
+class Settings:
+    alpha: float = 1 / 16
+    widths: tuple[int, ...] = (0, 2, 3, 4, 8)
+    group_size: int = 128
+    damp: float = 0.01
+    fit_damp: float = 1e-4
+    whiten: bool = False
+
+
+def svd(D: torch.Tensor, H: torch.Tensor | None = None, whiten: bool = False) -> tuple[torch.Tensor, ...]:
+    """D = U diag(s) V^T with U (m, r), s (r,), V (n, r) unit columns; float64 (float32 for huge D).
+
+    Plain: the SVD of D. Whitened (H given): the SVD of D L with H + eps I = L L^T, so that
+    D L = U S W^T and V = L^-T W (columns rescaled to unit norm, the norms moved into s). Its truncation
+    is optimal in the H-weighted error, and the v_i are H-orthogonal, so dropping triplets costs
+    exactly the error table's e_i(0) (no cross terms).
+    """
+    work = D.double() if D.numel() <= 16_000_000 else D.float()
+    if not whiten or H is None:
+        U, s, Vh = torch.linalg.svd(work, full_matrices=False)
+        return U, s, Vh.T
+    Hd = H.to(work.dtype)
+    L = torch.linalg.cholesky(Hd + 1e-6 * torch.diagonal(Hd).mean() * torch.eye(Hd.shape[0], dtype=Hd.dtype))
+    U, s, Wh = torch.linalg.svd(work @ L, full_matrices=False)
+    V = torch.linalg.solve_triangular(L.T, Wh.T, upper=True)
+    norms = V.norm(dim=0).clamp_min(1e-30)
+    return U, s * norms, V / norms
+
+
+def budget_bits(m: int, n: int, alpha: float, overhead_bits: float = 0.0) -> float:
+    """Bits this tensor's codes and grids may take: alpha * 16 * m * n less its share of the overhead."""
+    return alpha * 16 * m * n - overhead_bits
+
+
+def output_error(Dhat: torch.Tensor, D: torch.Tensor, H: torch.Tensor | None) -> float:
+    """tr((D^ - D) H (D^ - D)^T) in float64 (Frobenius norm squared if H is None)."""
+    E = (Dhat.double() - D.double())
+    if H is None:
+        return float((E * E).sum())
+    return float(((E @ H.double()) * E).sum())
+
+
+def compress_matrix(D: torch.Tensor, H: torch.Tensor | None, settings: Settings, overhead_bits: float = 0.0) -> Encoded:
+    """ADAMIX on one delta D (m x n) with input Gram H (n x n) or None. Returns an Encoded "svd-mixed".
+
+    The stored codes and grids take at most budget_bits(m, n, settings.alpha, overhead_bits) bits.
+    """
+    m, n = D.shape
+    g = settings.group_size
+    U, s, V = svd(D, H, settings.whiten)
+    widths = list(settings.widths)
+    table = error_table(s, U, V, H, widths, g)
+    costs = np.array([triplet_cost(m, n, b, g) for b in widths], dtype=np.float64)
+    budget = budget_bits(m, n, settings.alpha, overhead_bits)
+    choice = solve_allocation(table.numpy(), costs, budget) if budget >= costs[costs > 0].min() else \
+        np.full(len(s), widths.index(0))
+    choice = fit_packed_size(choice, table.numpy(), widths, (m, n), g, budget)
+    chosen = np.array(widths)[choice]
+    predicted = float(table.numpy()[np.arange(len(s)), choice].sum())
+    keep = sorted(np.flatnonzero(chosen > 0).tolist(), key=lambda i: (-chosen[i], i))
+    kept_widths = [int(chosen[i]) for i in keep]
+    return quantize_factors(D, H, U[:, keep], s[keep], V[:, keep], kept_widths, settings, predicted)
+
+
+def fit_packed_size(choice: np.ndarray, table: np.ndarray, widths: list[int], shape: tuple[int, int],
+                    group_size: int, budget: float) -> np.ndarray:
+    """The ILP counts b (m + n) bits per triplet; packing pads each width's two code streams to whole
+    bytes. Drop the kept triplet that costs least error until the exact stored size fits the budget."""
+    choice = choice.copy()
+    zero = widths.index(0)
+
+    def stored_bits() -> int:
+        counts = np.bincount(choice, minlength=len(widths))
+        meta = {"group_size": group_size, "widths": [[b, int(c)] for b, c in zip(widths, counts) if b > 0 and c > 0]}
+        nbytes, nparams = expected_sizes(shape, meta)
+        return 8 * nbytes + 16 * nparams
+
+    while stored_bits() > max(budget, 0.0):
+        kept = np.flatnonzero(choice != zero)
+        loss = table[kept, zero] - table[kept, choice[kept]]
+        choice[kept[np.argmin(loss)]] = zero
+    return choice
+
+
+def quantize_factors(D: torch.Tensor, H: torch.Tensor | None, U: torch.Tensor, s: torch.Tensor, V: torch.Tensor,
+                     widths: list[int], settings: Settings, predicted: float) -> Encoded:
+    """Steps 4-5 for the kept triplets (U (m, k), s (k,), V (n, k), widths (k,) non-increasing)."""
+    m, n = D.shape
+    g = settings.group_size
+    bits = torch.tensor(widths, dtype=torch.int64)
+    if not widths:  # nothing fits the budget: D^ = 0
+        enc = encode_factors((m, n), [], g, {}, {})
+    else:
+        Vt = V.T.float().contiguous()
+        vq = rtn(Vt, bits, min(g, n)) if H is None else gptq_rows(Vt, H, bits, g, damp=settings.damp)
+        Vhat = vq["deq"].double()
+        Ustar = target_correction(D, H, Vhat, settings.fit_damp).float()
+        if H is None:
+            uq = rtn_columns(Ustar, bits, g)
+        else:
+            uq = gptq_columns(Ustar, (Vhat @ H.double() @ Vhat.T).float(), bits, g, damp=settings.damp)
+        enc = encode_factors((m, n), widths, g, vq, uq)
+    Dhat = decode_factors((m, n), enc.meta, enc.tensors)
+    total = output_error(torch.zeros_like(D), D, H)
+    measured = output_error(Dhat, D, H)
+    enc.stats = {
+        "rank_kept": len(widths),
+        "error_predicted": (predicted / total) ** 0.5 if total > 0 else 0.0,
+        "error_measured": (measured / total) ** 0.5 if total > 0 else 0.0,
+        "energy": total,
+    }
+    return enc
+
+
+def target_correction(D: torch.Tensor, H: torch.Tensor | None, Vhat: torch.Tensor, damp: float) -> torch.Tensor:
+    """U* = argmin_U ||U V^ X - D X||_F = D H V^^T (V^ H V^^T + damp * mean diag I)^-1, float64 (m, k)."""
+    D64 = D.double()
+    HV = Vhat.T if H is None else H.double() @ Vhat.T  # (n, k)
+    G = Vhat @ HV  # (k, k)
+    G = G + damp * torch.diagonal(G).mean().clamp_min(1e-30) * torch.eye(G.shape[0], dtype=G.dtype)
+    rhs = D64 @ HV  # (m, k)
+    return torch.linalg.solve(G, rhs.T).T  # G symmetric: U* G = rhs

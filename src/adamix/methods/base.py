@@ -1,0 +1,48 @@
+"""What every method produces: an `Encoded` tensor, and how each kind is decoded again.
+
+A method sees one delta D (m x n, oriented as y = W x: m outputs, n inputs) and the Gram H of its
+inputs (n x n, or None in the data-free mode) and returns an Encoded: a kind, JSON-able metadata, and
+the tensors to store (names are suffixes; the artifact prefixes them with the weight's name).
+`decode(kind, meta, tensors)` inverts it to D^ (m x n float32); it is the single reconstruction path
+used both in memory and after loading from disk, so both are bit-for-bit equal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..errors import AdamixError
+
+
+@dataclass
+class Encoded:
+    kind: str
+    shape: tuple[int, int]
+    meta: dict
+    tensors: dict[str, torch.Tensor]
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+Decoder = Callable[[tuple[int, ...], dict, dict[str, torch.Tensor]], torch.Tensor]
+DECODERS: dict[str, Decoder] = {}
+
+
+def register_decoder(kind: str) -> Callable[[Decoder], Decoder]:
+    def wrap(fn: Decoder) -> Decoder:
+        DECODERS[kind] = fn
+        return fn
+    return wrap
+
+
+def decode(kind: str, shape: tuple[int, ...], meta: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """D^ for a stored tensor, float32 of `shape`."""
+    if kind not in DECODERS:
+        raise AdamixError(f"unknown tensor kind {kind!r} in artifact")
+    return DECODERS[kind](tuple(shape), meta, tensors)

@@ -1,0 +1,105 @@
+"""Storage of quantized low-rank factors, kind "svd-mixed": D^ = U^ V^ with per-vector widths.
+
+The kept triplets are ordered by width, widest first; `meta["widths"] = [[b, count], ...]`.
+For each width b in that order the tensors hold, concatenated:
+  codes (uint8): pack(V codes, count x n) then pack(U codes, count x m), each packed at b bits;
+  params (fp16): V scale, V offset (count x ceil(n/g) each), U scale, U offset (count x ceil(m/g)).
+V^ rows are singular vectors of the input side (k x n); U^ columns the output side (m x k), with the
+singular values folded into U^ by the reconstruction target correction.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import AdamixError
+from ..quant.grid import dequantize, expand_groups, n_groups
+from ..quant.pack import pack, packed_nbytes, unpack
+from .base import Encoded, register_decoder
+
+
+def encode_factors(shape: tuple[int, int], widths: list[int], group_size: int,
+                   V: dict[str, torch.Tensor], U: dict[str, torch.Tensor], stats: dict | None = None) -> Encoded:
+    """Pack quantized factors. widths: (k,) non-increasing, all > 0; V/U hold codes (k, n)/(k, m),
+    scale and offset (k, G) as returned by quant.gptq / quant.grid."""
+    if any(a < b for a, b in zip(widths, widths[1:])):
+        raise ValueError("widths must be non-increasing")
+    groups: list[list[int]] = []
+    for b in widths:
+        if groups and groups[-1][0] == b:
+            groups[-1][1] += 1
+        else:
+            groups.append([b, 1])
+    codes, params, start = [], [], 0
+    for b, count in groups:
+        rows = slice(start, start + count)
+        codes += [pack(V["codes"][rows], b), pack(U["codes"][rows], b)]
+        params += [V["scale"][rows], V["offset"][rows], U["scale"][rows], U["offset"][rows]]
+        start += count
+    tensors = {
+        "codes": torch.cat(codes) if codes else torch.zeros(0, dtype=torch.uint8),
+        "params": torch.cat([p.reshape(-1) for p in params]).to(torch.float16) if params else torch.zeros(0, dtype=torch.float16),
+    }
+    return Encoded("svd-mixed", tuple(shape), {"widths": groups, "group_size": group_size}, tensors, stats or {})
+
+
+def expected_sizes(shape: tuple[int, int], meta: dict) -> tuple[int, int]:
+    """(bytes of codes, number of fp16 params) that `meta` implies for a tensor of `shape`."""
+    m, n = shape
+    g = int(meta["group_size"])
+    nbytes = nparams = 0
+    for b, count in meta["widths"]:
+        nbytes += packed_nbytes(count * n, b) + packed_nbytes(count * m, b)
+        nparams += 2 * count * (n_groups(n, min(g, n)) + n_groups(m, min(g, m)))
+    return nbytes, nparams
+
+
+def factors(shape: tuple[int, int], meta: dict, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode to (U^ (m, k), V^ (k, n)) float32."""
+    m, n = shape
+    try:
+        g = int(meta["group_size"])
+        groups = [(int(b), int(c)) for b, c in meta["widths"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise AdamixError(f"malformed svd-mixed metadata: {e}") from None
+    if g < 1 or any(not 1 <= b <= 8 or c < 0 for b, c in groups):
+        raise AdamixError(f"malformed svd-mixed metadata: group size {g}, widths {groups}")
+    codes, params = tensors["codes"], tensors["params"]
+    nbytes, nparams = expected_sizes(shape, meta)
+    if codes.dtype != torch.uint8 or codes.numel() != nbytes or params.dtype != torch.float16 or params.numel() != nparams:
+        raise AdamixError(f"stored factors have {codes.numel()} code bytes and {params.numel()} params, "
+                          f"the manifest implies {nbytes} and {nparams}")
+    gn, gm = min(g, n), min(g, m)
+    Us, Vs, cpos, ppos = [], [], 0, 0
+
+    def take_codes(count: int, length: int, b: int) -> torch.Tensor:
+        nonlocal cpos
+        size = packed_nbytes(count * length, b)
+        out = unpack(codes[cpos:cpos + size], b, count * length).reshape(count, length)
+        cpos += size
+        return out
+
+    def take_params(count: int, length: int, g_: int) -> torch.Tensor:
+        nonlocal ppos
+        size = count * n_groups(length, g_)
+        out = params[ppos:ppos + size].float().reshape(count, -1)
+        ppos += size
+        return expand_groups(out, length, g_)
+
+    for b, count in groups:
+        vc, uc = take_codes(count, n, b), take_codes(count, m, b)
+        vs, vo = take_params(count, n, gn), take_params(count, n, gn)
+        us, uo = take_params(count, m, gm), take_params(count, m, gm)
+        Vs.append(dequantize(vc, vs, vo))
+        Us.append(dequantize(uc, us, uo).T)
+    if not Vs:
+        return torch.zeros(m, 0), torch.zeros(0, n)
+    return torch.cat(Us, dim=1), torch.cat(Vs, dim=0)
+
+
+@register_decoder("svd-mixed")
+def decode_factors(shape: tuple[int, ...], meta: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    if len(shape) != 2:
+        raise AdamixError(f"svd-mixed tensor must be 2-D, manifest says shape {list(shape)}")
+    U, V = factors(shape, meta, tensors)
+    return U @ V

@@ -1,0 +1,208 @@
+"""The compression pipeline: pair the tensors of base and fine-tune, calibrate block by block,
+compress each delta with the method, write the artifact atomically."""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from dataclasses import asdict
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import __version__
+from .artifact import FORMAT, FORMAT_VERSION, AtomicFolder, prepare_output, write_artifact
+from .checkpoint import Checkpoint, config_fingerprint
+from .errors import AdamixError
+from .methods.adamix import Settings, compress_matrix
+from .methods.base import Encoded
+from .methods.raw import encode_raw
+
+MIN_SVD_DIM = 32  # matrices with a side shorter than this are stored raw (fp16)
+DEFAULT_WIDTHS = (0, 2, 3, 4, 8)
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+def parse_ratio(value: str | float) -> float:
+    """'1/16', '0.0625' or a float -> alpha in (0, 1]."""
+    try:
+        alpha = float(Fraction(value)) if isinstance(value, str) else float(value)
+    except (ValueError, ZeroDivisionError):
+        raise AdamixError(f"--ratio {value!r} is not a number or fraction such as 1/16") from None
+    if not 0 < alpha <= 1:
+        raise AdamixError(f"--ratio must be in (0, 1], got {value}")
+    return alpha
+
+
+def parse_widths(value: str | tuple | list) -> tuple[int, ...]:
+    """'0,2,3,4,8' -> (0, 2, 3, 4, 8); 0 (dropping a triplet) is always allowed."""
+    try:
+        widths = sorted({int(b) for b in (value.split(",") if isinstance(value, str) else value)} | {0})
+    except ValueError:
+        raise AdamixError(f"--bits {value!r} must be comma-separated integers such as 0,2,3,4,8") from None
+    if any(not 0 <= b <= 8 for b in widths) or len(widths) < 2:
+        raise AdamixError(f"--bits must list widths between 1 and 8 (0 is implied), got {value!r}")
+    return tuple(widths)
+
+
+def pair_tensors(base: Checkpoint, ft: Checkpoint) -> tuple[list[str], list[str]]:
+    """Names of the float tensors to compare, and the base's non-float extras the fine-tune lacks.
+
+    Refuses pairs whose tensors differ in names or shapes, with one line naming the first difference.
+    """
+    bk, fk = set(base.keys()), set(ft.keys())
+    dropped = []
+    for name in sorted(bk - fk):
+        shape, dtype = base.slice_info(name)
+        if dtype in FLOAT_DTYPES:
+            raise AdamixError(f"tensor {name} {list(shape)} is in the base but not in the fine-tune: "
+                              "not a fine-tune of this base?")
+        dropped.append(name)
+    for name in sorted(fk - bk):
+        raise AdamixError(f"tensor {name} is in the fine-tune but not in the base: not a fine-tune of this base?")
+    names = []
+    for name in sorted(bk & fk):
+        (sb, db), (sf, df) = base.slice_info(name), ft.slice_info(name)
+        if sb != sf:
+            raise AdamixError(f"tensor {name} has shape {list(sb)} in the base but {list(sf)} in the fine-tune: "
+                              "the two models do not match")
+        if db in FLOAT_DTYPES and df in FLOAT_DTYPES:
+            names.append(name)
+    return names, dropped
+
+
+def is_svd_shape(shape: tuple[int, ...]) -> bool:
+    """Matrices go through the method; vectors and very thin matrices are stored raw."""
+    return len(shape) == 2 and min(shape) >= MIN_SVD_DIM
+
+
+def overhead_per_element(base: Checkpoint, names: list[str]) -> float:
+    """Bits of file header and manifest that each element of the method's tensors must carry.
+
+    Estimated from the names: per method tensor two header entries and a manifest entry, per raw
+    tensor one of each, plus the manifest's fixed fields; spread over the method's tensors in
+    proportion to their size, so that the whole artifact, not only its codes, meets alpha.
+    """
+    total_bytes, elements = 2048.0, 0
+    for name in names:
+        shape, _ = base.slice_info(name)
+        if is_svd_shape(shape):
+            total_bytes += 3 * len(name) + 440
+            elements += shape[0] * shape[1]
+        else:
+            total_bytes += 2 * len(name) + 200
+    return 8 * total_bytes / elements if elements else 0.0
+
+
+def delta_of(base: Checkpoint, ft: Checkpoint, name: str) -> torch.Tensor:
+    """W_ft - W_base in float32; refuses non-finite weights."""
+    wb, wf = base.get(name), ft.get(name)
+    for which, w in (("base", wb), ("fine-tune", wf)):
+        if not torch.isfinite(w).all():
+            raise AdamixError(f"tensor {name} of the {which} contains NaN or Inf")
+    return wf.float() - wb.float()
+
+
+def encode_tensor(D: torch.Tensor, H: torch.Tensor | None, transposed: bool, settings: Settings,
+                  overhead: float = 0.0) -> Encoded | None:
+    """The stored form of one delta (None if it is exactly zero); overhead: bits per element reserved."""
+    if not bool(D.any()):
+        return None
+    if is_svd_shape(tuple(D.shape)):
+        return compress_matrix(D.T if transposed else D, H, settings, overhead * D.numel())
+    return encode_raw(D)
+
+
+def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | os.PathLike, *,
+             ratio: str | float = "1/16", calib: str | os.PathLike | None = "default", samples: int = 128,
+             seqlen: int = 256, bits: str | tuple = DEFAULT_WIDTHS, group_size: int = 128,
+             device: str = "cpu", seed: int = 0, overwrite: bool = False, progress: bool = True) -> dict:
+    """Compress `finetuned` against `base` with ADAMIX and write the artifact folder `out`.
+
+    calib: a text file, "default" (gensim's lee_background.cor) or None (data-free: H = I, RTN).
+    Returns the manifest that was written.
+    """
+    t0 = time.time()
+    alpha = parse_ratio(ratio)
+    widths = parse_widths(bits)
+    if group_size < 1 or samples < 1 or seqlen < 4:
+        raise AdamixError("--group-size and --samples must be >= 1 and --seqlen >= 4")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AdamixError(f"--device {device}: no CUDA device is available")
+    out = prepare_output(out, overwrite)
+    torch.manual_seed(seed)
+    settings = Settings(alpha=alpha, widths=widths, group_size=group_size)
+    base_ck, ft_ck = Checkpoint(base), Checkpoint(finetuned)
+    names, dropped = pair_tensors(base_ck, ft_ck)
+    overhead = overhead_per_element(base_ck, names)
+    encoded: dict[str, tuple[Encoded, bool]] = {}
+    todo = set(names)
+
+    def do(name: str, H: torch.Tensor | None, transposed: bool) -> None:
+        enc = encode_tensor(delta_of(base_ck, ft_ck, name), H, transposed, settings, overhead)
+        todo.discard(name)
+        if enc is not None:
+            encoded[name] = (enc, transposed)
+
+    calib_path = None
+    if calib is not None:
+        from transformers import AutoTokenizer
+
+        from .calibrate import BlockRunner, default_calibration_file, read_text, token_windows
+        calib_path = default_calibration_file() if str(calib) == "default" else Path(calib)
+        text = read_text(calib_path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(ft_ck.folder)
+        except Exception as e:
+            raise AdamixError(f"{ft_ck.folder}: cannot load the fine-tune's tokenizer ({e})") from None
+        windows = token_windows(text, tokenizer, samples, seqlen)
+        runner = BlockRunner(ft_ck, windows, device)
+        bar = tqdm(runner.run(), total=len(runner.blocks), desc="calibrate+compress blocks", disable=not progress, unit="block")
+        for _, infos, grams in bar:
+            for info in infos:
+                if info.name in todo:
+                    do(info.name, grams[info.name].to(torch.float64), info.transposed)
+    rest = sorted(todo)
+    for name in tqdm(rest, desc="compress other tensors", disable=not progress or not rest, unit="tensor"):
+        do(name, None, False)
+
+    manifest, tensors = build_manifest(base_ck, ft_ck, encoded, dropped, settings, {
+        "calibration": str(calib_path.name) if calib_path else None, "samples": samples, "seqlen": seqlen,
+        "device": device, "seed": seed})
+    with AtomicFolder(out, overwrite) as tmp:
+        write_artifact(tmp, manifest, tensors, ft_ck.config_files())
+    manifest["sizes"]["wall_seconds"] = round(time.time() - t0, 2)
+    manifest["sizes"]["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return manifest
+
+
+def build_manifest(base_ck: Checkpoint, ft_ck: Checkpoint, encoded: dict[str, tuple[Encoded, bool]],
+                   dropped: list[str], settings: Settings, extra: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    entries, tensors = {}, {}
+    method_fp16 = method_bytes = raw_bytes = 0
+    for name in sorted(encoded):
+        enc, transposed = encoded[name]
+        shape = list(enc.shape[::-1] if transposed else enc.shape)
+        _, dtype = base_ck.slice_info(name)
+        entries[name] = {"kind": enc.kind, "shape": shape, "dtype": dtype, "transposed": transposed,
+                         "meta": enc.meta, "bytes": enc.nbytes,
+                         "stats": {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in enc.stats.items()}}
+        for suffix, t in enc.tensors.items():
+            tensors[f"{name}.{suffix}"] = t
+        if enc.kind == "raw":
+            raw_bytes += enc.nbytes
+        else:
+            method_fp16 += 2 * enc.shape[0] * enc.shape[1]
+            method_bytes += enc.nbytes
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "tool_version": __version__, "method": "adamix",
+        "settings": {**asdict(settings), **extra}, "alpha": settings.alpha,
+        "base_fingerprint": base_ck.fingerprint(), "finetune_config_fingerprint": config_fingerprint(ft_ck),
+        "dropped": dropped,
+        "sizes": {"fp16_bytes_method": method_fp16, "method_bytes": method_bytes, "raw_bytes": raw_bytes},
+        "tensors": entries,
+    }
+    return manifest, tensors

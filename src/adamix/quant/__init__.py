@@ -1,0 +1,1 @@
+"""Quantization primitives: uniform grids (grid), mixed-precision GPTQ (gptq), bit packing (pack)."""

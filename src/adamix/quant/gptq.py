@@ -1,0 +1,124 @@
+"""Mixed-precision GPTQ (Frantar et al., 2022) with a per-vector bit-width.
+
+GPTQ quantizes W (k x n, y = W x) one input column j at a time and pushes the rounding error onto
+the columns not yet quantized, so as to minimise the output error ||(Q - W) X||_F^2 =
+tr((Q - W) H (Q - W)^T) with H = X X^T (n x n). With the upper Cholesky factor C of H^-1:
+
+    err_j = (w_j - q_j) / C_jj,        W[:, j+1:] -= err_j C_j,j+1:
+
+Two ways of attaching a grid to the vectors, both used by ADAMIX:
+- `gptq_rows`: each ROW of W is one vector with its own width (V^T: one row per singular vector);
+  grids are per group of `group_size` consecutive columns, fitted when GPTQ reaches the group.
+- `gptq_columns`: each COLUMN of W is one vector with its own width (U: one column per singular
+  vector); a column's grid (groups of `group_size` rows) is fitted when GPTQ reaches the column.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .grid import dequantize, expand_groups, fit_grid, n_groups, quantize, rtn
+
+
+def cholesky_inverse_upper(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1, float32 (n x n).
+
+    Columns with H_jj == 0 (inputs that never fire) get H_jj = 1; their mask is returned too.
+    """
+    H = H.to(torch.float64).clone()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    mean_diag = torch.diagonal(H).mean()
+    H += damp * mean_diag * torch.eye(H.shape[0], dtype=H.dtype)
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.cholesky_inverse(L)
+    return torch.linalg.cholesky(Hinv, upper=True).float(), dead
+
+
+def gptq(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    quantize_column: Callable[[int, torch.Tensor], torch.Tensor],
+    block: int = 128,
+    damp: float = 0.01,
+) -> torch.Tensor:
+    """Generic GPTQ loop. W: (k, n); H: (n, n). Returns the dequantized Q (k, n) float32.
+
+    quantize_column(j, rest) gets the current (error-updated) columns j..end-of-block as `rest`
+    (k, <= block) and returns the dequantized column j (k,).
+    """
+    W = W.float().clone()
+    n = W.shape[1]
+    C, dead = cholesky_inverse_upper(H, damp)
+    W[:, dead] = 0
+    Q = torch.zeros_like(W)
+    for i1 in range(0, n, block):
+        i2 = min(i1 + block, n)
+        W1 = W[:, i1:i2].clone()
+        E1 = torch.zeros_like(W1)
+        C1 = C[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            q = quantize_column(i1 + i, W1[:, i:])
+            Q[:, i1 + i] = q
+            err = (W1[:, i] - q) / C1[i, i]
+            W1[:, i:] -= err[:, None] * C1[i, i:][None, :]
+            E1[:, i] = err
+        W[:, i2:] -= E1 @ C[i1:i2, i2:]
+    return Q
+
+
+def gptq_rows(W: torch.Tensor, H: torch.Tensor, bits: torch.Tensor, group_size: int,
+              damp: float = 0.01) -> dict[str, torch.Tensor]:
+    """GPTQ where row i of W (k x n) is quantized at bits[i]; grids per group of columns.
+
+    Returns codes (k, n) uint8, scale/offset (k, G) float32 holding fp16 values, deq (k, n).
+    """
+    k, n = W.shape
+    g = min(group_size, n)
+    codes = torch.zeros(k, n, dtype=torch.uint8)
+    scale = torch.zeros(k, n_groups(n, g))
+    offset = torch.zeros_like(scale)
+    block = g * max(1, 128 // g)  # a multiple of g: each group is fitted on fully updated values
+
+    def quantize_column(j: int, rest: torch.Tensor) -> torch.Tensor:
+        grp = j // g
+        if j % g == 0:
+            scale[:, grp], offset[:, grp] = (t[:, 0] for t in fit_grid(rest[:, :g], bits, g))
+        c = quantize(rest[:, :1], scale[:, grp:grp + 1], offset[:, grp:grp + 1], bits)
+        codes[:, j] = c[:, 0]
+        return dequantize(c, scale[:, grp:grp + 1], offset[:, grp:grp + 1])[:, 0]
+
+    deq = gptq(W, H, quantize_column, block=block, damp=damp)
+    return {"codes": codes, "scale": scale, "offset": offset, "deq": deq}
+
+
+def gptq_columns(W: torch.Tensor, H: torch.Tensor, bits: torch.Tensor, group_size: int,
+                 damp: float = 0.01) -> dict[str, torch.Tensor]:
+    """GPTQ where column j of W (m x k) is one vector quantized at bits[j]; grids per group of rows.
+
+    Returns codes (k, m) uint8 (one row per column of W), scale/offset (k, G), deq (m, k).
+    """
+    m, k = W.shape
+    g = min(group_size, m)
+    codes = torch.zeros(k, m, dtype=torch.uint8)
+    scale = torch.zeros(k, n_groups(m, g))
+    offset = torch.zeros_like(scale)
+
+    def quantize_column(j: int, rest: torch.Tensor) -> torch.Tensor:
+        r = rtn(rest[:, 0][None, :], bits[j:j + 1], g)
+        codes[j], scale[j], offset[j] = r["codes"][0], r["scale"][0], r["offset"][0]
+        return r["deq"][0]
+
+    deq = gptq(W, H, quantize_column, block=128, damp=damp)
+    return {"codes": codes, "scale": scale, "offset": offset, "deq": deq}
+
+
+def rtn_columns(W: torch.Tensor, bits: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
+    """RTN counterpart of gptq_columns (same outputs), for the data-free mode."""
+    r = rtn(W.T, bits, min(group_size, W.shape[0]))
+    return {**r, "deq": r["deq"].T}
+
+
+__all__ = ["gptq", "gptq_rows", "gptq_columns", "rtn_columns", "cholesky_inverse_upper", "expand_groups"]

@@ -1,0 +1,66 @@
+"""Human-readable summaries of a manifest (used by `compress` at the end and by `inspect`)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from rich.console import Console
+from rich.table import Table
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
+def widths_text(meta: dict) -> str:
+    return " ".join(f"{b}b×{c}" for b, c in meta.get("widths", [])) or "-"
+
+
+def summary(manifest: dict) -> dict:
+    """Per kind of tensor: count, fp16 bytes of the delta, stored bytes; plus totals."""
+    by_kind: dict[str, dict] = defaultdict(lambda: {"tensors": 0, "fp16_bytes": 0, "stored_bytes": 0})
+    for e in manifest["tensors"].values():
+        k = by_kind[e["kind"]]
+        numel = 1
+        for d in e["shape"]:
+            numel *= d
+        k["tensors"] += 1
+        k["fp16_bytes"] += 2 * numel
+        k["stored_bytes"] += e["bytes"]
+    return {"by_kind": dict(by_kind), "sizes": manifest["sizes"]}
+
+
+def print_summary(manifest: dict, per_tensor: bool = False, console: Console | None = None) -> None:
+    console = console or Console(stderr=False)
+    s = manifest["sizes"]
+    if per_tensor:
+        t = Table(title="tensors")
+        for col in ("tensor", "kind", "shape", "widths", "bytes", "err pred", "err meas"):
+            t.add_column(col, justify="left" if col in ("tensor", "kind", "widths") else "right")
+        for name, e in manifest["tensors"].items():
+            st = e.get("stats", {})
+            t.add_row(name, e["kind"], "x".join(map(str, e["shape"])), widths_text(e.get("meta", {})),
+                      str(e["bytes"]), f"{st['error_predicted']:.4f}" if "error_predicted" in st else "",
+                      f"{st['error_measured']:.4f}" if "error_measured" in st else "")
+        console.print(t)
+    t = Table(title=f"adamix delta ({manifest['method']}, alpha asked {manifest['alpha']:.5g})")
+    for col in ("part", "tensors", "fp16 delta", "stored", "ratio"):
+        t.add_column(col, justify="left" if col == "part" else "right")
+    for kind, k in sorted(summary(manifest)["by_kind"].items()):
+        ratio = k["stored_bytes"] / k["fp16_bytes"] if k["fp16_bytes"] else 0
+        t.add_row(kind, str(k["tensors"]), human_bytes(k["fp16_bytes"]), human_bytes(k["stored_bytes"]), f"{ratio:.4f}")
+    t.add_row("header + manifest", "", "", human_bytes(s["total_bytes"] - s["method_bytes"] - s["raw_bytes"]), "")
+    t.add_row("total on disk", str(len(manifest["tensors"])), "", human_bytes(s["total_bytes"]), "")
+    console.print(t)
+    errs = [(e["stats"]["error_measured"], e["stats"].get("energy", 1.0)) for e in manifest["tensors"].values()
+            if "error_measured" in e.get("stats", {})]
+    energy = sum(w for _, w in errs)
+    overall = (sum(w * x * x for x, w in errs) / energy) ** 0.5 if energy else 0.0
+    console.print(f"achieved alpha (compressed tensors incl. header and manifest, raw deltas excluded): "
+                  f"[bold]{s['alpha_achieved']:.5f}[/bold] = 1/{1 / s['alpha_achieved']:.2f}" if s["alpha_achieved"] else
+                  "achieved alpha: nothing compressed")
+    console.print(f"relative output error on the calibration text (energy-weighted over layers): [bold]{overall:.4f}[/bold]")
