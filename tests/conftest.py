@@ -2,6 +2,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -26,3 +27,12 @@ def gpt2_pair(tmp_path_factory):
 @pytest.fixture(scope="session")
 def calib_file(tmp_path_factory):
     return write_text(tmp_path_factory.mktemp("text"))
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """For modules of tiny tensors: intra-op threads only add overhead (a lot on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

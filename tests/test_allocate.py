@@ -15,13 +15,7 @@ from adamix.quant import grid
 ALL_WIDTHS = (1, 2, 3, 4, 5, 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These tensors are tiny: intra-op threads only add overhead (a lot of it on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def brute_force(errors: np.ndarray, costs: np.ndarray, budget: float) -> float:

@@ -18,13 +18,7 @@ from adamix.quant.gptq import gptq_columns, gptq_rows, rtn_columns
 WIDTHS = torch.tensor([2, 3, 4, 8])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These tensors are tiny: intra-op threads only add overhead (a lot of it on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def correlated_inputs(n: int, T: int, gen: torch.Generator, outliers: int = 3) -> torch.Tensor:

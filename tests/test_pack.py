@@ -13,13 +13,7 @@ from adamix.quant.pack import pack, packed_nbytes, unpack
 LENGTHS = (0, 1, 3, 7, 13, 1001)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These tensors are tiny: intra-op threads only add overhead (a lot of it on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def random_codes(count: int, bits: int, seed: int) -> torch.Tensor:

@@ -62,16 +62,17 @@ def error_table(s: torch.Tensor, U: torch.Tensor, V: torch.Tensor, H: torch.Tens
 
 def solve_allocation(errors: np.ndarray, costs: np.ndarray, budget: float,
                      time_limit: float = 60.0) -> np.ndarray:
-    """Exact multiple-choice knapsack by MILP. errors: (r, B); costs: (B,) with some cost 0.
+    """Exact multiple-choice knapsack by MILP. errors: (r, B); costs: (B,) or (r, B), a zero cost in
+    every row (width 0).
 
     Returns the chosen column index per row (r,) int. The budget is never exceeded.
     """
     errors = np.asarray(errors, dtype=np.float64)
-    costs = np.asarray(costs, dtype=np.float64)
     r, nb = errors.shape
+    costs = np.broadcast_to(np.asarray(costs, dtype=np.float64), (r, nb))
     if r == 0:
         return np.zeros(0, dtype=np.int64)
-    if costs.min() > budget:
+    if costs.min(axis=1).sum() > budget:
         raise ValueError("no width fits the budget, not even width 0")
     # HiGHS stops within an absolute gap of 1e-6 that milp cannot change: scale the objective up so
     # that gap is negligible (1e-13 of the largest error) and the answer exact for practical purposes.
@@ -79,7 +80,7 @@ def solve_allocation(errors: np.ndarray, costs: np.ndarray, budget: float,
     c = (errors / scale).reshape(-1)
     rows = np.repeat(np.arange(r), nb)
     one_each = csr_matrix((np.ones(r * nb), (rows, np.arange(r * nb))), shape=(r, r * nb))
-    cost_row = np.tile(costs, r)[None, :]
+    cost_row = costs.reshape(1, -1)
     res = milp(
         c,
         constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(cost_row, -np.inf, budget)],
@@ -91,9 +92,10 @@ def solve_allocation(errors: np.ndarray, costs: np.ndarray, budget: float,
         raise RuntimeError(f"bit allocation MILP failed: {res.message}")
     choice = np.asarray(res.x).reshape(r, nb).argmax(axis=1)
     # Guard against solver tolerance: drop the least valuable kept triplets until the budget holds.
-    while costs[choice].sum() > budget:
-        kept = np.flatnonzero(costs[choice] > 0)
-        zero = int(np.argmin(costs))
-        loss = errors[kept, zero] - errors[kept, choice[kept]]
-        choice[kept[np.argmin(loss)]] = zero
+    cheapest = costs.argmin(axis=1)
+    while costs[np.arange(r), choice].sum() > budget:
+        kept = np.flatnonzero(choice != cheapest)
+        loss = errors[kept, cheapest[kept]] - errors[kept, choice[kept]]
+        i = kept[np.argmin(loss)]
+        choice[i] = cheapest[i]
     return choice

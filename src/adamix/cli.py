@@ -30,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--bits", default="0,2,3,4,8", help="allowed bit-widths per singular vector (default 0,2,3,4,8)")
     c.add_argument("--group-size", type=int, default=128, help="entries per quantization group (default 128)")
     c.add_argument("--device", default="cpu", help="cpu or cuda[:N] for the calibration passes (default cpu)")
+    c.add_argument("--whiten", action="store_true",
+                   help="SVD of D H^1/2 instead of D: truncation optimal in the output error (see README)")
+    c.add_argument("--budget-scope", choices=("tensor", "block"), default="tensor",
+                   help="tensor: every matrix gets alpha of its own size; block: one ILP per transformer "
+                        "block shares the block's budget among its linears (default tensor)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -59,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
         manifest = compress(args.base, args.finetuned, args.out, ratio=args.ratio,
                             calib=None if args.calib == "none" else args.calib, samples=args.samples,
                             seqlen=args.seqlen, bits=args.bits, group_size=args.group_size, device=args.device,
-                            seed=args.seed, overwrite=args.overwrite, progress=not args.quiet)
+                            seed=args.seed, whiten=args.whiten, budget_scope=args.budget_scope,
+                            overwrite=args.overwrite, progress=not args.quiet)
         print_summary(manifest)
         s = manifest["sizes"]
         print(f"wrote {args.out} in {s['wall_seconds']:.1f} s, peak RSS {s['peak_rss_mib']:.0f} MiB")

@@ -17,7 +17,7 @@ from . import __version__
 from .artifact import FORMAT, FORMAT_VERSION, AtomicFolder, prepare_output, write_artifact
 from .checkpoint import Checkpoint, config_fingerprint
 from .errors import AdamixError
-from .methods.adamix import Settings, compress_matrix
+from .methods.adamix import Settings, analyse, compress_jointly, compress_matrix
 from .methods.base import Encoded
 from .methods.raw import encode_raw
 
@@ -106,6 +106,25 @@ def delta_of(base: Checkpoint, ft: Checkpoint, name: str) -> torch.Tensor:
     return wf.float() - wb.float()
 
 
+def encode_block(deltas: dict[str, tuple[torch.Tensor, torch.Tensor, bool]], settings: Settings,
+                 overhead: float) -> dict[str, tuple[Encoded, bool]]:
+    """Encode the deltas of one block {name: (D, H, transposed)}; with budget_scope "block" the
+    method's matrices share one allocation (methods.adamix.compress_jointly)."""
+    out = {}
+    joint = []
+    for name, (D, H, transposed) in deltas.items():
+        if settings.budget_scope == "block" and bool(D.any()) and is_svd_shape(tuple(D.shape)):
+            Dl = D.T if transposed else D
+            joint.append((name, transposed, analyse(Dl, H, settings, overhead * D.numel())))
+            continue
+        enc = encode_tensor(D, H, transposed, settings, overhead)
+        if enc is not None:
+            out[name] = (enc, transposed)
+    for (name, transposed, _), enc in zip(joint, compress_jointly([a for _, _, a in joint], settings)):
+        out[name] = (enc, transposed)
+    return out
+
+
 def encode_tensor(D: torch.Tensor, H: torch.Tensor | None, transposed: bool, settings: Settings,
                   overhead: float = 0.0) -> Encoded | None:
     """The stored form of one delta (None if it is exactly zero); overhead: bits per element reserved."""
@@ -119,7 +138,8 @@ def encode_tensor(D: torch.Tensor, H: torch.Tensor | None, transposed: bool, set
 def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | os.PathLike, *,
              ratio: str | float = "1/16", calib: str | os.PathLike | None = "default", samples: int = 128,
              seqlen: int = 256, bits: str | tuple = DEFAULT_WIDTHS, group_size: int = 128,
-             device: str = "cpu", seed: int = 0, overwrite: bool = False, progress: bool = True) -> dict:
+             device: str = "cpu", seed: int = 0, whiten: bool = False, budget_scope: str = "tensor",
+             overwrite: bool = False, progress: bool = True) -> dict:
     """Compress `finetuned` against `base` with ADAMIX and write the artifact folder `out`.
 
     calib: a text file, "default" (gensim's lee_background.cor) or None (data-free: H = I, RTN).
@@ -134,18 +154,14 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
         raise AdamixError(f"--device {device}: no CUDA device is available")
     out = prepare_output(out, overwrite)
     torch.manual_seed(seed)
-    settings = Settings(alpha=alpha, widths=widths, group_size=group_size)
+    if budget_scope not in ("tensor", "block"):
+        raise AdamixError(f"--budget-scope must be 'tensor' or 'block', got {budget_scope!r}")
+    settings = Settings(alpha=alpha, widths=widths, group_size=group_size, whiten=whiten, budget_scope=budget_scope)
     base_ck, ft_ck = Checkpoint(base), Checkpoint(finetuned)
     names, dropped = pair_tensors(base_ck, ft_ck)
     overhead = overhead_per_element(base_ck, names)
     encoded: dict[str, tuple[Encoded, bool]] = {}
     todo = set(names)
-
-    def do(name: str, H: torch.Tensor | None, transposed: bool) -> None:
-        enc = encode_tensor(delta_of(base_ck, ft_ck, name), H, transposed, settings, overhead)
-        todo.discard(name)
-        if enc is not None:
-            encoded[name] = (enc, transposed)
 
     calib_path = None
     if calib is not None:
@@ -162,12 +178,15 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
         runner = BlockRunner(ft_ck, windows, device)
         bar = tqdm(runner.run(), total=len(runner.blocks), desc="calibrate+compress blocks", disable=not progress, unit="block")
         for _, infos, grams in bar:
-            for info in infos:
-                if info.name in todo:
-                    do(info.name, grams[info.name].to(torch.float64), info.transposed)
+            block = {i.name: (delta_of(base_ck, ft_ck, i.name), grams[i.name].to(torch.float64), i.transposed)
+                     for i in infos if i.name in todo}
+            encoded.update(encode_block(block, settings, overhead))
+            todo.difference_update(block)
     rest = sorted(todo)
-    for name in tqdm(rest, desc="compress other tensors", disable=not progress or not rest, unit="tensor"):
-        do(name, None, False)
+    for name in tqdm(rest, desc="compress other tensors (data-free)", disable=not progress or not rest, unit="tensor"):
+        enc = encode_tensor(delta_of(base_ck, ft_ck, name), None, False, settings, overhead)
+        if enc is not None:
+            encoded[name] = (enc, False)
 
     manifest, tensors = build_manifest(base_ck, ft_ck, encoded, dropped, settings, {
         "calibration": str(calib_path.name) if calib_path else None, "samples": samples, "seqlen": seqlen,

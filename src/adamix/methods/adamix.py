@@ -33,6 +33,7 @@ class Settings:
     damp: float = 0.01
     fit_damp: float = 1e-4
     whiten: bool = False
+    budget_scope: str = "tensor"  # "tensor": alpha per tensor; "block": one ILP per transformer block
 
 
 def svd(D: torch.Tensor, H: torch.Tensor | None = None, whiten: bool = False) -> tuple[torch.Tensor, ...]:
@@ -68,26 +69,73 @@ def output_error(Dhat: torch.Tensor, D: torch.Tensor, H: torch.Tensor | None) ->
     return float(((E @ H.double()) * E).sum())
 
 
+@dataclass
+class Analysis:
+    """Everything the allocation needs about one delta: its factors, error table, costs and budget."""
+    D: torch.Tensor
+    H: torch.Tensor | None
+    U: torch.Tensor
+    s: torch.Tensor
+    V: torch.Tensor
+    table: np.ndarray   # (r, len(widths)) e_i(b)
+    costs: np.ndarray   # (len(widths),) bits of one triplet at each width
+    budget: float       # bits this tensor may take
+
+
+def analyse(D: torch.Tensor, H: torch.Tensor | None, settings: Settings, overhead_bits: float = 0.0) -> Analysis:
+    """Steps 1-2 (SVD, error table) and the tensor's budget."""
+    m, n = D.shape
+    g = settings.group_size
+    U, s, V = svd(D, H, settings.whiten)
+    table = error_table(s, U, V, H, list(settings.widths), g).numpy()
+    costs = np.array([triplet_cost(m, n, b, g) for b in settings.widths], dtype=np.float64)
+    return Analysis(D, H, U, s, V, table, costs, budget_bits(m, n, settings.alpha, overhead_bits))
+
+
 def compress_matrix(D: torch.Tensor, H: torch.Tensor | None, settings: Settings, overhead_bits: float = 0.0) -> Encoded:
     """ADAMIX on one delta D (m x n) with input Gram H (n x n) or None. Returns an Encoded "svd-mixed".
 
     The stored codes and grids take at most budget_bits(m, n, settings.alpha, overhead_bits) bits.
     """
-    m, n = D.shape
-    g = settings.group_size
-    U, s, V = svd(D, H, settings.whiten)
+    a = analyse(D, H, settings, overhead_bits)
+    zero = list(settings.widths).index(0)
+    choice = solve_allocation(a.table, a.costs, a.budget) if a.budget >= a.costs[a.costs > 0].min() else \
+        np.full(len(a.s), zero)
+    return finish(a, choice, a.budget, settings)
+
+
+def compress_jointly(analyses: list[Analysis], settings: Settings) -> list[Encoded]:
+    """One ILP over the triplets of several deltas (e.g. the linears of a block) under the sum of their
+    budgets: bits go where they remove the most output error, sum_l ||(D^_l - D_l) X_l||^2.
+
+    Each tensor reserves 14 bits per width for the byte padding of its two packed streams.
+    """
+    if not analyses:
+        return []
+    nw = sum(1 for b in settings.widths if b > 0)
+    table = np.concatenate([a.table for a in analyses])
+    costs = np.concatenate([np.broadcast_to(a.costs, a.table.shape) for a in analyses])
+    budget = sum(a.budget - 14 * nw for a in analyses)
+    zero = list(settings.widths).index(0)
+    choice = solve_allocation(table, costs, budget) if budget >= costs[costs > 0].min() else \
+        np.full(len(table), zero)
+    out, start = [], 0
+    for a in analyses:
+        c = choice[start:start + len(a.s)]
+        start += len(a.s)
+        out.append(finish(a, c, float(a.costs[c].sum()) + 14 * nw, settings))
+    return out
+
+
+def finish(a: Analysis, choice: np.ndarray, budget: float, settings: Settings) -> Encoded:
+    """Steps 4-5 for the widths `choice` (index into settings.widths per triplet)."""
     widths = list(settings.widths)
-    table = error_table(s, U, V, H, widths, g)
-    costs = np.array([triplet_cost(m, n, b, g) for b in widths], dtype=np.float64)
-    budget = budget_bits(m, n, settings.alpha, overhead_bits)
-    choice = solve_allocation(table.numpy(), costs, budget) if budget >= costs[costs > 0].min() else \
-        np.full(len(s), widths.index(0))
-    choice = fit_packed_size(choice, table.numpy(), widths, (m, n), g, budget)
+    choice = fit_packed_size(choice, a.table, widths, tuple(a.D.shape), settings.group_size, budget)
     chosen = np.array(widths)[choice]
-    predicted = float(table.numpy()[np.arange(len(s)), choice].sum())
+    predicted = float(a.table[np.arange(len(a.s)), choice].sum())
     keep = sorted(np.flatnonzero(chosen > 0).tolist(), key=lambda i: (-chosen[i], i))
     kept_widths = [int(chosen[i]) for i in keep]
-    return quantize_factors(D, H, U[:, keep], s[keep], V[:, keep], kept_widths, settings, predicted)
+    return quantize_factors(a.D, a.H, a.U[:, keep], a.s[keep], a.V[:, keep], kept_widths, settings, predicted)
 
 
 def fit_packed_size(choice: np.ndarray, table: np.ndarray, widths: list[int], shape: tuple[int, int],
