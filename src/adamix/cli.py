@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--budget-scope", choices=("tensor", "block"), default="tensor",
                    help="tensor: every matrix gets alpha of its own size; block: one ILP per transformer "
                         "block shares the block's budget among its linears (default tensor)")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=int, default=0, help="seed, recorded in the manifest (the method is deterministic)")
     c.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
