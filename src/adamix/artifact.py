@@ -141,8 +141,10 @@ class Artifact:
 
     @staticmethod
     def _suffixes(entry: dict) -> list[str]:
-        return {"svd-mixed": ["codes", "params"], "raw": ["delta"]}.get(entry["kind"], []) or \
-            list(entry.get("meta", {}).get("tensors", []))
+        suffixes = {"svd-mixed": ["codes", "params"], "raw": ["delta"]}.get(entry["kind"])
+        if suffixes is None:
+            raise AdamixError(f"unknown tensor kind {entry['kind']!r} in artifact")
+        return suffixes
 
     @property
     def entries(self) -> dict[str, dict]:
