@@ -36,22 +36,23 @@ def default_calibration_file() -> Path:
 
 
 def token_windows(text: str, tokenizer, samples: int, seqlen: int) -> list[torch.Tensor]:
-    """Cut the tokenized text into up to `samples` consecutive windows of `seqlen` tokens.
+    """Up to `samples` token windows of at most `seqlen` tokens, one document (non-empty line) at a
+    time: a document longer than a window is cut into consecutive windows, and each window is
+    wrapped with the tokenizer's own special tokens (e.g. [CLS] ... [SEP]), as the model sees text.
 
-    Each window is wrapped with the tokenizer's own special tokens (e.g. [CLS] ... [SEP]).
-    Returns a list of (1, <= seqlen) int64 tensors.
+    Returns a list of (1, L) int64 tensors, L <= seqlen.
     """
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     head, tail = special_tokens(tokenizer)
     body = max(1, seqlen - len(head) - len(tail))
     windows = []
-    for start in range(0, len(ids), body):
-        chunk = ids[start:start + body]
-        if len(chunk) < body // 2 and windows:
-            break
-        windows.append(torch.tensor([head + chunk + tail]))
-        if len(windows) == samples:
-            break
+    for doc in (line.strip() for line in text.splitlines()):
+        if not doc:
+            continue
+        ids = tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"]
+        for start in range(0, len(ids), body):
+            windows.append(torch.tensor([head + ids[start:start + body] + tail]))
+            if len(windows) == samples:
+                return windows
     if not windows:
         raise AdamixError("the calibration text is empty after tokenization")
     return windows
