@@ -43,7 +43,7 @@ def main() -> None:
 
     from adamix import merge
     from adamix.demo import PAIR, package_folder
-    from adamix.evaluate import embedding_cosine, gensim_data, heldout_texts, mean_pooled, relative_output_error
+    from adamix.evaluate import embedding_cosine, gensim_data, heldout_corpora, heldout_texts, mean_pooled, relative_output_error
     from make_smollm_finetune import exact_match, gguf_location, load_model, make_finetune, task_examples
 
     work = Path(args.out or tempfile.mkdtemp(prefix="adamix-core-"))
@@ -55,7 +55,7 @@ def main() -> None:
     merge(base, work / "minilm", work / "minilm-merged", overwrite=True, progress=False)
     texts = heldout_texts()
     r["heldout_error"] = relative_output_error(base, ft, str(work / "minilm"), texts)["relative_error"]
-    corpora = {"lee": [t for t in texts[:50]], "polarity": texts[50:]}
+    corpora = heldout_corpora()
     for name, tx in corpora.items():
         r[f"cos_{name}"] = embedding_cosine(mean_pooled(str(work / "minilm-merged"), tx), mean_pooled(ft, tx))
         r[f"cos_base_{name}"] = embedding_cosine(mean_pooled(base, tx), mean_pooled(ft, tx))

@@ -28,11 +28,11 @@ def main() -> None:
     args = ap.parse_args()
     from adamix import compress, merge
     from adamix.demo import PAIR, package_folder
-    from adamix.evaluate import embedding_cosine, heldout_texts, mean_pooled, relative_output_error
+    from adamix.evaluate import embedding_cosine, heldout_corpora, heldout_texts, mean_pooled, relative_output_error
 
     base, ft = (package_folder(*p) for p in PAIR)
     texts = heldout_texts()
-    sets = {"all": texts, "lee": texts[:50], "polarity": texts[50:]}
+    sets = {"all": texts, **heldout_corpora()}
     ref = {k: mean_pooled(ft, v) for k, v in sets.items()}
     work = Path(tempfile.mkdtemp(prefix="adamix-variants-"))
     print("| variant | alpha achieved | held-out error | cos all | cos Lee | cos polarity |\n|---|---|---|---|---|---|")

@@ -29,7 +29,7 @@ def demo(workdir: str, ratio: str = "1/16", calib: str | None = "default") -> di
     from rich.console import Console
 
     from .pipeline import compress
-    from .evaluate import embedding_cosine, heldout_texts, mean_pooled, relative_output_error
+    from .evaluate import embedding_cosine, heldout_corpora, mean_pooled, relative_output_error
     from .merge import merge
     from .report import human_bytes, print_summary
 
@@ -44,11 +44,14 @@ def demo(workdir: str, ratio: str = "1/16", calib: str | None = "default") -> di
     console.print("[bold]2/3 merge[/bold]")
     merge(base, delta, merged, overwrite=True)
     console.print("[bold]3/3 evaluate on held-out text[/bold] (gensim lee.cor + polarity sentences)")
-    texts = heldout_texts()
+    corpora = heldout_corpora()
+    texts = [t for c in corpora.values() for t in c]
     err = relative_output_error(base, ft, str(delta), texts)["relative_error"]
-    e_ft = mean_pooled(ft, texts)
-    cos_merged = embedding_cosine(mean_pooled(str(merged), texts), e_ft)
-    cos_base = embedding_cosine(mean_pooled(base, texts), e_ft)
+    cos = {}
+    for name, tx in {"all": texts, **corpora}.items():
+        e_ft = mean_pooled(ft, tx)
+        cos[name] = (embedding_cosine(mean_pooled(str(merged), tx), e_ft), embedding_cosine(mean_pooled(base, tx), e_ft))
+    cos_merged, cos_base = cos["all"]
     s = manifest["sizes"]
     result = {"delta_bytes": s["total_bytes"], "raw_bytes": s["raw_bytes"], "alpha_achieved": s["alpha_achieved"],
               "heldout_relative_error": err, "cosine_merged": cos_merged, "cosine_base": cos_base,
@@ -57,6 +60,8 @@ def demo(workdir: str, ratio: str = "1/16", calib: str | None = "default") -> di
                   f"fp16 delta of the compressed tensors {human_bytes(s['fp16_bytes_method'])}")
     console.print(f"achieved alpha {s['alpha_achieved']:.5f} (asked {manifest['alpha']:.5f})")
     console.print(f"held-out relative output error {err:.4f}")
-    console.print(f"embedding cosine to the fine-tune: merged {cos_merged:.5f}, base alone {cos_base:.5f}")
+    for name, (c_m, c_b) in cos.items():
+        console.print(f"embedding cosine to the fine-tune ({name}, {len(texts) if name == 'all' else len(corpora[name])} "
+                      f"texts): merged {c_m:.5f}, base alone {c_b:.5f}")
     console.print(f"compression took {s['wall_seconds']:.1f} s, peak RSS {s['peak_rss_mib']:.0f} MiB")
     return result

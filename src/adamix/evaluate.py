@@ -26,12 +26,16 @@ def gensim_data(name: str) -> Path:
     return Path(spec.submodule_search_locations[0]) / "test" / "test_data" / name
 
 
-def heldout_texts(n_polarity: int = 300) -> list[str]:
-    """The 50 Lee documents plus the first `n_polarity` polarity sentences (not calibration text)."""
-    lee = [line.strip() for line in gensim_data("lee.cor").read_text(errors="replace").splitlines() if line.strip()]
-    pol = [line.strip() for line in gensim_data("pang_lee_polarity.cor").read_text(errors="replace").splitlines()
-           if line.strip()][:n_polarity]
-    return lee + pol
+def heldout_corpora() -> dict[str, list[str]]:
+    """The held-out texts by corpus: the 50 Lee documents and the 200 polarity sentences."""
+    def lines(name: str) -> list[str]:
+        return [t.strip() for t in gensim_data(name).read_text(errors="replace").splitlines() if t.strip()]
+    return {"lee": lines("lee.cor"), "polarity": lines("pang_lee_polarity.cor")}
+
+
+def heldout_texts() -> list[str]:
+    """All held-out texts (never the calibration text): Lee documents, then polarity sentences."""
+    return [t for texts in heldout_corpora().values() for t in texts]
 
 
 def relative_output_error(base: str, finetuned: str, delta: str, texts: list[str], samples: int = 64,
