@@ -80,13 +80,19 @@ def write_artifact(folder: Path, manifest: dict, tensors: dict[str, torch.Tensor
     weights_bytes = (folder / WEIGHTS).stat().st_size
     sizes = manifest["sizes"]
     sizes["delta_safetensors_bytes"] = weights_bytes
-    for _ in range(3):  # the manifest's own size appears in it: iterate to a fixed point
-        text = json.dumps(manifest, separators=(",", ":"))
-        sizes["manifest_bytes"] = len(text.encode())
+    # The manifest states its own size: iterate to a fixed point; if the digits keep changing, pad the
+    # shorter text with trailing spaces (valid JSON) to the size it states.
+    sizes["manifest_bytes"] = 0
+    for _ in range(20):
         total = weights_bytes + sizes["manifest_bytes"]
         sizes["total_bytes"] = total
         sizes["alpha_achieved"] = (total - sizes["raw_bytes"]) / sizes["fp16_bytes_method"] if sizes["fp16_bytes_method"] else 0.0
-    (folder / MANIFEST).write_text(json.dumps(manifest, separators=(",", ":")))
+        text = json.dumps(manifest, separators=(",", ":"))
+        if len(text.encode()) <= sizes["manifest_bytes"]:
+            break
+        sizes["manifest_bytes"] = len(text.encode()) + 2  # a little room for digits that change
+    text += " " * (sizes["manifest_bytes"] - len(text.encode()))
+    (folder / MANIFEST).write_text(text, encoding="utf-8")
 
 
 class Artifact:
