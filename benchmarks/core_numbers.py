@@ -59,6 +59,8 @@ def main() -> None:
     for name, tx in corpora.items():
         r[f"cos_{name}"] = embedding_cosine(mean_pooled(str(work / "minilm-merged"), tx), mean_pooled(ft, tx))
         r[f"cos_base_{name}"] = embedding_cosine(mean_pooled(base, tx), mean_pooled(ft, tx))
+    r["cos_corpus_mean"] = (r["cos_lee"] + r["cos_polarity"]) / 2
+    r["cos_base_corpus_mean"] = (r["cos_base_lee"] + r["cos_base_polarity"]) / 2
     r["cos_all"] = embedding_cosine(mean_pooled(str(work / "minilm-merged"), texts), mean_pooled(ft, texts))
     rows.append(("MiniLM-L6 -> sre-embedding", r))
 
@@ -78,7 +80,8 @@ def main() -> None:
     rows.append(("SmolLM2-135M -> own fine-tune", r))
 
     keys = ["wall_s", "peak_rss_mib", "total_bytes", "raw_bytes", "fp16_bytes_method", "alpha_achieved",
-            "heldout_error", "cos_lee", "cos_polarity", "cos_all", "cos_base_lee", "cos_base_polarity",
+            "heldout_error", "cos_corpus_mean", "cos_lee", "cos_polarity", "cos_all", "cos_base_corpus_mean",
+            "cos_base_lee", "cos_base_polarity",
             "acc_base", "acc_finetune", "acc_merged", "gain_kept"]
     print(f"\n| measure | {' | '.join(n for n, _ in rows)} |\n|---|{'---|' * len(rows)}")
     for k in keys:

@@ -137,7 +137,7 @@ class Artifact:
                 nbytes = 1
                 for d in sl.get_shape():
                     nbytes *= d
-                stored += nbytes * {"U8": 1, "F16": 2, "F32": 4, "BF16": 2}.get(sl.get_dtype(), 0)
+                stored += nbytes * {"U8": 1, "F16": 2, "F32": 4, "BF16": 2, "I32": 4}.get(sl.get_dtype(), 0)
                 expected.add(key)
             if stored != e.get("bytes"):
                 raise AdamixError(f"{name}: stored tensors take {stored} bytes, the manifest says {e.get('bytes')}")
@@ -147,7 +147,7 @@ class Artifact:
 
     @staticmethod
     def _suffixes(entry: dict) -> list[str]:
-        suffixes = {"svd-mixed": ["codes", "params"], "raw": ["delta"]}.get(entry["kind"])
+        suffixes = {"svd-mixed": ["codes", "params"], "raw": ["delta"], "rows": ["idx", "codes", "params"]}.get(entry["kind"])
         if suffixes is None:
             raise AdamixError(f"unknown tensor kind {entry['kind']!r} in artifact")
         return suffixes

@@ -63,5 +63,9 @@ def demo(workdir: str, ratio: str = "1/16", calib: str | None = "default") -> di
     for name, (c_m, c_b) in cos.items():
         console.print(f"embedding cosine to the fine-tune ({name}, {len(texts) if name == 'all' else len(corpora[name])} "
                       f"texts): merged {c_m:.5f}, base alone {c_b:.5f}")
+    per_corpus = [cos[name] for name in corpora]
+    result["cosine_corpus_mean"] = sum(c for c, _ in per_corpus) / len(per_corpus)
+    console.print(f"mean over the corpora: merged [bold]{result['cosine_corpus_mean']:.5f}[/bold], base alone "
+                  f"{sum(b for _, b in per_corpus) / len(per_corpus):.5f}")
     console.print(f"compression took {s['wall_seconds']:.1f} s, peak RSS {s['peak_rss_mib']:.0f} MiB")
     return result

@@ -17,9 +17,10 @@ from . import __version__
 from .artifact import FORMAT, FORMAT_VERSION, AtomicFolder, prepare_output, write_artifact
 from .checkpoint import Checkpoint, config_fingerprint
 from .errors import AdamixError
-from .methods.adamix import Settings, analyse, compress_jointly, compress_matrix
+from .methods.adamix import Settings, analyse, budget_bits, compress_jointly, compress_matrix
 from .methods.base import Encoded
 from .methods.raw import encode_raw
+from .methods.rows import compress_rows
 
 MIN_SVD_DIM = 32  # matrices with a side shorter than this are stored raw (fp16)
 DEFAULT_WIDTHS = (0, 2, 3, 4, 8)
@@ -131,7 +132,13 @@ def encode_tensor(D: torch.Tensor, H: torch.Tensor | None, transposed: bool, set
     if not bool(D.any()):
         return None
     if is_svd_shape(tuple(D.shape)):
-        return compress_matrix(D.T if transposed else D, H, settings, overhead * D.numel())
+        enc = compress_matrix(D.T if transposed else D, H, settings, overhead * D.numel())
+        if H is None:  # data-free matrices (embeddings, heads): keep the better of low-rank and row-sparse
+            budget = budget_bits(D.shape[0], D.shape[1], settings.alpha, overhead * D.numel())
+            alt = compress_rows(D, settings.widths, settings.group_size, budget)
+            if alt.stats["error_measured"] < enc.stats["error_measured"]:
+                return alt
+        return enc
     return encode_raw(D)
 
 

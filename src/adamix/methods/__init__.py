@@ -1,3 +1,3 @@
 """Compression methods. Importing the package registers the decoder of every stored kind."""
 
-from . import factors, raw  # noqa: F401  (register the "svd-mixed" and "raw" decoders)
+from . import factors, raw, rows  # noqa: F401  (register the "svd-mixed", "raw", "rows" decoders)
