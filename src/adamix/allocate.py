@@ -143,3 +143,14 @@ def greedy_allocation(errors: np.ndarray, costs: np.ndarray, budget: float) -> n
         else:
             blocked[i] = True  # later steps of this item would skip one: stop upgrading it
     return choice
+
+
+def choose_widths(errors: np.ndarray, costs: np.ndarray, budget: float, solver=solve_allocation) -> np.ndarray:
+    """`solver`'s choice, or width 0 for every item when not even the cheapest non-zero width fits.
+
+    costs: (B,) or (r, B), with cost 0 at the width-0 column.
+    """
+    costs = np.asarray(costs, dtype=np.float64)
+    if budget < costs[costs > 0].min():
+        return np.broadcast_to(costs, np.shape(errors)).argmin(axis=1)
+    return solver(errors, costs, budget)

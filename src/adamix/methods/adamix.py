@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..allocate import error_table, solve_allocation, triplet_cost
+from ..allocate import choose_widths, error_table, triplet_cost
 from ..quant.gptq import gptq_columns, gptq_rows, rtn_columns
 from ..quant.grid import rtn
 from .base import Encoded
@@ -98,10 +98,7 @@ def compress_matrix(D: torch.Tensor, H: torch.Tensor | None, settings: Settings,
     The stored codes and grids take at most budget_bits(m, n, settings.alpha, overhead_bits) bits.
     """
     a = analyse(D, H, settings, overhead_bits)
-    zero = list(settings.widths).index(0)
-    choice = solve_allocation(a.table, a.costs, a.budget) if a.budget >= a.costs[a.costs > 0].min() else \
-        np.full(len(a.s), zero)
-    return finish(a, choice, a.budget, settings)
+    return finish(a, choose_widths(a.table, a.costs, a.budget), a.budget, settings)
 
 
 def compress_jointly(analyses: list[Analysis], settings: Settings) -> list[Encoded]:
@@ -116,9 +113,7 @@ def compress_jointly(analyses: list[Analysis], settings: Settings) -> list[Encod
     table = np.concatenate([a.table for a in analyses])
     costs = np.concatenate([np.broadcast_to(a.costs, a.table.shape) for a in analyses])
     budget = sum(a.budget - 14 * nw for a in analyses)
-    zero = list(settings.widths).index(0)
-    choice = solve_allocation(table, costs, budget) if budget >= costs[costs > 0].min() else \
-        np.full(len(table), zero)
+    choice = choose_widths(table, costs, budget)
     out, start = [], 0
     for a in analyses:
         c = choice[start:start + len(a.s)]

@@ -46,3 +46,15 @@ def decode(kind: str, shape: tuple[int, ...], meta: dict, tensors: dict[str, tor
     if kind not in DECODERS:
         raise AdamixError(f"unknown tensor kind {kind!r} in artifact")
     return DECODERS[kind](tuple(shape), meta, tensors)
+
+
+def parse_width_meta(meta: dict, kind: str) -> tuple[int, list[tuple[int, int]]]:
+    """(group size, [(bits, count), ...]) from a kind's metadata, validated (1 <= bits <= 8)."""
+    try:
+        g = int(meta["group_size"])
+        groups = [(int(b), int(c)) for b, c in meta["widths"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise AdamixError(f"malformed {kind} metadata: {e}") from None
+    if g < 1 or any(not 1 <= b <= 8 or c < 0 for b, c in groups):
+        raise AdamixError(f"malformed {kind} metadata: group size {g}, widths {groups}")
+    return g, groups

@@ -15,7 +15,7 @@ import torch
 from ..errors import AdamixError
 from ..quant.grid import dequantize, expand_groups, n_groups
 from ..quant.pack import pack, packed_nbytes, unpack
-from .base import Encoded, register_decoder
+from .base import Encoded, parse_width_meta, register_decoder
 
 
 def encode_factors(shape: tuple[int, int], widths: list[int], group_size: int,
@@ -57,13 +57,7 @@ def expected_sizes(shape: tuple[int, int], meta: dict) -> tuple[int, int]:
 def factors(shape: tuple[int, int], meta: dict, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode to (U^ (m, k), V^ (k, n)) float32."""
     m, n = shape
-    try:
-        g = int(meta["group_size"])
-        groups = [(int(b), int(c)) for b, c in meta["widths"]]
-    except (KeyError, TypeError, ValueError) as e:
-        raise AdamixError(f"malformed svd-mixed metadata: {e}") from None
-    if g < 1 or any(not 1 <= b <= 8 or c < 0 for b, c in groups):
-        raise AdamixError(f"malformed svd-mixed metadata: group size {g}, widths {groups}")
+    g, groups = parse_width_meta(meta, "svd-mixed")
     codes, params = tensors["codes"], tensors["params"]
     nbytes, nparams = expected_sizes(shape, meta)
     if codes.dtype != torch.uint8 or codes.numel() != nbytes or params.dtype != torch.float16 or params.numel() != nparams:

@@ -14,11 +14,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..allocate import PARAM_BITS, greedy_allocation
+from ..allocate import PARAM_BITS, choose_widths, greedy_allocation
 from ..errors import AdamixError
 from ..quant.grid import dequantize, expand_groups, n_groups, rtn
 from ..quant.pack import pack, packed_nbytes, unpack
-from .base import Encoded, register_decoder
+from .base import Encoded, parse_width_meta, register_decoder
 
 INDEX_BITS = 32
 
@@ -51,7 +51,7 @@ def compress_rows(D: torch.Tensor, widths: tuple[int, ...], group_size: int, bud
     zero = widths.index(0)
     # tens of thousands of rows: the exact MILP takes minutes, the LP greedy seconds (and is
     # within one row of the LP optimum)
-    choice = greedy_allocation(table, costs, budget) if budget >= costs[costs > 0].min() else np.full(m, zero)
+    choice = choose_widths(table, costs, budget, solver=greedy_allocation)
     while True:  # byte padding of the packed streams: drop the least valuable row until it fits
         counts = np.bincount(choice, minlength=len(widths))
         groups = [[b, int(c)] for b, c in zip(widths, counts) if b > 0 and c > 0][::-1]  # widest first
@@ -85,16 +85,11 @@ def decode_rows(shape: tuple[int, ...], meta: dict, tensors: dict[str, torch.Ten
     if len(shape) != 2:
         raise AdamixError(f"rows tensor must be 2-D, manifest says shape {list(shape)}")
     m, n = shape
-    try:
-        g = int(meta["group_size"])
-        groups = [(int(b), int(c)) for b, c in meta["widths"]]
-    except (KeyError, TypeError, ValueError) as e:
-        raise AdamixError(f"malformed rows metadata: {e}") from None
+    g, groups = parse_width_meta(meta, "rows")
     idx, codes, params = tensors["idx"], tensors["codes"], tensors["params"]
     k = sum(c for _, c in groups)
-    G = n_groups(n, min(max(g, 1), n))
-    if g < 1 or any(not 1 <= b <= 8 or c < 0 for b, c in groups) or idx.numel() != k or \
-            codes.numel() != sum(packed_nbytes(c * n, b) for b, c in groups) or params.numel() != 2 * k * G:
+    G = n_groups(n, min(g, n))
+    if idx.numel() != k or codes.numel() != sum(packed_nbytes(c * n, b) for b, c in groups) or params.numel() != 2 * k * G:
         raise AdamixError(f"stored rows do not match the manifest (widths {groups}, {idx.numel()} indices)")
     if k and (int(idx.min()) < 0 or int(idx.max()) >= m):
         raise AdamixError(f"row index out of range for a tensor of {m} rows")
