@@ -10,7 +10,8 @@ import torch
 
 import adamix.methods.adamix as adamix_method
 from adamix.allocate import triplet_cost
-from adamix.methods.adamix import Settings, budget_bits, compress_matrix, output_error, target_correction
+from adamix.linalg import output_error
+from adamix.methods.adamix import Settings, budget_bits, compress_matrix, target_correction
 from adamix.methods.factors import decode_factors, expected_sizes, factors
 from adamix.quant import grid
 from adamix.quant.gptq import gptq_columns, gptq_rows, rtn_columns

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .errors import AdamixError
-from .methods.base import decode
+from .methods.base import decode, stored_suffixes
 
 FORMAT = "adamix-delta"
 FORMAT_VERSION = 1
@@ -146,11 +146,8 @@ class Artifact:
             raise AdamixError(f"{self.path / WEIGHTS} holds tensors the manifest does not list: {sorted(extra)[:3]}")
 
     @staticmethod
-    def _suffixes(entry: dict) -> list[str]:
-        suffixes = {"svd-mixed": ["codes", "params"], "raw": ["delta"], "rows": ["idx", "codes", "params"]}.get(entry["kind"])
-        if suffixes is None:
-            raise AdamixError(f"unknown tensor kind {entry['kind']!r} in artifact")
-        return suffixes
+    def _suffixes(entry: dict) -> tuple[str, ...]:
+        return stored_suffixes(entry["kind"])
 
     @property
     def entries(self) -> dict[str, dict]:

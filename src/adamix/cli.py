@@ -8,6 +8,7 @@ import sys
 
 from . import __version__
 from .errors import AdamixError
+from .methods import METHODS
 
 CALIB_HELP = ("calibration text file; 'default' uses gensim's lee_background.cor (ships with gensim, "
               "a few hundred news paragraphs); 'none' = data-free (H = I, RTN)")
@@ -23,6 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("base", help="base model: Hugging Face folder (config.json + safetensors) or .gguf file")
     c.add_argument("finetuned", help="fine-tuned model, same forms as BASE")
     c.add_argument("-o", "--out", required=True, help="output delta folder (must not exist)")
+    c.add_argument("--method", default="adamix", choices=METHODS,
+                   help="adamix (default) or a peer at the same size: deltacome (fixed 8/3/2-bit schedule), "
+                        "lowrank (fp16 truncated SVD), bitdelta (sign + scale, 1 bit per weight), "
+                        "rtn / gptq (the delta quantized directly)")
     c.add_argument("--ratio", default="1/16", help="alpha = compressed bits / fp16 bits of the delta (default 1/16)")
     c.add_argument("--calib", default="default", help=CALIB_HELP)
     c.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
@@ -61,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from .report import print_summary
     if args.command == "compress":
         from .pipeline import compress
-        manifest = compress(args.base, args.finetuned, args.out, ratio=args.ratio,
+        manifest = compress(args.base, args.finetuned, args.out, method=args.method, ratio=args.ratio,
                             calib=None if args.calib == "none" else args.calib, samples=args.samples,
                             seqlen=args.seqlen, bits=args.bits, group_size=args.group_size, device=args.device,
                             seed=args.seed, whiten=args.whiten, budget_scope=args.budget_scope,

@@ -17,8 +17,10 @@ from . import __version__
 from .artifact import FORMAT, FORMAT_VERSION, AtomicFolder, prepare_output, write_artifact
 from .checkpoint import Checkpoint, config_fingerprint
 from .errors import AdamixError
-from .methods.adamix import Settings, analyse, budget_bits, compress_jointly, compress_matrix
-from .methods.base import Encoded
+from .methods import METHODS, compress_with
+from .methods.adamix import analyse, budget_bits, compress_jointly
+from .methods.base import Encoded, Settings
+from .methods.bitdelta import BITDELTA_ALPHA
 from .methods.raw import encode_raw
 from .methods.rows import compress_rows
 
@@ -47,6 +49,18 @@ def parse_widths(value: str | tuple | list) -> tuple[int, ...]:
     if any(not 0 <= b <= 8 for b in widths) or len(widths) < 2:
         raise AdamixError(f"--bits must list widths between 1 and 8 (0 is implied), got {value!r}")
     return tuple(widths)
+
+
+def check_method_options(method: str, alpha: float, whiten: bool, budget_scope: str) -> None:
+    """Refuse combinations a method does not support, in one line."""
+    if method not in METHODS:
+        raise AdamixError(f"--method {method!r} is not one of {', '.join(METHODS)}")
+    if whiten and method != "adamix":
+        raise AdamixError(f"--whiten applies to --method adamix only, not {method}")
+    if budget_scope != "tensor" and method != "adamix":
+        raise AdamixError(f"--budget-scope {budget_scope} applies to --method adamix only, not {method}")
+    if method == "bitdelta" and alpha < BITDELTA_ALPHA:
+        raise AdamixError(f"bitdelta stores 1 bit per weight (ratio 1/16); it cannot meet --ratio {alpha:.4g}")
 
 
 def pair_tensors(base: Checkpoint, ft: Checkpoint) -> tuple[list[str], list[str]]:
@@ -114,7 +128,7 @@ def encode_block(deltas: dict[str, tuple[torch.Tensor, torch.Tensor, bool]], set
     out = {}
     joint = []
     for name, (D, H, transposed) in deltas.items():
-        if settings.budget_scope == "block" and bool(D.any()) and is_svd_shape(tuple(D.shape)):
+        if settings.budget_scope == "block" and settings.method == "adamix" and bool(D.any()) and is_svd_shape(tuple(D.shape)):
             Dl = D.T if transposed else D
             joint.append((name, transposed, analyse(Dl, H, settings, overhead * D.numel())))
             continue
@@ -132,9 +146,10 @@ def encode_tensor(D: torch.Tensor, H: torch.Tensor | None, transposed: bool, set
     if not bool(D.any()):
         return None
     if is_svd_shape(tuple(D.shape)):
-        enc = compress_matrix(D.T if transposed else D, H, settings, overhead * D.numel())
-        if H is None:  # data-free matrices (embeddings, heads): keep the better of low-rank and row-sparse
-            budget = budget_bits(D.shape[0], D.shape[1], settings.alpha, overhead * D.numel())
+        enc = compress_with(D.T if transposed else D, H, settings, overhead * D.numel())
+        if H is None:  # data-free matrices (embeddings, heads): keep the better of the method and row-sparse
+            alpha = min(settings.alpha, BITDELTA_ALPHA) if settings.method == "bitdelta" else settings.alpha
+            budget = budget_bits(D.shape[0], D.shape[1], alpha, overhead * D.numel())
             alt = compress_rows(D, settings.widths, settings.group_size, budget)
             if alt.stats["error_measured"] < enc.stats["error_measured"]:
                 return alt
@@ -143,11 +158,12 @@ def encode_tensor(D: torch.Tensor, H: torch.Tensor | None, transposed: bool, set
 
 
 def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | os.PathLike, *,
-             ratio: str | float = "1/16", calib: str | os.PathLike | None = "default", samples: int = 128,
+             method: str = "adamix", ratio: str | float = "1/16", calib: str | os.PathLike | None = "default", samples: int = 128,
              seqlen: int = 256, bits: str | tuple = DEFAULT_WIDTHS, group_size: int = 128,
              device: str = "cpu", seed: int = 0, whiten: bool = False, budget_scope: str = "tensor",
              overwrite: bool = False, progress: bool = True) -> dict:
-    """Compress `finetuned` against `base` with ADAMIX and write the artifact folder `out`.
+    """Compress `finetuned` against `base` with `method` (METHODS; default ADAMIX) and write the
+    artifact folder `out`.
 
     calib: a text file, "default" (gensim's lee_background.cor) or None (data-free: H = I, RTN).
     Returns the manifest that was written.
@@ -159,11 +175,13 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
         raise AdamixError("--group-size and --samples must be >= 1 and --seqlen >= 4")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise AdamixError(f"--device {device}: no CUDA device is available")
-    out = prepare_output(out, overwrite)
-    torch.manual_seed(seed)
     if budget_scope not in ("tensor", "block"):
         raise AdamixError(f"--budget-scope must be 'tensor' or 'block', got {budget_scope!r}")
-    settings = Settings(alpha=alpha, widths=widths, group_size=group_size, whiten=whiten, budget_scope=budget_scope)
+    check_method_options(method, alpha, whiten, budget_scope)
+    out = prepare_output(out, overwrite)
+    torch.manual_seed(seed)
+    settings = Settings(method=method, alpha=alpha, widths=widths, group_size=group_size, whiten=whiten,
+                        budget_scope=budget_scope)
     base_ck, ft_ck = Checkpoint(base), Checkpoint(finetuned)
     names, dropped = pair_tensors(base_ck, ft_ck)
     overhead = overhead_per_element(base_ck, names)
@@ -224,7 +242,7 @@ def build_manifest(base_ck: Checkpoint, ft_ck: Checkpoint, encoded: dict[str, tu
             method_fp16 += 2 * enc.shape[0] * enc.shape[1]
             method_bytes += enc.nbytes
     manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "tool_version": __version__, "method": "adamix",
+        "format": FORMAT, "format_version": FORMAT_VERSION, "tool_version": __version__, "method": settings.method,
         "settings": {**asdict(settings), **extra}, "alpha": settings.alpha,
         "base_fingerprint": base_ck.fingerprint(), "finetune_config_fingerprint": config_fingerprint(ft_ck),
         "dropped": dropped,

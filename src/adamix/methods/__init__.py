@@ -1,3 +1,33 @@
-"""Compression methods. Importing the package registers the decoder of every stored kind."""
+"""Compression methods, one module each, behind one call: `compress_with(D, H, settings, overhead)`.
 
-from . import factors, raw, rows  # noqa: F401  (register the "svd-mixed", "raw", "rows" decoders)
+Importing the package registers the decoder of every stored kind.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import bitdelta, deltacome, direct, factors, lowrank, raw, rows  # noqa: F401  (register decoders)
+from .adamix import budget_bits, compress_matrix
+from .base import Encoded, Settings
+
+METHODS = ("adamix", "deltacome", "lowrank", "bitdelta", "rtn", "gptq")
+
+
+def compress_with(D: torch.Tensor, H: torch.Tensor | None, settings: Settings, overhead_bits: float = 0.0) -> Encoded:
+    """Encode one delta D (m x n, y = W x) with input Gram H (n x n, None = data-free) by
+    settings.method, within budget_bits(m, n, settings.alpha, overhead_bits) (bitdelta: 1 bit each)."""
+    m, n = D.shape
+    budget = budget_bits(m, n, settings.alpha, overhead_bits)
+    method = settings.method
+    if method == "adamix":
+        return compress_matrix(D, H, settings, overhead_bits)
+    if method == "deltacome":
+        return deltacome.compress_deltacome(D, H, settings, overhead_bits)
+    if method == "lowrank":
+        return lowrank.compress_lowrank(D, H, settings, budget)
+    if method == "bitdelta":
+        return bitdelta.compress_bitdelta(D, H)
+    if method in ("rtn", "gptq"):
+        return direct.compress_direct(D, H, settings, budget, use_gptq=method == "gptq")
+    raise ValueError(f"unknown method {method!r}")

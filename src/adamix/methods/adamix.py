@@ -9,6 +9,7 @@ For one delta D (m x n) with input Gram H (n x n; None = data-free, H = I):
 5. U step, reconstruction target correction: U* = D H V^^T (V^ H V^^T + lambda I)^-1 (m x k), the
    least-squares fit of the original outputs D X from the quantized z = V^ x; then U* quantized
    column by column at the same widths with GPTQ on H_z = V^ H V^^T (RTN if data-free).
+   With Settings.correct_target False (the Delta-CoMe peer) U S itself is quantized that way.
 """
 
 from __future__ import annotations
@@ -19,54 +20,16 @@ import numpy as np
 import torch
 
 from ..allocate import choose_widths, error_table, triplet_cost
+from ..linalg import error_stats, svd
 from ..quant.gptq import gptq_columns, gptq_rows, rtn_columns
 from ..quant.grid import rtn
-from .base import Encoded
+from .base import Encoded, Settings
 from .factors import decode_factors, encode_factors, expected_sizes
-
-
-@dataclass(frozen=True)
-class Settings:
-    alpha: float = 1 / 16
-    widths: tuple[int, ...] = (0, 2, 3, 4, 8)
-    group_size: int = 128
-    damp: float = 0.01
-    fit_damp: float = 1e-4
-    whiten: bool = False
-    budget_scope: str = "tensor"  # "tensor": alpha per tensor; "block": one ILP per transformer block
-
-
-def svd(D: torch.Tensor, H: torch.Tensor | None = None, whiten: bool = False) -> tuple[torch.Tensor, ...]:
-    """D = U diag(s) V^T with U (m, r), s (r,), V (n, r) unit columns; float64 (float32 for huge D).
-
-    Plain: the SVD of D. Whitened (H given): the SVD of D L with H + eps I = L L^T, so that
-    D L = U S W^T and V = L^-T W (columns rescaled to unit norm, the norms moved into s). Its truncation
-    is optimal in the H-weighted error, and the v_i are H-orthogonal, so dropping triplets costs
-    exactly the error table's e_i(0) (no cross terms).
-    """
-    work = D.double() if D.numel() <= 16_000_000 else D.float()
-    if not whiten or H is None:
-        U, s, Vh = torch.linalg.svd(work, full_matrices=False)
-        return U, s, Vh.T
-    Hd = H.to(work.dtype)
-    L = torch.linalg.cholesky(Hd + 1e-6 * torch.diagonal(Hd).mean() * torch.eye(Hd.shape[0], dtype=Hd.dtype))
-    U, s, Wh = torch.linalg.svd(work @ L, full_matrices=False)
-    V = torch.linalg.solve_triangular(L.T, Wh.T, upper=True)
-    norms = V.norm(dim=0).clamp_min(1e-30)
-    return U, s * norms, V / norms
 
 
 def budget_bits(m: int, n: int, alpha: float, overhead_bits: float = 0.0) -> float:
     """Bits this tensor's codes and grids may take: alpha * 16 * m * n less its share of the overhead."""
     return alpha * 16 * m * n - overhead_bits
-
-
-def output_error(Dhat: torch.Tensor, D: torch.Tensor, H: torch.Tensor | None) -> float:
-    """tr((D^ - D) H (D^ - D)^T) in float64 (Frobenius norm squared if H is None)."""
-    E = (Dhat.double() - D.double())
-    if H is None:
-        return float((E * E).sum())
-    return float(((E @ H.double()) * E).sum())
 
 
 @dataclass
@@ -165,21 +128,16 @@ def quantize_factors(D: torch.Tensor, H: torch.Tensor | None, U: torch.Tensor, s
         Vt = V.T.float().contiguous()
         vq = rtn(Vt, bits, min(g, n)) if H is None else gptq_rows(Vt, H, bits, g, damp=settings.damp)
         Vhat = vq["deq"].double()
-        Ustar = target_correction(D, H, Vhat, settings.fit_damp).float()
+        if settings.correct_target:
+            Ustar = target_correction(D, H, Vhat, settings.fit_damp).float()
+        else:  # Delta-CoMe: quantize U S itself, GPTQ on the quantized V's outputs compensating
+            Ustar = (U * s).float()
         if H is None:
             uq = rtn_columns(Ustar, bits, g)
         else:
             uq = gptq_columns(Ustar, (Vhat @ H.double() @ Vhat.T).float(), bits, g, damp=settings.damp)
         enc = encode_factors((m, n), widths, g, vq, uq)
-    Dhat = decode_factors((m, n), enc.meta, enc.tensors)
-    total = output_error(torch.zeros_like(D), D, H)
-    measured = output_error(Dhat, D, H)
-    enc.stats = {
-        "rank_kept": len(widths),
-        "error_predicted": (predicted / total) ** 0.5 if total > 0 else 0.0,
-        "error_measured": (measured / total) ** 0.5 if total > 0 else 0.0,
-        "energy": total,
-    }
+    enc.stats = {"rank_kept": len(widths), **error_stats(decode_factors((m, n), enc.meta, enc.tensors), D, H, predicted)}
     return enc
 
 

@@ -17,6 +17,20 @@ import torch
 from ..errors import AdamixError
 
 
+@dataclass(frozen=True)
+class Settings:
+    """What the methods are told. method: adamix | deltacome | lowrank | bitdelta | rtn | gptq."""
+    method: str = "adamix"
+    alpha: float = 1 / 16
+    widths: tuple[int, ...] = (0, 2, 3, 4, 8)
+    group_size: int = 128
+    damp: float = 0.01
+    fit_damp: float = 1e-4
+    whiten: bool = False
+    budget_scope: str = "tensor"  # "tensor": alpha per tensor; "block": one ILP per transformer block
+    correct_target: bool = True   # U step re-fitted to the original outputs (ADAMIX) or U S kept (Delta-CoMe)
+
+
 @dataclass
 class Encoded:
     kind: str
@@ -32,13 +46,23 @@ class Encoded:
 
 Decoder = Callable[[tuple[int, ...], dict, dict[str, torch.Tensor]], torch.Tensor]
 DECODERS: dict[str, Decoder] = {}
+SUFFIXES: dict[str, tuple[str, ...]] = {}
 
 
-def register_decoder(kind: str) -> Callable[[Decoder], Decoder]:
+def register_decoder(kind: str, suffixes: tuple[str, ...]) -> Callable[[Decoder], Decoder]:
+    """Register the decoder of a stored kind and the tensor suffixes every entry of it must have."""
     def wrap(fn: Decoder) -> Decoder:
         DECODERS[kind] = fn
+        SUFFIXES[kind] = tuple(suffixes)
         return fn
     return wrap
+
+
+def stored_suffixes(kind: str) -> tuple[str, ...]:
+    """The tensors ("<name>.<suffix>") an entry of `kind` stores."""
+    if kind not in SUFFIXES:
+        raise AdamixError(f"unknown tensor kind {kind!r} in artifact")
+    return SUFFIXES[kind]
 
 
 def decode(kind: str, shape: tuple[int, ...], meta: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:

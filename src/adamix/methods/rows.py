@@ -60,27 +60,39 @@ def compress_rows(D: torch.Tensor, widths: tuple[int, ...], group_size: int, bud
         kept = np.flatnonzero(choice != zero)
         choice[kept[np.argmin(table[kept, zero] - table[kept, choice[kept]])]] = zero
     chosen = np.array(widths)[choice]
-    order = sorted(np.flatnonzero(chosen > 0).tolist(), key=lambda r: (-chosen[r], r))
-    idx, codes, params = [], [], []
-    for b, count in groups:
-        rows = [r for r in order if chosen[r] == b]
-        idx += rows
-        q = deq[b]
-        codes.append(pack(q["codes"][rows], b))
-        params += [q["scale"][rows].reshape(-1), q["offset"][rows].reshape(-1)]
-    enc = Encoded("rows", (m, n), {"widths": groups, "group_size": g}, {
+    parts = []
+    for b, _ in groups:
+        rows = np.flatnonzero(chosen == b).tolist()
+        parts.append((b, rows, {k: v[rows] for k, v in deq[b].items()}))
+    enc = encode_rows((m, n), g, parts)
+    total = float(energy.sum())
+    err = float(table[np.arange(m), choice].sum())
+    rel = (err / total) ** 0.5 if total > 0 else 0.0
+    enc.stats = {"rows_kept": int(enc.tensors["idx"].numel()), "error_predicted": rel, "error_measured": rel, "energy": total}
+    return enc
+
+
+def encode_rows(shape: tuple[int, int], group_size: int,
+                parts: list[tuple[int, list[int], dict[str, torch.Tensor]]]) -> Encoded:
+    """Pack quantized rows. parts: [(width b, row indices, q)], widest first, where q holds codes
+    (c, n) and scale/offset (c, G) of those rows in that order (as quant.grid.rtn / gptq_rows return)."""
+    m, n = shape
+    idx, codes, params, groups = [], [], [], []
+    for b, rows, q in parts:
+        if not rows:
+            continue
+        groups.append([b, len(rows)])
+        idx += list(rows)
+        codes.append(pack(q["codes"], b))
+        params += [q["scale"].reshape(-1), q["offset"].reshape(-1)]
+    return Encoded("rows", (m, n), {"widths": groups, "group_size": min(group_size, n)}, {
         "idx": torch.tensor(idx, dtype=torch.int32),
         "codes": torch.cat(codes) if codes else torch.zeros(0, dtype=torch.uint8),
         "params": torch.cat(params).to(torch.float16) if params else torch.zeros(0, dtype=torch.float16),
     })
-    total = float(energy.sum())
-    err = float(table[np.arange(m), choice].sum())
-    rel = (err / total) ** 0.5 if total > 0 else 0.0
-    enc.stats = {"rows_kept": len(idx), "error_predicted": rel, "error_measured": rel, "energy": total}
-    return enc
 
 
-@register_decoder("rows")
+@register_decoder("rows", ("idx", "codes", "params"))
 def decode_rows(shape: tuple[int, ...], meta: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     if len(shape) != 2:
         raise AdamixError(f"rows tensor must be 2-D, manifest says shape {list(shape)}")

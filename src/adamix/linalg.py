@@ -1,0 +1,45 @@
+"""Linear algebra shared by the methods: the SVD of a delta (plain or whitened) and the
+activation-weighted error E(D^) = tr((D^ - D) H (D^ - D)^T) that every method is judged by."""
+
+from __future__ import annotations
+
+import torch
+
+
+def svd(D: torch.Tensor, H: torch.Tensor | None = None, whiten: bool = False) -> tuple[torch.Tensor, ...]:
+    """D = U diag(s) V^T with U (m, r), s (r,), V (n, r) unit columns; float64 (float32 for huge D).
+
+    Plain: the SVD of D. Whitened (H given): the SVD of D L with H + eps I = L L^T, so that
+    D L = U S W^T and V = L^-T W (columns rescaled to unit norm, the norms moved into s). Its truncation
+    is optimal in the H-weighted error, and the v_i are H-orthogonal, so dropping triplets costs
+    exactly the error table's e_i(0) (no cross terms).
+    """
+    work = D.double() if D.numel() <= 16_000_000 else D.float()
+    if not whiten or H is None:
+        U, s, Vh = torch.linalg.svd(work, full_matrices=False)
+        return U, s, Vh.T
+    Hd = H.to(work.dtype)
+    L = torch.linalg.cholesky(Hd + 1e-6 * torch.diagonal(Hd).mean() * torch.eye(Hd.shape[0], dtype=Hd.dtype))
+    U, s, Wh = torch.linalg.svd(work @ L, full_matrices=False)
+    V = torch.linalg.solve_triangular(L.T, Wh.T, upper=True)
+    norms = V.norm(dim=0).clamp_min(1e-30)
+    return U, s * norms, V / norms
+
+
+def output_error(Dhat: torch.Tensor, D: torch.Tensor, H: torch.Tensor | None) -> float:
+    """tr((D^ - D) H (D^ - D)^T) in float64 (Frobenius norm squared if H is None)."""
+    E = (Dhat.double() - D.double())
+    if H is None:
+        return float((E * E).sum())
+    return float(((E @ H.double()) * E).sum())
+
+
+def error_stats(Dhat: torch.Tensor, D: torch.Tensor, H: torch.Tensor | None, predicted: float | None = None) -> dict:
+    """Relative errors sqrt(E(D^) / E(0)) measured (and predicted, if the method has a model of it)."""
+    total = output_error(torch.zeros_like(D), D, H)
+    measured = output_error(Dhat, D, H)
+    stats = {"error_measured": (measured / total) ** 0.5 if total > 0 else 0.0}
+    if predicted is not None:
+        stats["error_predicted"] = (predicted / total) ** 0.5 if total > 0 else 0.0
+    stats["energy"] = total
+    return stats

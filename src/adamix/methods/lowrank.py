@@ -1,0 +1,42 @@
+"""Low-rank peer, kind "lowrank": the truncated SVD of D with fp16 factors.
+
+D ~ U_k S_k V_k^T with the largest rank k such that the factors fit the budget:
+16 k (m + n) <= budget. Stored: `U` = U_k S_k (m, k) fp16 and `V` = V_k^T (k, n) fp16; D^ = U V.
+The calibration Gram H is not used to choose anything (it only measures the error).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import AdamixError
+from ..linalg import error_stats, svd
+from .base import Encoded, Settings, register_decoder
+
+
+def lowrank_rank(m: int, n: int, budget: float) -> int:
+    """The largest k with 16 k (m + n) <= budget (fp16 factors), at most min(m, n)."""
+    return max(0, min(min(m, n), int(budget // (16 * (m + n)))))
+
+
+def compress_lowrank(D: torch.Tensor, H: torch.Tensor | None, settings: Settings, budget: float,
+                     factors: tuple[torch.Tensor, ...] | None = None) -> Encoded:
+    """Truncated SVD of D (m x n) within `budget` bits. factors: a precomputed svd(D) (U, s, V)."""
+    m, n = D.shape
+    U, s, V = factors if factors is not None else svd(D)
+    k = lowrank_rank(m, n, budget)
+    enc = Encoded("lowrank", (m, n), {"rank": k}, {
+        "U": (U[:, :k] * s[:k]).to(torch.float16).contiguous(),
+        "V": V[:, :k].T.to(torch.float16).contiguous(),
+    })
+    enc.stats = {"rank_kept": k, **error_stats(decode_lowrank((m, n), enc.meta, enc.tensors), D, H)}
+    return enc
+
+
+@register_decoder("lowrank", ("U", "V"))
+def decode_lowrank(shape: tuple[int, ...], meta: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    U, V = tensors["U"], tensors["V"]
+    if len(shape) != 2 or U.dtype != torch.float16 or V.dtype != torch.float16 or U.dim() != 2 or V.dim() != 2 \
+            or U.shape[0] != shape[0] or V.shape[1] != shape[1] or U.shape[1] != V.shape[0]:
+        raise AdamixError(f"lowrank factors {tuple(U.shape)} x {tuple(V.shape)} do not make shape {list(shape)}")
+    return U.float() @ V.float()
