@@ -171,3 +171,24 @@ def test_method_options_refused(bert_pair, tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and message in err and "Traceback" not in err
         assert not (tmp_path / "x").exists()
+
+
+def test_bitdelta_scale_distillation(llama_pair, calib_file, tmp_path):
+    base, ft = llama_pair
+    kw = dict(method="bitdelta", calib=calib_file, samples=8, seqlen=64, progress=False)
+    plain = adamix.compress(base, ft, tmp_path / "plain", **kw)
+    tuned = adamix.compress(base, ft, tmp_path / "tuned", distill_steps=40, **kw)
+    d = tuned["settings"]["distill"]
+    assert d["loss_after"] < d["loss_before"]
+    a, b = Artifact(tmp_path / "plain"), Artifact(tmp_path / "tuned")
+    changed = 0
+    for name, e in plain["tensors"].items():
+        if e["kind"] != "bitdelta":
+            assert torch.equal(a.delta(name), b.delta(name))
+            continue
+        assert tuned["tensors"][name]["stats"] == {"scale_distilled": True}
+        sa, sb = a.tensors(name)["scale"], b.tensors(name)["scale"]
+        assert torch.equal(a.tensors(name)["signs"], b.tensors(name)["signs"])  # only the scales train
+        changed += int(not torch.equal(sa, sb))
+    assert changed > 0
+    assert tuned["sizes"]["total_bytes"] - plain["sizes"]["total_bytes"] < 400  # same tensors; manifest grows

@@ -110,6 +110,36 @@ def _move(module: nn.Module, device: torch.device) -> None:
     module._apply(lambda t: t if t.device.type == "meta" else t.to(device))
 
 
+def model_skeleton(ckpt: Checkpoint) -> nn.Module:
+    """The checkpoint's model class (config.json's `architectures`, else AutoModel) with meta weights."""
+    import transformers
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(ckpt.folder)
+    except Exception as e:
+        raise AdamixError(f"{ckpt.folder}: transformers cannot read config.json ({e})") from None
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    with init_empty_weights(include_buffers=False):
+        model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
+    return model.eval()
+
+
+def state_name_map(model: nn.Module, ckpt: Checkpoint) -> dict[str, str]:
+    """Parameter name -> checkpoint tensor name (prefix differences such as 'bert.' resolved)."""
+    keys = set(ckpt.keys())
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    out = {}
+    for name, _ in model.named_parameters(remove_duplicate=False):
+        for cand in (name, name.removeprefix(prefix + "."), f"{prefix}.{name}"):
+            if cand in keys:
+                out[name] = cand
+                break
+    return out
+
+
 class _Catch(Exception):
     pass
 
@@ -118,20 +148,8 @@ class BlockRunner:
     """Runs calibration windows through a checkpoint one block at a time (see module doc)."""
 
     def __init__(self, ckpt: Checkpoint, windows: list[torch.Tensor], device: str = "cpu"):
-        import transformers
-        from accelerate import init_empty_weights
-        from transformers import AutoConfig
-
         self.ckpt, self.device = ckpt, torch.device(device)
-        try:
-            config = AutoConfig.from_pretrained(ckpt.folder)
-        except Exception as e:
-            raise AdamixError(f"{ckpt.folder}: transformers cannot read config.json ({e})") from None
-        arch = (getattr(config, "architectures", None) or [None])[0]
-        cls = getattr(transformers, arch, None) if arch else None
-        with init_empty_weights(include_buffers=False):
-            self.model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
-        self.model.eval()
+        self.model = model_skeleton(ckpt)
         self.names = self._name_map()
         self.blocks_name, self.blocks = find_blocks(self.model)
         block_prefix = self.blocks_name + "."
@@ -142,16 +160,7 @@ class BlockRunner:
         self.inputs, self.kwargs = self._capture()
 
     def _name_map(self) -> dict[str, str]:
-        """state_dict name -> checkpoint tensor name (prefix differences such as 'bert.' resolved)."""
-        keys = set(self.ckpt.keys())
-        prefix = getattr(self.model, "base_model_prefix", "") or ""
-        out = {}
-        for name, _ in self.model.named_parameters(remove_duplicate=False):
-            for cand in (name, name.removeprefix(prefix + "."), f"{prefix}.{name}"):
-                if cand in keys:
-                    out[name] = cand
-                    break
-        return out
+        return state_name_map(self.model, self.ckpt)
 
     def _load(self, module: nn.Module, names: dict[str, str], strip: str) -> None:
         """Materialise `module`'s parameters from the checkpoint (names relative to the model)."""

@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--budget-scope", choices=("tensor", "block"), default="tensor",
                    help="tensor: every matrix gets alpha of its own size; block: one ILP per transformer "
                         "block shares the block's budget among its linears (default tensor)")
+    c.add_argument("--distill-steps", type=int, default=0,
+                   help="bitdelta only: train the per-matrix scales this many steps to match the fine-tune's "
+                        "hidden states on the calibration text (holds both models in memory; default 0)")
     c.add_argument("--seed", type=int, default=0, help="seed, recorded in the manifest (the method is deterministic)")
     c.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -69,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         manifest = compress(args.base, args.finetuned, args.out, method=args.method, ratio=args.ratio,
                             calib=None if args.calib == "none" else args.calib, samples=args.samples,
                             seqlen=args.seqlen, bits=args.bits, group_size=args.group_size, device=args.device,
-                            seed=args.seed, whiten=args.whiten, budget_scope=args.budget_scope,
+                            seed=args.seed, whiten=args.whiten, distill_steps=args.distill_steps, budget_scope=args.budget_scope,
                             overwrite=args.overwrite, progress=not args.quiet)
         print_summary(manifest)
         s = manifest["sizes"]

@@ -161,11 +161,12 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
              method: str = "adamix", ratio: str | float = "1/16", calib: str | os.PathLike | None = "default", samples: int = 128,
              seqlen: int = 256, bits: str | tuple = DEFAULT_WIDTHS, group_size: int = 128,
              device: str = "cpu", seed: int = 0, whiten: bool = False, budget_scope: str = "tensor",
-             overwrite: bool = False, progress: bool = True) -> dict:
+             distill_steps: int = 0, overwrite: bool = False, progress: bool = True) -> dict:
     """Compress `finetuned` against `base` with `method` (METHODS; default ADAMIX) and write the
     artifact folder `out`.
 
     calib: a text file, "default" (gensim's lee_background.cor) or None (data-free: H = I, RTN).
+    distill_steps: bitdelta only: train its scales this many steps on the calibration windows.
     Returns the manifest that was written.
     """
     t0 = time.time()
@@ -178,6 +179,8 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
     if budget_scope not in ("tensor", "block"):
         raise AdamixError(f"--budget-scope must be 'tensor' or 'block', got {budget_scope!r}")
     check_method_options(method, alpha, whiten, budget_scope)
+    if distill_steps and (method != "bitdelta" or calib is None or distill_steps < 0):
+        raise AdamixError("--distill-steps needs --method bitdelta and calibration text (not --calib none)")
     out = prepare_output(out, overwrite)
     torch.manual_seed(seed)
     settings = Settings(method=method, alpha=alpha, widths=widths, group_size=group_size, whiten=whiten,
@@ -213,9 +216,14 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
         if enc is not None:
             encoded[name] = (enc, False)
 
-    manifest, tensors = build_manifest(base_ck, ft_ck, encoded, dropped, settings, {
-        "calibration": str(calib_path.name) if calib_path else None, "samples": samples, "seqlen": seqlen,
-        "device": device, "seed": seed})
+    extra = {"calibration": str(calib_path.name) if calib_path else None, "samples": samples, "seqlen": seqlen,
+             "device": device, "seed": seed}
+    if distill_steps:
+        from .distill import distill_scales
+        torch.manual_seed(seed)
+        extra["distill_steps"] = distill_steps
+        extra["distill"] = distill_scales(base_ck, ft_ck, encoded, windows, distill_steps, device=device, progress=progress)
+    manifest, tensors = build_manifest(base_ck, ft_ck, encoded, dropped, settings, extra)
     with AtomicFolder(out, overwrite) as tmp:
         write_artifact(tmp, manifest, tensors, ft_ck.config_files())
     manifest["sizes"]["wall_seconds"] = round(time.time() - t0, 2)
