@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .checkpoint import Checkpoint
+from .models import model_skeleton, state_name_map
 from .errors import AdamixError
 
 
@@ -108,36 +109,6 @@ def linears(block: nn.Module, prefix: str) -> list[LinearInfo]:
 def _move(module: nn.Module, device: torch.device) -> None:
     """Move the materialised tensors of `module` to `device`, leaving meta (not yet loaded) ones."""
     module._apply(lambda t: t if t.device.type == "meta" else t.to(device))
-
-
-def model_skeleton(ckpt: Checkpoint) -> nn.Module:
-    """The checkpoint's model class (config.json's `architectures`, else AutoModel) with meta weights."""
-    import transformers
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(ckpt.folder)
-    except Exception as e:
-        raise AdamixError(f"{ckpt.folder}: transformers cannot read config.json ({e})") from None
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    with init_empty_weights(include_buffers=False):
-        model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
-    return model.eval()
-
-
-def state_name_map(model: nn.Module, ckpt: Checkpoint) -> dict[str, str]:
-    """Parameter name -> checkpoint tensor name (prefix differences such as 'bert.' resolved)."""
-    keys = set(ckpt.keys())
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    out = {}
-    for name, _ in model.named_parameters(remove_duplicate=False):
-        for cand in (name, name.removeprefix(prefix + "."), f"{prefix}.{name}"):
-            if cand in keys:
-                out[name] = cand
-                break
-    return out
 
 
 class _Catch(Exception):

@@ -15,29 +15,11 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from .calibrate import model_skeleton, state_name_map
 from .checkpoint import Checkpoint
 from .errors import AdamixError
 from .methods.base import Encoded, decode
 from .methods.bitdelta import sign_matrix
-
-
-def load_model(ckpt: Checkpoint, device: torch.device, deltas: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
-    """The checkpoint's model in float32 on `device`, plus `deltas` {tensor name: D^} if given."""
-    model = model_skeleton(ckpt)
-    names = state_name_map(model, ckpt)
-    state = {}
-    for pname, cname in names.items():
-        w = ckpt.get(cname).float()
-        if deltas and cname in deltas:
-            w = w + deltas[cname]
-        state[pname] = w.to(device)
-    model.load_state_dict(state, strict=False, assign=True)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    if missing := [n for n, p in model.named_parameters() if p.device.type == "meta"]:
-        raise AdamixError(f"{ckpt.source}: checkpoint lacks tensors the model needs: {', '.join(missing[:3])}")
-    return model.eval()
+from .models import build_model, state_name_map
 
 
 def last_hidden(model: torch.nn.Module, ids: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -66,8 +48,8 @@ def distill_scales(base: Checkpoint, ft: Checkpoint, encoded: dict[str, tuple[En
         if n not in bit:
             d = decode(e.kind, e.shape, e.meta, e.tensors)
             others[n] = d.T if t else d
-    teacher = load_model(ft, dev)
-    student = load_model(base, dev, others)
+    teacher = build_model(ft, device=dev)
+    student = build_model(base, lambda n: base.get(n).float() + others[n] if n in others else base.get(n), dev)
     for p in student.parameters():
         p.requires_grad_(False)
     pname = {c: p for p, c in state_name_map(student, base).items()}

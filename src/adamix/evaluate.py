@@ -38,41 +38,58 @@ def heldout_texts() -> list[str]:
     return [t for texts in heldout_corpora().values() for t in texts]
 
 
-def relative_output_error(base: str, finetuned: str, delta: str, texts: list[str], samples: int = 64,
-                          seqlen: int = 256, device: str = "cpu") -> dict:
-    """Held-out relative output error of the delta's compressed linears (module doc); also per layer."""
+def heldout_grams(finetuned: str, texts: list[str], samples: int = 64, seqlen: int = 256,
+                  device: str = "cpu") -> dict[str, tuple[torch.Tensor, bool]]:
+    """{weight name: (H (n x n float64), transposed)} of every linear of the fine-tune's blocks, H the
+    Gram of its inputs on `texts` (held-out text, never the calibration text)."""
     from transformers import AutoTokenizer
-    base_ck, ft_ck, art = Checkpoint(base), Checkpoint(finetuned), Artifact(delta)
+    ft_ck = Checkpoint(finetuned)
     tokenizer = AutoTokenizer.from_pretrained(ft_ck.folder)
     windows = token_windows("\n".join(texts), tokenizer, samples, seqlen)
+    out = {}
+    for _, infos, grams in BlockRunner(ft_ck, windows, device).run():
+        out.update({i.name: (grams[i.name].double(), i.transposed) for i in infos})
+    return out
+
+
+def error_on_grams(base: str, finetuned: str, art: Artifact, grams: dict[str, tuple[torch.Tensor, bool]]) -> dict:
+    """Relative output error of the artifact's non-raw tensors on precomputed Grams (module doc)."""
+    base_ck, ft_ck = Checkpoint(base), Checkpoint(finetuned)
     num = den = 0.0
     per_layer = {}
-    for _, infos, grams in BlockRunner(ft_ck, windows, device).run():
-        for info in infos:
-            e = art.entries.get(info.name)
-            if e is None or e["kind"] == "raw":
-                continue
-            D = ft_ck.get(info.name).double() - base_ck.get(info.name).double()
-            E = art.delta(info.name).double() - D
-            if info.transposed:
-                D, E = D.T, E.T
-            H = grams[info.name].double()
-            a, b = float(((E @ H) * E).sum()), float(((D @ H) * D).sum())
-            num, den = num + a, den + b
-            per_layer[info.name] = (a / b) ** 0.5 if b > 0 else 0.0
+    for name, (H, transposed) in grams.items():
+        e = art.entries.get(name)
+        if e is None or e["kind"] == "raw":
+            continue
+        D = ft_ck.get(name).double() - base_ck.get(name).double()
+        E = art.delta(name).double() - D
+        if transposed:
+            D, E = D.T, E.T
+        a, b = float(((E @ H) * E).sum()), float(((D @ H) * D).sum())
+        num, den = num + a, den + b
+        per_layer[name] = (a / b) ** 0.5 if b > 0 else 0.0
     return {"relative_error": (num / den) ** 0.5 if den > 0 else 0.0, "per_layer": per_layer}
 
 
-def mean_pooled(model_dir: str, texts: list[str], batch: int = 32, max_length: int = 256) -> torch.Tensor:
-    """Mean-pooled last hidden states (len(texts), hidden) of the model in `model_dir`."""
+def relative_output_error(base: str, finetuned: str, delta: str, texts: list[str], samples: int = 64,
+                          seqlen: int = 256, device: str = "cpu") -> dict:
+    """Held-out relative output error of the delta's compressed linears (module doc); also per layer."""
+    grams = heldout_grams(finetuned, texts, samples, seqlen, device)
+    return error_on_grams(base, finetuned, Artifact(delta), grams)
+
+
+def mean_pooled(model_dir, texts: list[str], batch: int = 32, max_length: int = 256, model=None) -> torch.Tensor:
+    """Mean-pooled last hidden states (len(texts), hidden) of the model in `model_dir` (or of `model`,
+    an already built model, with the tokenizer of `model_dir`)."""
     from transformers import AutoModel, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModel.from_pretrained(model_dir).eval()
+    model = model if model is not None else AutoModel.from_pretrained(model_dir).eval()
     outs = []
     with torch.no_grad():
         for i in range(0, len(texts), batch):
             enc = tok(texts[i:i + batch], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-            h = model(**enc).last_hidden_state
+            out = model(**enc, output_hidden_states=True)
+            h = out.hidden_states[-1]
             mask = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
             outs.append((h * mask).sum(1) / mask.sum(1))
     return torch.cat(outs)

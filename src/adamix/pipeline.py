@@ -141,20 +141,29 @@ def encode_block(deltas: dict[str, tuple[torch.Tensor, torch.Tensor, bool]], set
 
 
 def encode_tensor(D: torch.Tensor, H: torch.Tensor | None, transposed: bool, settings: Settings,
-                  overhead: float = 0.0) -> Encoded | None:
-    """The stored form of one delta (None if it is exactly zero); overhead: bits per element reserved."""
+                  overhead: float = 0.0, **shared) -> Encoded | None:
+    """The stored form of one delta (None if it is exactly zero); overhead: bits per element reserved.
+
+    shared: precomputed pieces (factors, analysis: see methods.compress_with; rows: the row-sparse
+    alternative of a data-free matrix at this budget)."""
     if not bool(D.any()):
         return None
     if is_svd_shape(tuple(D.shape)):
-        enc = compress_with(D.T if transposed else D, H, settings, overhead * D.numel())
+        enc = compress_with(D.T if transposed else D, H, settings, overhead * D.numel(),
+                            shared.get("factors"), shared.get("analysis"))
         if H is None:  # data-free matrices (embeddings, heads): keep the better of the method and row-sparse
-            alpha = min(settings.alpha, BITDELTA_ALPHA) if settings.method == "bitdelta" else settings.alpha
-            budget = budget_bits(D.shape[0], D.shape[1], alpha, overhead * D.numel())
-            alt = compress_rows(D, settings.widths, settings.group_size, budget)
+            alt = shared.get("rows") or row_sparse(D, settings, overhead)
             if alt.stats["error_measured"] < enc.stats["error_measured"]:
                 return alt
         return enc
     return encode_raw(D)
+
+
+def row_sparse(D: torch.Tensor, settings: Settings, overhead: float) -> Encoded:
+    """The row-sparse encoding of a data-free matrix D (m x n) at the method's budget."""
+    alpha = min(settings.alpha, BITDELTA_ALPHA) if settings.method == "bitdelta" else settings.alpha
+    return compress_rows(D, settings.widths, settings.group_size,
+                         budget_bits(D.shape[0], D.shape[1], alpha, overhead * D.numel()))
 
 
 def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | os.PathLike, *,

@@ -14,6 +14,7 @@ For one delta D (m x n) with input Gram H (n x n; None = data-free, H = I):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,22 +46,30 @@ class Analysis:
     budget: float       # bits this tensor may take
 
 
-def analyse(D: torch.Tensor, H: torch.Tensor | None, settings: Settings, overhead_bits: float = 0.0) -> Analysis:
-    """Steps 1-2 (SVD, error table) and the tensor's budget."""
+def analyse(D: torch.Tensor, H: torch.Tensor | None, settings: Settings, overhead_bits: float = 0.0,
+            factors: tuple[torch.Tensor, ...] | None = None) -> Analysis:
+    """Steps 1-2 (SVD, error table) and the tensor's budget. factors: svd(D, H, settings.whiten) if
+    already computed (the benchmark shares it across methods and ratios)."""
     m, n = D.shape
     g = settings.group_size
-    U, s, V = svd(D, H, settings.whiten)
+    U, s, V = factors if factors is not None else svd(D, H, settings.whiten)
     table = error_table(s, U, V, H, list(settings.widths), g).numpy()
     costs = np.array([triplet_cost(m, n, b, g) for b in settings.widths], dtype=np.float64)
     return Analysis(D, H, U, s, V, table, costs, budget_bits(m, n, settings.alpha, overhead_bits))
 
 
-def compress_matrix(D: torch.Tensor, H: torch.Tensor | None, settings: Settings, overhead_bits: float = 0.0) -> Encoded:
+def compress_matrix(D: torch.Tensor, H: torch.Tensor | None, settings: Settings, overhead_bits: float = 0.0,
+                    analysis: Analysis | None = None) -> Encoded:
     """ADAMIX on one delta D (m x n) with input Gram H (n x n) or None. Returns an Encoded "svd-mixed".
 
     The stored codes and grids take at most budget_bits(m, n, settings.alpha, overhead_bits) bits.
+    analysis: analyse(D, H, settings) if already computed (its budget is replaced by this one).
     """
-    a = analyse(D, H, settings, overhead_bits)
+    m, n = D.shape
+    if analysis is None:
+        a = analyse(D, H, settings, overhead_bits)
+    else:
+        a = dataclasses.replace(analysis, budget=budget_bits(m, n, settings.alpha, overhead_bits))
     return finish(a, choose_widths(a.table, a.costs, a.budget), a.budget, settings)
 
 
@@ -93,7 +102,9 @@ def finish(a: Analysis, choice: np.ndarray, budget: float, settings: Settings) -
     predicted = float(a.table[np.arange(len(a.s)), choice].sum())
     keep = sorted(np.flatnonzero(chosen > 0).tolist(), key=lambda i: (-chosen[i], i))
     kept_widths = [int(chosen[i]) for i in keep]
-    return quantize_factors(a.D, a.H, a.U[:, keep], a.s[keep], a.V[:, keep], kept_widths, settings, predicted)
+    enc = quantize_factors(a.D, a.H, a.U[:, keep], a.s[keep], a.V[:, keep], kept_widths, settings, predicted)
+    enc.detail["widths_by_index"] = chosen
+    return enc
 
 
 def fit_packed_size(choice: np.ndarray, table: np.ndarray, widths: list[int], shape: tuple[int, int],

@@ -38,6 +38,7 @@ class Encoded:
     meta: dict
     tensors: dict[str, torch.Tensor]
     stats: dict = field(default_factory=dict)
+    detail: dict = field(default_factory=dict)  # in-memory only (e.g. width per singular index), never stored
 
     @property
     def nbytes(self) -> int:

@@ -15,7 +15,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from .adamix import Analysis, analyse, finish
+from .adamix import Analysis, analyse, budget_bits, finish
 from .base import Encoded, Settings
 
 SCHEDULE = ((8, 2), (3, 32), (2, None))  # (bits, number of triplets); None: all the rest
@@ -46,9 +46,13 @@ def schedule_widths(r: int, costs: dict[int, float], budget: float) -> list[int]
 def compress_deltacome(D: torch.Tensor, H: torch.Tensor | None, settings: Settings, overhead_bits: float = 0.0,
                        analysis: Analysis | None = None) -> Encoded:
     """Delta-CoMe on one delta D (m x n) with input Gram H (n x n) or None, within
-    budget_bits(m, n, alpha, overhead_bits). analysis: a precomputed adamix.analyse with WIDTHS."""
+    budget_bits(m, n, alpha, overhead_bits). analysis: a precomputed adamix.analyse with WIDTHS
+    (its budget is replaced by this one)."""
     s = deltacome_settings(settings)
-    a = analysis if analysis is not None else analyse(D, H, s, overhead_bits)
+    if analysis is None:
+        a = analyse(D, H, s, overhead_bits)
+    else:
+        a = dataclasses.replace(analysis, budget=budget_bits(*D.shape, settings.alpha, overhead_bits))
     widths = list(s.widths)
     chosen = schedule_widths(len(a.s), dict(zip(widths, a.costs)), a.budget)
     choice = np.array([widths.index(b) for b in chosen], dtype=np.int64)
