@@ -26,11 +26,21 @@ def gensim_data(name: str) -> Path:
     return Path(spec.submodule_search_locations[0]) / "test" / "test_data" / name
 
 
+def polarity_labelled() -> tuple[list[str], list[int]]:
+    """gensim's 200 polarity sentences without their "__label__pos/neg" prefix, and labels (1 = pos)."""
+    texts, labels = [], []
+    for line in gensim_data("pang_lee_polarity.cor").read_text(errors="replace").splitlines():
+        label, _, text = line.strip().partition(" ")
+        if text:
+            texts.append(text)
+            labels.append(int(label == "__label__pos"))
+    return texts, labels
+
+
 def heldout_corpora() -> dict[str, list[str]]:
     """The held-out texts by corpus: the 50 Lee documents and the 200 polarity sentences."""
-    def lines(name: str) -> list[str]:
-        return [t.strip() for t in gensim_data(name).read_text(errors="replace").splitlines() if t.strip()]
-    return {"lee": lines("lee.cor"), "polarity": lines("pang_lee_polarity.cor")}
+    lee = [t.strip() for t in gensim_data("lee.cor").read_text(errors="replace").splitlines() if t.strip()]
+    return {"lee": lee, "polarity": polarity_labelled()[0]}
 
 
 def heldout_texts() -> list[str]:

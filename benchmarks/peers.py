@@ -1,0 +1,506 @@
+"""ADAMIX against its peers at the same size, on the two real pairs (issue 3).
+
+    python benchmarks/peers.py [--pairs minilm,smollm] [--ratios 1/8,1/16,1/32,1/64]
+                               [--methods adamix,deltacome,lowrank,bitdelta,rtn,gptq]
+                               [--cli-methods all] [--out benchmarks/results] [--work DIR]
+
+For each pair, one calibration pass (the CLI's defaults: 128 windows of <= 256 tokens of gensim's
+lee_background.cor) feeds every method at every ratio: each delta's SVD and error tables are computed
+once and shared, so the artifacts are exactly those `adamix compress --method M --ratio R` writes
+(checked byte for byte on the CLI runs). Each artifact is written to WORK, then measured:
+- relative output error on held-out text (never the calibration text), DESIGN.md section 2;
+- end metrics of the restored model (`adamix merge`'s tensors, built in memory):
+  MiniLM: mean cosine of mean-pooled embeddings to the fine-tune's (per corpus, averaged), Pearson
+  correlation with the human ratings of gensim's Lee document similarity, polarity accuracy of a
+  linear probe (5-fold cross-validation);
+  SmolLM2: exact match on the fine-tune's task (200 test prompts), fraction of the fine-tune's gain
+  kept, perplexity on the Lee documents;
+- bytes on disk, achieved alpha; compute seconds (calibration + SVD + the method's own work, as a
+  standalone run would spend them); and for the methods in --cli-methods a real `adamix compress`
+  at 1/16 in a child process: its wall time and peak RSS.
+Writes benchmarks/results/<pair>.md and PNG plots (error vs ratio, widths heat map, spectra,
+predicted vs measured error); names the commit of the code inside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import re
+import subprocess
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from adamix.artifact import AtomicFolder, Artifact, write_artifact  # noqa: E402
+from adamix.calibrate import BlockRunner, default_calibration_file, read_text, token_windows  # noqa: E402
+from adamix.checkpoint import Checkpoint  # noqa: E402
+from adamix.evaluate import (embedding_cosine, error_on_grams, gensim_data, heldout_corpora, heldout_grams,  # noqa: E402
+                             mean_pooled, polarity_labelled)
+from adamix.linalg import svd  # noqa: E402
+from adamix.merge import merged_state  # noqa: E402
+from adamix.methods import METHODS  # noqa: E402
+from adamix.methods.adamix import analyse  # noqa: E402
+from adamix.methods.base import Settings  # noqa: E402
+from adamix.methods.bitdelta import BITDELTA_ALPHA  # noqa: E402
+from adamix.methods.deltacome import deltacome_settings  # noqa: E402
+from adamix.models import build_model  # noqa: E402
+from adamix.pipeline import (build_manifest, delta_of, encode_tensor, is_svd_shape, overhead_per_element,  # noqa: E402
+                             pair_tensors, row_sparse)
+
+SVD_METHODS = {"adamix", "deltacome", "lowrank"}
+DISTILLED = "bitdelta+distill"
+DISTILL_STEPS = 100
+ONE_16 = 1 / 16
+t0 = time.time()
+
+
+def ratio_name(alpha: float) -> str:
+    return str(Fraction(alpha).limit_denominator(1024))
+
+
+def fits(method: str, alpha: float) -> bool:
+    return not (method.startswith("bitdelta") and alpha < BITDELTA_ALPHA)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compression: every method x ratio from one calibration pass
+# ---------------------------------------------------------------------------------------------
+
+def compress_grid(base: str, ft: str, methods: list[str], ratios: list[float], work: Path, log=print) -> dict:
+    """Write WORK/<method>-<ratio> for every pair (method, ratio); returns timings and in-memory details."""
+    from transformers import AutoTokenizer
+    base_ck, ft_ck = Checkpoint(base), Checkpoint(ft)
+    names, dropped = pair_tensors(base_ck, ft_ck)
+    overhead = overhead_per_element(base_ck, names)
+    configs = [(m, a) for m in methods if m != DISTILLED for a in ratios if fits(m, a)]
+    encoded = {c: {} for c in configs}
+    own = {c: 0.0 for c in configs}          # seconds of the method's own work per config
+    prep = {m: 0.0 for m in methods}         # seconds of the method's ratio-independent analysis
+    shared = {"calibration": 0.0, "svd": 0.0}
+    spectra, widths_map = {}, {}
+
+    def encode_all(name: str, D: torch.Tensor, H: torch.Tensor | None, transposed: bool) -> None:
+        if not bool(D.any()):
+            return
+        Dl = D.T if transposed else D
+        pieces = {m: {} for m in methods}
+        if is_svd_shape(tuple(D.shape)):
+            t = time.time()
+            fac = svd(Dl)
+            shared["svd"] += time.time() - t
+            spectra[name] = fac[1].numpy()
+            for m in ("adamix", "deltacome"):
+                if m in methods:
+                    t = time.time()
+                    s = Settings() if m == "adamix" else deltacome_settings(Settings())
+                    pieces[m]["analysis"] = analyse(Dl, H, s, factors=fac)
+                    prep[m] += time.time() - t
+            for m in SVD_METHODS & set(methods):
+                pieces[m]["factors"] = fac
+        rows_cache = {}
+        for m, a in configs:
+            settings = Settings(method=m, alpha=a)
+            extra = dict(pieces[m])
+            t = time.time()
+            if H is None and is_svd_shape(tuple(D.shape)):
+                key = min(a, BITDELTA_ALPHA) if m == "bitdelta" else a
+                if key not in rows_cache:
+                    rows_cache[key] = row_sparse(D, settings, overhead)
+                extra["rows"] = rows_cache[key]
+            enc = encode_tensor(D, H, transposed, settings, overhead, **extra)
+            own[(m, a)] += time.time() - t
+            if enc is not None:
+                encoded[(m, a)][name] = (enc, transposed)
+                if m == "adamix" and "widths_by_index" in enc.detail:
+                    widths_map.setdefault(a, {})[name] = enc.detail["widths_by_index"]
+
+    calib = read_text(default_calibration_file())
+    tokenizer = AutoTokenizer.from_pretrained(ft_ck.folder)
+    windows = token_windows(calib, tokenizer, 128, 256)
+    todo = set(names)
+    t = time.time()
+    runner = BlockRunner(ft_ck, windows)
+    for i, infos, grams in runner.run():
+        shared["calibration"] += time.time() - t
+        for info in infos:
+            if info.name in todo:
+                encode_all(info.name, delta_of(base_ck, ft_ck, info.name), grams[info.name].double(), info.transposed)
+                todo.discard(info.name)
+        log(f"  block {i + 1}/{len(runner.blocks)} done ({time.time() - t0:.0f} s)")
+        t = time.time()
+    for name in sorted(todo):
+        encode_all(name, delta_of(base_ck, ft_ck, name), None, False)
+
+    if DISTILLED in methods:
+        from adamix.distill import distill_scales
+        plain = encoded[("bitdelta", BITDELTA_ALPHA)]
+        copy = {n: (dataclasses.replace(e, tensors=dict(e.tensors), stats=dict(e.stats)), tr) for n, (e, tr) in plain.items()}
+        t = time.time()
+        torch.manual_seed(0)
+        distill_info = distill_scales(base_ck, ft_ck, copy, windows, DISTILL_STEPS, progress=False)
+        for a in ratios:
+            if fits(DISTILLED, a):
+                encoded[(DISTILLED, a)] = copy
+                own[(DISTILLED, a)] = own[("bitdelta", a)] + time.time() - t
+        prep[DISTILLED] = 0.0
+        log(f"  distillation: {distill_info}")
+
+    for (m, a), enc in encoded.items():
+        settings = Settings(method=m.split("+")[0], alpha=a)
+        extra = {"calibration": "lee_background.cor", "samples": 128, "seqlen": 256, "device": "cpu", "seed": 0}
+        if m == DISTILLED:
+            extra.update({"distill_steps": DISTILL_STEPS, "distill": distill_info})
+        manifest, tensors = build_manifest(base_ck, ft_ck, enc, dropped, settings, extra)
+        out = work / f"{m}-{ratio_name(a).replace('/', '_')}"
+        with AtomicFolder(out, overwrite=True) as tmp:
+            write_artifact(tmp, manifest, tensors, ft_ck.config_files())
+    seconds = {}
+    for (m, a) in encoded:
+        base_m = m.split("+")[0]
+        seconds[(m, a)] = (shared["calibration"] + (shared["svd"] if base_m in SVD_METHODS else 0.0)
+                           + prep.get(base_m, 0.0) + own[(m, a)])
+    return {"seconds": seconds, "shared": shared, "spectra": spectra, "widths": widths_map,
+            "configs": list(encoded)}
+
+
+def artifact_dir(work: Path, method: str, alpha: float) -> Path:
+    return work / f"{method}-{ratio_name(alpha).replace('/', '_')}"
+
+
+def cli_run(base: str, ft: str, method: str, out: Path) -> dict:
+    """`adamix compress --method M --ratio 1/16` in a child process: wall time, peak RSS, bytes hash."""
+    t = time.time()
+    proc = subprocess.run([sys.executable, "-m", "adamix.cli", "compress", base, ft, "-o", str(out), "--method",
+                           method, "--ratio", "1/16", "-q", "--overwrite"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr)
+    rss = float(re.search(r"peak RSS (\d+) MiB", proc.stdout).group(1))
+    return {"wall_s": time.time() - t, "peak_rss_mib": rss, "sha": sha256(out / "delta.safetensors")}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# End metrics
+# ---------------------------------------------------------------------------------------------
+
+def restored_model(base: str, ft: str, art: Artifact | None):
+    """The model `adamix merge` would write (in memory); art None: the base itself; 'ft': the fine-tune."""
+    ft_ck = Checkpoint(ft)
+    if art is None:
+        return build_model(ft_ck, Checkpoint(base).get)
+    state = merged_state(Checkpoint(base), art)
+    return build_model(ft_ck, state.__getitem__)
+
+
+def probe_accuracy(X: np.ndarray, y: np.ndarray, folds: int = 5, l2: float = 1.0) -> float:
+    """5-fold cross-validated accuracy of an L2-regularised logistic regression on X (N, d)."""
+    from scipy.optimize import minimize
+    idx = np.arange(len(y))
+    correct = 0
+    for f in range(folds):
+        test, train = idx[idx % folds == f], idx[idx % folds != f]
+        mu, sd = X[train].mean(0), X[train].std(0) + 1e-8
+        A = np.c_[(X[train] - mu) / sd, np.ones(len(train))]
+        t = y[train] * 2 - 1
+
+        def loss(w):
+            z = t * (A @ w)
+            return np.logaddexp(0, -z).sum() + 0.5 * l2 * (w[:-1] ** 2).sum(), \
+                A.T @ (-t / (1 + np.exp(z))) + l2 * np.r_[w[:-1], 0]
+        w = minimize(loss, np.zeros(A.shape[1]), jac=True, method="L-BFGS-B").x
+        B = np.c_[(X[test] - mu) / sd, np.ones(len(test))]
+        correct += int(((B @ w > 0).astype(int) == y[test]).sum())
+    return correct / len(y)
+
+
+def lee_pearson(emb: torch.Tensor) -> float:
+    """Pearson correlation of cosine similarities with the human ratings (upper triangle, 50 docs)."""
+    human = np.loadtxt(gensim_data("similarities0-1.txt"))
+    e = torch.nn.functional.normalize(emb.double(), dim=1)
+    sim = (e @ e.T).numpy()
+    iu = np.triu_indices(len(human), 1)
+    return float(np.corrcoef(human[iu], sim[iu])[0, 1])
+
+
+class MiniLMMetrics:
+    def __init__(self, ft: str):
+        self.ft = ft
+        self.lee = heldout_corpora()["lee"]
+        self.pol, labels = polarity_labelled()
+        self.labels = np.array(labels)
+        ft_model = build_model(Checkpoint(ft))
+        self.ref = {k: mean_pooled(ft, t, model=ft_model) for k, t in (("lee", self.lee), ("polarity", self.pol))}
+
+    def __call__(self, model) -> dict:
+        emb = {k: mean_pooled(self.ft, t, model=model) for k, t in (("lee", self.lee), ("polarity", self.pol))}
+        cos = {k: embedding_cosine(emb[k], self.ref[k]) for k in emb}
+        return {"cosine": (cos["lee"] + cos["polarity"]) / 2, "lee_pearson": lee_pearson(emb["lee"]),
+                "probe_acc": probe_accuracy(emb["polarity"].numpy(), self.labels)}
+
+
+class SmolLMMetrics:
+    def __init__(self, ft: str):
+        from transformers import AutoTokenizer
+        from make_smollm_finetune import task_examples
+        self.tok = AutoTokenizer.from_pretrained(ft)
+        self.examples = task_examples("test", 200, seed=0)
+        self.lee = heldout_corpora()["lee"]
+
+    def __call__(self, model) -> dict:
+        from make_smollm_finetune import exact_match
+        with torch.no_grad():
+            acc = exact_match(model, self.tok, self.examples)
+            nll = count = 0.0
+            for doc in self.lee:
+                ids = self.tok(doc, return_tensors="pt").input_ids[:, :256]
+                out = model(input_ids=ids, labels=ids)
+                nll += float(out.loss) * (ids.shape[1] - 1)
+                count += ids.shape[1] - 1
+        return {"exact_match": acc, "ppl_lee": math.exp(nll / count)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+def plots(pair: str, rows: list[dict], grid: dict, out: Path, ratios: list[float], methods: list[str],
+          pred_meas: list[tuple[float, float]]) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    files = []
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in methods:
+        pts = sorted((r["alpha"], r["heldout_error"]) for r in rows if r["method"] == m)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ratios, [ratio_name(a) for a in ratios])
+    ax.set_xlabel("alpha (compressed / fp16 delta)")
+    ax.set_ylabel("held-out relative output error")
+    ax.set_title(f"{pair}: error vs ratio")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    files.append(f"{pair}_error_vs_ratio.png")
+    fig.savefig(out / files[-1], dpi=110)
+    plt.close(fig)
+
+    if ONE_16 in grid["widths"]:
+        wmap = grid["widths"][ONE_16]
+        names = [n for n in wmap]  # calibrated block order
+        width = max(len(w) for w in wmap.values())
+        shown = min(width, 128)
+        img = np.full((len(names), shown), np.nan)
+        for i, n in enumerate(names):
+            w = np.asarray(wmap[n], dtype=float)[:shown]
+            img[i, :len(w)] = w
+        fig, ax = plt.subplots(figsize=(8, max(3, len(names) * 0.06 + 1.5)))
+        im = ax.imshow(img, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=8)
+        ax.set_xlabel(f"singular index (first {shown})")
+        ax.set_ylabel("tensor (block order)")
+        step = max(1, len(names) // 24)
+        ax.set_yticks(range(0, len(names), step), [short(names[i]) for i in range(0, len(names), step)], fontsize=5)
+        fig.colorbar(im, ax=ax, label="bits (0 = dropped)")
+        ax.set_title(f"{pair}: adamix bit-widths at 1/16")
+        fig.tight_layout()
+        files.append(f"{pair}_widths_heatmap.png")
+        fig.savefig(out / files[-1], dpi=110)
+        plt.close(fig)
+
+    spectra = grid["spectra"]
+    picks = [n for n in spectra if ".0." in n or f".{max_block(spectra)}." in n][:8]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for n in picks:
+        s = spectra[n]
+        ax.plot(np.arange(1, len(s) + 1), s / s[0], label=short(n), lw=1)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("singular index")
+    ax.set_ylabel("s_i / s_1")
+    ax.set_title(f"{pair}: singular spectra of deltas")
+    ax.legend(fontsize=6)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    files.append(f"{pair}_spectra.png")
+    fig.savefig(out / files[-1], dpi=110)
+    plt.close(fig)
+
+    if pred_meas:
+        p, mm = np.array(pred_meas).T
+        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+        ax.scatter(p, mm, s=6)
+        lim = [0, max(p.max(), mm.max()) * 1.05]
+        ax.plot(lim, lim, "k--", lw=0.8)
+        ax.set_xlabel("predicted relative error (ILP model)")
+        ax.set_ylabel("measured relative error (after GPTQ)")
+        ax.set_title(f"{pair}: adamix per tensor, 1/16")
+        fig.tight_layout()
+        files.append(f"{pair}_predicted_vs_measured.png")
+        fig.savefig(out / files[-1], dpi=110)
+        plt.close(fig)
+    return files
+
+
+def max_block(spectra: dict) -> int:
+    nums = [int(x) for n in spectra for x in re.findall(r"\.(\d+)\.", n)]
+    return max(nums) if nums else 0
+
+
+def short(name: str) -> str:
+    return re.sub(r"^(model\.|encoder\.|bert\.)", "", name).replace("layers.", "L").replace("layer.", "L").removesuffix(".weight")
+
+
+def fmt(v, nd=4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{nd}g}" if abs(v) < 1e4 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def git_commit() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
+        return rev + ("+uncommitted changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+# ---------------------------------------------------------------------------------------------
+
+def run_pair(pair: str, methods: list[str], ratios: list[float], cli_methods: list[str], work: Path, out: Path) -> None:
+    from adamix.demo import PAIR, package_folder
+    if pair == "minilm":
+        base, ft = (package_folder(*p) for p in PAIR)
+        base_for_cli = base
+        title = "all-MiniLM-L6-v2 -> sre-embedding-model"
+        metrics = MiniLMMetrics(ft)
+        heldout = [t for texts in heldout_corpora().values() for t in texts]
+        gram_samples = 64
+    else:
+        from make_smollm_finetune import gguf_location, make_finetune
+        folder, name = gguf_location()
+        base, ft = make_finetune(log=print)
+        base_for_cli = str(Path(folder) / name)
+        title = "SmolLM2-135M-Instruct (GGUF) -> its word-reversal fine-tune"
+        metrics = SmolLMMetrics(ft)
+        heldout = heldout_corpora()["lee"]
+        gram_samples = 32
+    work = work / pair
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"[{pair}] compressing {len(methods)} methods x {len(ratios)} ratios")
+    grid = compress_grid(base, ft, methods, ratios, work)
+    print(f"[{pair}] held-out Grams")
+    grams = heldout_grams(ft, heldout, samples=gram_samples)
+    ref = {"base": metrics(restored_model(base, ft, None)), "finetune": metrics(build_model(Checkpoint(ft)))}
+    print(f"[{pair}] references {ref}")
+    rows = []
+    pred_meas = []
+    for (m, a) in grid["configs"]:
+        art = Artifact(artifact_dir(work, m, a))
+        sizes = art.manifest["sizes"]
+        r = {"method": m, "alpha": a, "heldout_error": error_on_grams(base, ft, art, grams)["relative_error"],
+             "bytes": sizes["total_bytes"], "alpha_achieved": sizes["alpha_achieved"],
+             "compute_s": grid["seconds"][(m, a)], **metrics(restored_model(base, ft, art))}
+        if m == "adamix" and a == ONE_16:
+            pred_meas = [(e["stats"]["error_predicted"], e["stats"]["error_measured"])
+                         for n, e in art.entries.items() if e["kind"] == "svd-mixed" and n in grams]
+        rows.append(r)
+        print(f"[{pair}] {m} {ratio_name(a)}: " + ", ".join(f"{k}={fmt(v)}" for k, v in r.items() if k not in ("method", "alpha")))
+    cli = {}
+    for m in cli_methods:
+        if m in methods and m != DISTILLED:
+            cli[m] = cli_run(base_for_cli, ft, m, work / f"cli-{m}")
+            cli[m]["identical"] = cli[m]["sha"] == sha256(artifact_dir(work, m, ONE_16) / "delta.safetensors")
+            print(f"[{pair}] CLI {m} 1/16: {cli[m]}")
+    write_report(pair, title, rows, ref, grid, cli, ratios, methods, pred_meas, out)
+
+
+def write_report(pair, title, rows, ref, grid, cli, ratios, methods, pred_meas, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{pair}.json").write_text(json.dumps({"commit": git_commit(), "rows": rows, "references": ref, "cli": cli,
+                                                   "shared": grid["shared"]}, indent=1, default=float))
+    files = plots(pair, rows, grid, out, ratios, methods, pred_meas)
+    end_keys = [k for k in rows[0] if k not in ("method", "alpha", "heldout_error", "bytes", "alpha_achieved", "compute_s")]
+    lines = [f"# {title}", "", f"Produced by `python benchmarks/peers.py --pairs {pair}` at commit `{git_commit()}`, "
+             f"CPU. Calibration: 128 windows of <= 256 tokens of lee_background.cor; held-out error on "
+             f"{'Lee documents + polarity sentences' if pair == 'minilm' else 'Lee documents'}.", ""]
+    lines += ["## References", "", "| model | " + " | ".join(end_keys) + " |", "|---|" + "---|" * len(end_keys)]
+    for k, v in ref.items():
+        lines.append(f"| {k} | " + " | ".join(fmt(v[e]) for e in end_keys) + " |")
+    if pair == "smollm":
+        lines += ["", "gain kept = (exact_match - base) / (fine-tune - base)."]
+    lines += ["", "## Every method at every ratio", ""]
+    head = ["method", "held-out error", "x deltacome"] + end_keys + (["gain kept"] if pair == "smollm" else []) + \
+        ["bytes", "alpha achieved", "compute s"]
+    for a in ratios:
+        lines += [f"### alpha = {ratio_name(a)}", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+        dc = next((r["heldout_error"] for r in rows if r["method"] == "deltacome" and r["alpha"] == a), None)
+        for m in methods:
+            r = next((r for r in rows if r["method"] == m and r["alpha"] == a), None)
+            if r is None:
+                lines.append(f"| {m} | does not fit (1 bit per weight = 1/16) |" + " |" * (len(head) - 2))
+                continue
+            vals = [m, fmt(r["heldout_error"]), fmt(r["heldout_error"] / dc, 3) if dc else "-"] + [fmt(r[k]) for k in end_keys]
+            if pair == "smollm":
+                gain = (r["exact_match"] - ref["base"]["exact_match"]) / (ref["finetune"]["exact_match"] - ref["base"]["exact_match"])
+                vals.append(fmt(gain, 3))
+            vals += [fmt(r["bytes"]), fmt(r["alpha_achieved"], 4), fmt(r["compute_s"], 3)]
+            lines.append("| " + " | ".join(vals) + " |")
+        lines.append("")
+    if cli:
+        lines += ["## `adamix compress --ratio 1/16` in a child process", "",
+                  "| method | wall s | peak RSS MiB | artifact identical to the grid's |", "|---|---|---|---|"]
+        for m, c in cli.items():
+            lines.append(f"| {m} | {c['wall_s']:.1f} | {c['peak_rss_mib']:.0f} | {'yes' if c['identical'] else 'NO'} |")
+        lines.append("")
+    sh = grid["shared"]
+    lines += [f"Shared work: calibration {sh['calibration']:.1f} s, SVDs {sh['svd']:.1f} s (counted in `compute s` of the "
+              "methods that use them).", ""]
+    if pred_meas:
+        p, mm = np.array(pred_meas).T
+        lines += ["## Predicted (ILP error model) vs measured error, adamix at 1/16, per tensor", "",
+                  f"{len(p)} calibrated tensors; on the calibration text. median measured/predicted "
+                  f"{np.median(mm / np.maximum(p, 1e-12)):.3f}, range {np.min(mm / np.maximum(p, 1e-12)):.3f}.."
+                  f"{np.max(mm / np.maximum(p, 1e-12)):.3f}, Pearson r {np.corrcoef(p, mm)[0, 1]:.3f}.", ""]
+    lines += ["## Plots", ""] + [f"![{f}]({f})" for f in files] + [""]
+    (out / f"{pair}.md").write_text("\n".join(lines))
+    print(f"[{pair}] wrote {out / (pair + '.md')}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pairs", default="minilm,smollm")
+    ap.add_argument("--ratios", default="1/8,1/16,1/32,1/64")
+    ap.add_argument("--methods", default=",".join(METHODS) + f",{DISTILLED}")
+    ap.add_argument("--cli-methods", default="all", help="methods also timed as a real CLI run at 1/16 ('none' to skip)")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--work", default=str(Path.home() / ".cache" / "adamix" / "bench" / "peers"))
+    args = ap.parse_args()
+    methods = args.methods.split(",")
+    ratios = [float(Fraction(r)) for r in args.ratios.split(",")]
+    cli = [] if args.cli_methods == "none" else (methods if args.cli_methods == "all" else args.cli_methods.split(","))
+    for pair in args.pairs.split(","):
+        run_pair(pair, methods, ratios, cli, Path(args.work), Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
