@@ -283,6 +283,12 @@ def plots(pair: str, rows: list[dict], grid: dict, out: Path, ratios: list[float
     import matplotlib.pyplot as plt
     files = []
 
+    def save(fig, what: str) -> None:
+        fig.tight_layout()
+        files.append(f"{pair}_{what}.png")
+        fig.savefig(out / files[-1], dpi=110)
+        plt.close(fig)
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for m in methods:
         pts = sorted((r["alpha"], r["heldout_error"]) for r in rows if r["method"] == m)
@@ -290,15 +296,10 @@ def plots(pair: str, rows: list[dict], grid: dict, out: Path, ratios: list[float
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
     ax.set_xscale("log", base=2)
     ax.set_xticks(ratios, [ratio_name(a) for a in ratios])
-    ax.set_xlabel("alpha (compressed / fp16 delta)")
-    ax.set_ylabel("held-out relative output error")
-    ax.set_title(f"{pair}: error vs ratio")
+    ax.set(xlabel="alpha (compressed / fp16 delta)", ylabel="held-out relative output error", title=f"{pair}: error vs ratio")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    files.append(f"{pair}_error_vs_ratio.png")
-    fig.savefig(out / files[-1], dpi=110)
-    plt.close(fig)
+    save(fig, "error_vs_ratio")
 
     if ONE_16 in grid["widths"]:
         wmap = grid["widths"][ONE_16]
@@ -317,10 +318,7 @@ def plots(pair: str, rows: list[dict], grid: dict, out: Path, ratios: list[float
         ax.set_yticks(range(0, len(names), step), [short(names[i]) for i in range(0, len(names), step)], fontsize=5)
         fig.colorbar(im, ax=ax, label="bits (0 = dropped)")
         ax.set_title(f"{pair}: adamix bit-widths at 1/16")
-        fig.tight_layout()
-        files.append(f"{pair}_widths_heatmap.png")
-        fig.savefig(out / files[-1], dpi=110)
-        plt.close(fig)
+        save(fig, "widths_heatmap")
 
     spectra = grid["spectra"]
     picks = [n for n in spectra if ".0." in n or f".{max_block(spectra)}." in n][:8]
@@ -328,17 +326,10 @@ def plots(pair: str, rows: list[dict], grid: dict, out: Path, ratios: list[float
     for n in picks:
         s = spectra[n]
         ax.plot(np.arange(1, len(s) + 1), s / s[0], label=short(n), lw=1)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("singular index")
-    ax.set_ylabel("s_i / s_1")
-    ax.set_title(f"{pair}: singular spectra of deltas")
+    ax.set(xscale="log", yscale="log", xlabel="singular index", ylabel="s_i / s_1", title=f"{pair}: singular spectra of deltas")
     ax.legend(fontsize=6)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    files.append(f"{pair}_spectra.png")
-    fig.savefig(out / files[-1], dpi=110)
-    plt.close(fig)
+    save(fig, "spectra")
 
     if pred_meas:
         p, mm = np.array(pred_meas).T
@@ -349,10 +340,7 @@ def plots(pair: str, rows: list[dict], grid: dict, out: Path, ratios: list[float
         ax.set_xlabel("predicted relative error (ILP model)")
         ax.set_ylabel("measured relative error (after GPTQ)")
         ax.set_title(f"{pair}: adamix per tensor, 1/16")
-        fig.tight_layout()
-        files.append(f"{pair}_predicted_vs_measured.png")
-        fig.savefig(out / files[-1], dpi=110)
-        plt.close(fig)
+        save(fig, "predicted_vs_measured")
     return files
 
 

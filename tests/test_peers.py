@@ -192,3 +192,23 @@ def test_bitdelta_scale_distillation(llama_pair, calib_file, tmp_path):
         changed += int(not torch.equal(sa, sb))
     assert changed > 0
     assert tuned["sizes"]["total_bytes"] - plain["sizes"]["total_bytes"] < 400  # same tensors; manifest grows
+
+
+def test_shared_factors_and_analysis_give_identical_encodings():
+    """The benchmark compresses one delta at many ratios from one SVD / error table: the result must be
+    exactly what a standalone call produces."""
+    from adamix.linalg import svd
+    from adamix.methods.adamix import analyse
+    from adamix.methods.deltacome import deltacome_settings
+    m, n = 96, 72
+    D, H = spectrum_delta(m, n), gram(n)
+    fac = svd(D)
+    shared = {"adamix": analyse(D, H, Settings(), factors=fac),
+              "deltacome": analyse(D, H, deltacome_settings(Settings()), factors=fac)}
+    for method in ("adamix", "deltacome", "lowrank"):
+        for alpha in (1 / 8, 1 / 32):
+            settings = Settings(method=method, alpha=alpha)
+            alone = compress_with(D, H, settings, 100.0)
+            reused = compress_with(D, H, settings, 100.0, factors=fac, analysis=shared.get(method))
+            assert alone.meta == reused.meta
+            assert all(torch.equal(alone.tensors[k], reused.tensors[k]) for k in alone.tensors)
