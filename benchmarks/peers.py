@@ -480,6 +480,7 @@ def main() -> None:
     ap.add_argument("--ratios", default="1/8,1/16,1/32,1/64")
     ap.add_argument("--methods", default=",".join(METHODS) + f",{DISTILLED}")
     ap.add_argument("--cli-methods", default="all", help="methods also timed as a real CLI run at 1/16 ('none' to skip)")
+    ap.add_argument("--cli-only", action="store_true", help="only redo the CLI timings of an earlier run")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "adamix" / "bench" / "peers"))
     args = ap.parse_args()
@@ -487,7 +488,35 @@ def main() -> None:
     ratios = [float(Fraction(r)) for r in args.ratios.split(",")]
     cli = [] if args.cli_methods == "none" else (methods if args.cli_methods == "all" else args.cli_methods.split(","))
     for pair in args.pairs.split(","):
-        run_pair(pair, methods, ratios, cli, Path(args.work), Path(args.out))
+        if args.cli_only:
+            rerun_cli(pair, cli, Path(args.work), Path(args.out))
+        else:
+            run_pair(pair, methods, ratios, cli, Path(args.work), Path(args.out))
+
+
+def rerun_cli(pair: str, methods: list[str], work: Path, out: Path) -> None:
+    """Redo only the CLI timings of an earlier run (its artifacts in WORK) and rewrite that section."""
+    from adamix.demo import PAIR, package_folder
+    if pair != "minilm":
+        raise SystemExit("--cli-only is implemented for the minilm pair")
+    base, ft = (package_folder(*p) for p in PAIR)
+    cli = {}
+    for m in methods:
+        if m != DISTILLED:
+            cli[m] = cli_run(base, ft, m, work / pair / f"cli-{m}")
+            cli[m]["identical"] = cli[m]["sha"] == sha256(artifact_dir(work / pair, m, ONE_16) / "delta.safetensors")
+            print(f"[{pair}] CLI {m} 1/16: {cli[m]}")
+    data = json.loads((out / f"{pair}.json").read_text())
+    data["cli"], data["cli_commit"] = cli, git_commit()
+    (out / f"{pair}.json").write_text(json.dumps(data, indent=1, default=float))
+    table = ["## `adamix compress --ratio 1/16` in a child process", "",
+             f"Rerun with `--cli-only` at commit `{git_commit()}`.", "",
+             "| method | wall s | peak RSS MiB | artifact identical to the grid's |", "|---|---|---|---|"]
+    table += [f"| {m} | {c['wall_s']:.1f} | {c['peak_rss_mib']:.0f} | {'yes' if c['identical'] else 'NO'} |" for m, c in cli.items()]
+    text = (out / f"{pair}.md").read_text()
+    text = re.sub(r"## `adamix compress --ratio 1/16` in a child process\n.*?\n\n(?=Shared work)", "\n".join(table) + "\n\n",
+                  text, flags=re.S)
+    (out / f"{pair}.md").write_text(text)
 
 
 if __name__ == "__main__":
