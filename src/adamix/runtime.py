@@ -375,7 +375,7 @@ class TenantParams(TenantModule):
         return y
 
 
-def _is_conv1d(module: nn.Module) -> bool:
+def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
@@ -418,13 +418,19 @@ class Tenant:
         return total
 
 
-def _load_model(folder: Path, dtype: torch.dtype, model_cls=None) -> nn.Module:
+def model_class(folder: str | os.PathLike):
+    """The transformers class of a model folder: config.architectures[0], else AutoModel."""
     import transformers
-    if model_cls is None:
+    try:
         cfg = transformers.AutoConfig.from_pretrained(folder)
-        arch = (getattr(cfg, "architectures", None) or [None])[0]
-        model_cls = getattr(transformers, arch, None) if arch else None
-        model_cls = model_cls or transformers.AutoModel
+    except Exception as e:
+        raise AdamixError(f"{folder}: transformers cannot read the model's config ({e})") from None
+    arch = (getattr(cfg, "architectures", None) or [None])[0]
+    return (getattr(transformers, arch, None) if arch else None) or transformers.AutoModel
+
+
+def _load_model(folder: Path, dtype: torch.dtype, model_cls=None) -> nn.Module:
+    model_cls = model_cls or model_class(folder)
     try:
         return model_cls.from_pretrained(folder, dtype=dtype).eval()
     except Exception as e:
@@ -507,7 +513,7 @@ class MultiTenantModel:
                 if kind in ("linear", "embedding") and mdelta is None:
                     mdelta = matrix_delta(art, tname, p.dtype, p.device, self.packed)
                 if kind == "linear":
-                    D = mdelta.t() if _is_conv1d(module) else mdelta
+                    D = mdelta.t() if is_conv1d(module) else mdelta
                     w, b = modules.get(mpath, (None, None))
                     modules[mpath] = (D, b)
                 elif kind == "bias":
@@ -548,7 +554,7 @@ class MultiTenantModel:
 
     @staticmethod
     def _role(module: nn.Module, attr: str, p: torch.Tensor) -> str:
-        if isinstance(module, nn.Linear) or _is_conv1d(module):
+        if isinstance(module, nn.Linear) or is_conv1d(module):
             return "linear" if attr == "weight" else "bias" if attr == "bias" and p.ndim == 1 else "param"
         if isinstance(module, nn.Embedding) and attr == "weight" and module.max_norm is None:
             return "embedding"
@@ -563,7 +569,7 @@ class MultiTenantModel:
             if not mpath:
                 raise AdamixError("the delta changes a parameter of the model's top module; cannot route it")
             base = self.model.get_submodule(mpath)
-            if isinstance(base, nn.Linear) or _is_conv1d(base):
+            if isinstance(base, nn.Linear) or is_conv1d(base):
                 cls = TenantLinear
             elif isinstance(base, nn.Embedding) and base.max_norm is None:
                 cls = TenantEmbedding
