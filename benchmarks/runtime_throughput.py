@@ -10,8 +10,9 @@ tenant i is attached from artifact i % 2 and every attachment holds its own de-q
 so 16 tenants cost 16 tenants' memory and compute although only two deltas exist.
 
 Measured (greedy decoding by hand: one prefill forward, then `--steps` one-token forwards with the
-KV cache; each number the median of `--repeats` runs):
-  * base alone: the plain transformers model at the same batch size;
+KV cache; the ways to run one batch interleaved, each number the best of `--repeats` runs, as the
+machine is shared):
+  * base alone: the plain transformers model at the same batch size (no tenant attached);
   * runtime: a batch of B rows spread over T tenants (rows of a tenant adjacent, as `generate`
     arranges them), B = T and B = 16;
   * switching merged dense models: one merged float32 model per tenant, the batch split into T
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -98,19 +100,96 @@ def decode_run(call, ids: torch.Tensor, steps: int) -> tuple[float, float]:
     return t1 - t0, t2 - t1
 
 
-def measure(call, ids, steps, repeats) -> tuple[float, float]:
-    """(prefill tokens/s, decode tokens/s), medians over repeats after one warm-up run."""
-    decode_run(call, ids[:, :8], 2)
-    runs = [decode_run(call, ids, steps) for _ in range(repeats)]
+def measure(calls: dict, ids, steps, repeats) -> dict[str, tuple[float, float]]:
+    """{name: (prefill tokens/s, decode tokens/s)} for several ways to run the same batch, their
+    runs interleaved (a, b, c, a, b, c, ...) so that load from other processes hits all alike; the
+    best of `repeats` runs each, after one warm-up run."""
+    for call in calls.values():
+        decode_run(call, ids[:, :8], 2)
+    runs: dict[str, list] = {k: [] for k in calls}
+    for _ in range(repeats):
+        for k, call in calls.items():
+            runs[k].append(decode_run(call, ids, steps))
     B, L = ids.shape
-    return (B * L / statistics.median(r[0] for r in runs), B * steps / statistics.median(r[1] for r in runs))
+    return {k: (B * L / min(r[0] for r in v), B * steps / min(r[1] for r in v)) for k, v in runs.items()}
+
+
+def factor_storage_microbench(art_path: Path, repeats: int = 3) -> list[str]:
+    """Per-module cost of y += U^ (V^ x) for the 30 mlp.up_proj factors of the artifact (all in
+    memory, larger than the caches) held four ways: float32 (V^T, U^T) as the runtime holds them;
+    float32 (U, V) read through transposed views; uint8 codes + per-group scale/offset, de-quantized
+    on every call; the packed artifact tensors, unpacked on every call (methods.factors)."""
+    from adamix import load
+    from adamix.methods.base import low_rank_factors
+    from adamix.quant.grid import n_groups
+    art = load(art_path)
+    names = [n for n in art.entries if n.endswith("mlp.up_proj.weight")]
+    mats = []
+    for n in names:
+        e = art.entries[n]
+        U, V = low_rank_factors(e["kind"], tuple(e["shape"]), e["meta"], art.tensors(n))
+        mats.append({"U": U.contiguous(), "V": V.contiguous(), "Vt": V.T.contiguous(), "Ut": U.T.contiguous(),
+                     "stored": (e["kind"], tuple(e["shape"]), e["meta"], art.tensors(n))})
+    g = 128
+
+    def as_codes(F):  # (k, L) float -> uint8 codes of a per-group grid padded to whole groups, scale, offset
+        k, L = F.shape
+        G = n_groups(L, g)
+        P = torch.nn.functional.pad(F, (0, G * g - L)).view(k, G, g)
+        lo, hi = P.amin(-1, keepdim=True), P.amax(-1, keepdim=True)
+        s = ((hi - lo) / 255).clamp_min(1e-12)
+        return ((P - lo) / s).round().to(torch.uint8), s, lo, L
+
+    for d in mats:
+        d["Vc"], d["Uc"] = as_codes(d["V"]), as_codes(d["Ut"])
+
+    def deq(c):
+        codes, s, o, L = c
+        return torch.addcmul(o, codes.float(), s).view(codes.shape[0], -1)[:, :L]
+
+    ways = {
+        "float32 V^T, U^T (runtime)": lambda d, x, y: y.addmm_(x @ d["Vt"], d["Ut"]),
+        "float32 U, V, transposed views": lambda d, x, y: y.addmm_(x @ d["V"].T, d["U"].T),
+        "uint8 codes, de-quantized per call": lambda d, x, y: y.addmm_(x @ deq(d["Vc"]).T, deq(d["Uc"])),
+        "packed artifact, unpacked per call": lambda d, x, y: y.addmm_(
+            x @ low_rank_factors(*d["stored"])[1].T, low_rank_factors(*d["stored"])[0].T),
+    }
+    k_mean = sum(d["V"].shape[0] for d in mats) / len(mats)
+    m, n = mats[0]["U"].shape[0], mats[0]["V"].shape[1]
+    W = [torch.randn(m, n) for _ in mats]
+    lines = [f"Factor storage, per module (mean over the 30 up_proj factors, {m}x{n}, mean rank {k_mean:.0f}; "
+             f"microseconds per call, best of {repeats}; the base's own linear layer for scale):", "",
+             "| held as | bytes per rank-1 pair | M=1 | M=4 | M=16 |", "|---|---|---|---|---|"]
+    per_pair = {"float32 V^T, U^T (runtime)": 4 * (m + n), "float32 U, V, transposed views": 4 * (m + n),
+                "uint8 codes, de-quantized per call": (m + n) + 8 * (n_groups(m, g) + n_groups(n, g)),
+                "packed artifact, unpacked per call": sum(e["bytes"] for e in [art.entries[x] for x in names])
+                / sum(d["V"].shape[0] for d in mats)}
+    rows = {}
+    for M in (1, 4, 16):
+        x, y = torch.randn(M, n), torch.zeros(M, m)
+        for name, f in list(ways.items()) + [("base nn.Linear (dense W)", None)]:
+            best = float("inf")
+            for _ in range(repeats):
+                t = time.perf_counter()
+                for i, d in enumerate(mats):
+                    if f is None:
+                        torch.nn.functional.linear(x, W[i])
+                    else:
+                        f(d, x, y)
+                best = min(best, (time.perf_counter() - t) / len(mats))
+            rows.setdefault(name, []).append(best * 1e6)
+    for name, v in rows.items():
+        b = per_pair.get(name)
+        lines.append(f"| {name} | {f'{b:.0f}' if b else f'dense: {4 * m * n:,} per matrix'} | "
+                     + " | ".join(f"{t:.0f}" for t in v) + " |")
+    return lines
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=16, help="decoded tokens per row per run (default 16)")
     ap.add_argument("--prompt", type=int, default=64, help="prompt tokens per row (default 64)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="only B = T = 4 (a smoke run)")
     args = ap.parse_args()
 
@@ -134,15 +213,9 @@ def main() -> None:
     batches = sorted({b for b, _ in grid})
     ids = {b: prompt_ids(tok, b, args.prompt) for b in batches}
 
-    # --- base alone
-    base_tp = {b: measure(plain, ids[b], args.steps, args.repeats) for b in batches}
-    for b in batches:
-        print(f"base B={b}: prefill {base_tp[b][0]:.0f} tok/s, decode {base_tp[b][1]:.1f} tok/s", flush=True)
-
-    # --- runtime: attach 16 tenants, memory per tenant
+    # --- runtime: attach the tenants, memory per tenant
     rss0 = rss_bytes()
     mt = MultiTenantModel(gguf)
-    rss_base = rss_bytes()
     tenants = [f"t{i}" for i in range(max(t for _, t in grid))]
     art_paths = list(arts.values())
     rss_steps, held = [], []
@@ -153,43 +226,53 @@ def main() -> None:
         held.append(mt.tenant_nbytes(t))
     on_disk = {k: (p / "delta.safetensors").stat().st_size + (p / "manifest.json").stat().st_size for k, p in arts.items()}
     dense_bytes = sum(p.numel() * p.element_size() for p in plain.parameters())
-    print(f"runtime base model RSS +{(rss_base - rss0) / 2**20:.0f} MiB; per tenant held "
-          f"{statistics.mean(held) / 2**20:.1f} MiB, RSS growth median {statistics.median(rss_steps) / 2**20:.1f} MiB, "
-          f"on disk {statistics.mean(on_disk.values()) / 2**20:.1f} MiB, dense fp32 copy {dense_bytes / 2**20:.0f} MiB", flush=True)
+    print(f"per tenant: held {statistics.mean(held) / 2**20:.1f} MiB, RSS growth median "
+          f"{statistics.median(rss_steps) / 2**20:.1f} MiB, on disk {statistics.mean(on_disk.values()) / 2**20:.1f} MiB, "
+          f"dense fp32 copy {dense_bytes / 2**20:.0f} MiB", flush=True)
 
-    # equivalence on the real pair: a mixed batch against the merged models
+    # equivalence on the real pair: a mixed batch against the merged models run alone
     merged_paths = {k: ensure_merged(gguf, p) for k, p in arts.items()}
-    check = ids[4][:, :16]
+    dense = [load_model(p)[0].eval() for p in merged_paths.values()]
+    check = ids[max(batches)][:4, :16]
     names = ["t0", "base", "t1", "t0"]
     got = mt(input_ids=check, tenants=names).logits
     eq = []
     for i, n in enumerate(names):
-        if n == "base":
-            ref_model = plain
-        else:
-            ref_model = load_model(merged_paths[list(arts)[int(n[1:]) % len(arts)]])[0].eval()
+        ref_model = plain if n == "base" else dense[int(n[1:]) % len(dense)]
         with torch.no_grad():
             ref = ref_model(input_ids=check[i:i + 1]).logits[0]
         eq.append(float((got[i] - ref).abs().max() / ref.abs().max()))
-        del ref_model
     print(f"max relative logit difference runtime vs merged (mixed batch, per row): {max(eq):.2e}", flush=True)
 
     def rows_for(b, t):  # B rows over T tenants, adjacent rows per tenant
         return [tenants[i * t // b] for i in range(b)]
 
-    rt_tp = {}
-    for b, t in grid:
-        names = rows_for(b, t)
-        rt_tp[(b, t)] = measure(lambda **kw: mt(tenants=names, **kw), ids[b], args.steps, args.repeats)
-        print(f"runtime B={b} T={t}: prefill {rt_tp[(b, t)][0]:.0f} tok/s, decode {rt_tp[(b, t)][1]:.1f} tok/s "
-              f"({rt_tp[(b, t)][1] / base_tp[b][1]:.2f}x base)", flush=True)
-    base_rows = {b: measure(lambda **kw: mt(tenants="base", **kw), ids[b], args.steps, args.repeats) for b in [4]}
+    def switching(b, t):  # T sub-batches of B/T rows, each through its own merged dense model
+        sub = b // t
 
-    # --- alternatives: interleaved rows; packed factors
-    alt = {}
-    b, t = (4, 4) if args.quick else (16, 4)
-    inter = [tenants[i % t] for i in range(b)]
-    alt["interleaved"] = (b, t, measure(lambda **kw: mt(tenants=inter, **kw), ids[b], args.steps, args.repeats))
+        def call(input_ids, past_key_values=None, use_cache=True):
+            outs = []
+            for j in range(t):
+                pkv = past_key_values[j] if past_key_values is not None else None
+                outs.append(dense[j % len(dense)](input_ids=input_ids[j * sub:(j + 1) * sub], past_key_values=pkv,
+                                                  use_cache=use_cache))
+            return SimpleNamespace(logits=torch.cat([o.logits for o in outs]),
+                                   past_key_values=[o.past_key_values for o in outs])
+        return call
+
+    results = {}
+    for b, t in grid:
+        calls = {"base": plain, "runtime": lambda names=rows_for(b, t), **kw: mt(tenants=names, **kw),
+                 "switching": switching(b, t)}
+        if (b, t) == ((4, 4) if args.quick else (16, 4)):
+            inter = [tenants[i % t] for i in range(b)]
+            calls["interleaved"] = lambda names=inter, **kw: mt(tenants=names, **kw)
+        if (b, t) == (4, 1):
+            calls["base rows, wrapped"] = lambda **kw: mt(tenants="base", **kw)
+        results[(b, t)] = measure(calls, ids[b], args.steps, args.repeats)
+        r = results[(b, t)]
+        print(f"B={b} T={t}: " + ", ".join(f"{k} {v[1]:.1f} tok/s decode, {v[0]:.0f} prefill" for k, v in r.items()),
+              flush=True)
     for tn in tenants:
         mt.detach(tn)
     del mt
@@ -198,56 +281,54 @@ def main() -> None:
     for i in range(4):
         packed.attach(tenants[i], art_paths[i % len(art_paths)])
     packed_held = packed.tenant_nbytes(tenants[0])
-    alt["packed"] = (4, 4, measure(lambda **kw: packed(tenants=rows_for(4, 4), **kw), ids[4], max(2, args.steps // 4), 1))
+    packed_tp = measure({"packed": lambda **kw: packed(tenants=rows_for(4, 4), **kw)}, ids[4], max(2, args.steps // 4),
+                        1)["packed"]
     del packed
     gc.collect()
-
-    # --- switching merged dense models: T sub-batches, one model each, run one after another
-    dense = [load_model(p)[0].eval() for p in merged_paths.values()]
-    switch = {}
-    for b, t in grid:
-        sub = b // t
-        pre, dec = measure(dense[0], ids[sub], args.steps, args.repeats) if sub not in switch else switch[sub]
-        switch[sub] = (pre, dec)
-    print("switching dense: " + ", ".join(f"sub-batch {s}: decode {v[1]:.1f} tok/s" for s, v in switch.items()), flush=True)
+    micro = factor_storage_microbench(arts["calib"])
 
     # --- table
     lines = [
         f"SmolLM2-135M (float32, CPU, {torch.get_num_threads()} thread) + 1/16 adamix deltas; commit `{commit}`"
         f"{' (uncommitted changes)' if dirty else ''}; prompt {args.prompt} tokens, {args.steps} decoded tokens "
-        f"per row, median of {args.repeats}. `OMP_NUM_THREADS=1 python benchmarks/runtime_throughput.py`",
+        f"per row (greedy, KV cache), best of {args.repeats} interleaved runs. "
+        f"`OMP_NUM_THREADS=1 python benchmarks/runtime_throughput.py`",
         "",
         "| batch B | tenants T | base decode tok/s | runtime decode tok/s | runtime / base | switching dense decode tok/s "
-        "| dense / base | base prefill tok/s | runtime prefill tok/s | runtime / base |",
+        "| switching / base | base prefill tok/s | runtime prefill tok/s | runtime / base |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for b, t in grid:
-        sw = switch[b // t][1]  # T sub-batches of B/T rows each: same tokens per step, T times the passes
-        bp, bd = base_tp[b]
-        rp, rd = rt_tp[(b, t)]
-        lines.append(f"| {b} | {t} | {bd:.1f} | {rd:.1f} | **{rd / bd:.2f}** | {sw:.1f} | {sw / bd:.2f} | {bp:.0f} | "
+        r = results[(b, t)]
+        (bp, bd), (rp, rd), (_, sd) = r["base"], r["runtime"], r["switching"]
+        lines.append(f"| {b} | {t} | {bd:.1f} | {rd:.1f} | **{rd / bd:.2f}** | {sd:.1f} | {sd / bd:.2f} | {bp:.0f} | "
                      f"{rp:.0f} | {rp / bp:.2f} |")
-    lines += [
-        "",
-        f"Other ways to run the same batches: base rows through the wrapped model (B=4, all 'base'): decode "
-        f"{base_rows[4][1]:.1f} tok/s ({base_rows[4][1] / base_tp[4][1]:.2f}x the plain model); rows of "
-        f"{alt['interleaved'][1]} tenants interleaved (B={alt['interleaved'][0]}, index_select / index_add): decode "
-        f"{alt['interleaved'][2][1]:.1f} tok/s vs {rt_tp.get((alt['interleaved'][0], alt['interleaved'][1]), (0, 0))[1]:.1f} "
-        f"adjacent; factors de-quantized on every call (B=4, T=4): decode {alt['packed'][2][1]:.2f} tok/s, prefill "
-        f"{alt['packed'][2][0]:.0f} tok/s.",
-        "",
-        "| memory per tenant | MiB |",
-        "|---|---|",
-        f"| artifact on disk (delta.safetensors + manifest.json) | {statistics.mean(on_disk.values()) / 2**20:.1f} |",
-        f"| runtime, factors de-quantized once (float32): tensors held | {statistics.mean(held) / 2**20:.1f} |",
-        f"| runtime, same: growth of the process RSS per attached tenant (median of {len(rss_steps)}) | "
-        f"{statistics.median(rss_steps) / 2**20:.1f} |",
-        f"| runtime, factors kept packed (de-quantized on every call): tensors held | {packed_held / 2**20:.1f} |",
-        f"| a dense float32 copy of the model (what switching merged models holds per tenant) | {dense_bytes / 2**20:.1f} |",
-        "",
-        f"Equivalence on this pair: a mixed batch (t0, base, t1, t0) of 16-token prompts; the largest "
-        f"relative logit difference between a row and its merged model run alone is {max(eq):.1e}.",
-    ]
+    ib, it = (4, 4) if args.quick else (16, 4)
+    extra = []
+    if "interleaved" in results[(ib, it)]:
+        extra.append(f"rows of {it} tenants interleaved instead of adjacent (B={ib}, index_select / index_add "
+                     f"instead of row slices): decode {results[(ib, it)]['interleaved'][1]:.1f} tok/s vs "
+                     f"{results[(ib, it)]['runtime'][1]:.1f}")
+    if (4, 1) in results:
+        r = results[(4, 1)]
+        extra.append(f"base rows through the wrapped model (B=4, all 'base', 16 tenants attached): decode "
+                     f"{r['base rows, wrapped'][1]:.1f} tok/s vs {r['base'][1]:.1f} for the plain model")
+    extra.append(f"factors kept packed, de-quantized on every call (B=4, T=4): decode {packed_tp[1]:.2f} tok/s, "
+                 f"prefill {packed_tp[0]:.0f} tok/s")
+    lines += ["", "Other ways to run the same batches: " + "; ".join(extra) + ".", "",
+              "| memory per tenant | MiB |",
+              "|---|---|",
+              f"| artifact on disk (delta.safetensors + manifest.json) | {statistics.mean(on_disk.values()) / 2**20:.1f} |",
+              f"| runtime, factors de-quantized once (float32): tensors held | {statistics.mean(held) / 2**20:.1f} |",
+              f"| runtime, same: growth of the process RSS per attached tenant (median of {len(rss_steps)}) | "
+              f"{statistics.median(rss_steps) / 2**20:.1f} |",
+              f"| runtime, factors kept packed (de-quantized on every call): tensors held | {packed_held / 2**20:.1f} |",
+              f"| a dense float32 copy of the model (what switching merged models holds per tenant) | "
+              f"{dense_bytes / 2**20:.1f} |",
+              "",
+              f"Equivalence on this pair: a mixed batch (t0, base, t1, t0) of 16-token prompts; the largest "
+              f"relative logit difference between a row and its merged model run alone is {max(eq):.1e}.",
+              "", *micro]
     table = "\n".join(lines)
     print(table)
     (HERE / "results").mkdir(exist_ok=True)
