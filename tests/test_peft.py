@@ -104,6 +104,17 @@ def test_uniform_rank_pads_with_zeros(setup, tmp_path):
     assert rel(run(with_adapter(base, tmp_path / "adapter"), IDS), run(merged["a"], IDS)) < 2e-6
 
 
+def test_half_precision_adapter(setup, tmp_path):
+    """--dtype float16: half the bytes of the LoRA tensors, factors rounded to fp16 (close, not exact)."""
+    arch, base, work, merged = setup
+    full = export_peft(base, work / "a", tmp_path / "f32")
+    half = export_peft(base, work / "a", tmp_path / "f16", dtype="float16")
+    with safe_open(str(tmp_path / "f16" / "adapter_model.safetensors"), "pt") as f:
+        assert all(f.get_slice(k).get_dtype() == "F16" for k in f.keys() if ".lora_" in k)
+    assert half["bytes"] < 0.75 * full["bytes"]
+    assert rel(run(with_adapter(base, tmp_path / "f16"), IDS), run(merged["a"], IDS)) < 2e-3
+
+
 def test_cli_export_peft(setup, tmp_path, capsys):
     arch, base, work, _ = setup
     if arch != "llama":
@@ -112,6 +123,9 @@ def test_cli_export_peft(setup, tmp_path, capsys):
     assert "LoRA modules" in capsys.readouterr().out
     assert main(["export-peft", str(base), str(work / "a"), "-o", str(tmp_path / "ad")]) == 2
     assert "already exists" in capsys.readouterr().err
+    assert main(["export-peft", str(base), str(work / "a"), "-o", str(tmp_path / "ad2"), "--lora-only",
+                 "--uniform-rank", "--dtype", "bfloat16"]) == 0
+    assert "dropped (--lora-only)" in capsys.readouterr().out
     # a model of the same shapes that is not the base (the second fine-tune) is refused, nothing written
     assert main(["export-peft", str(work / "ft-b"), str(work / "a"), "-o", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err

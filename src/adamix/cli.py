@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only lora_A/lora_B (what vLLM loads): drop, and list, the deltas LoRA cannot express")
     e.add_argument("--uniform-rank", action="store_true",
                    help="pad every LoRA pair with zeros to the largest rank (no rank_pattern)")
+    e.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                   help="dtype of the LoRA tensors (default float32: exact; half types halve the file)")
     e.add_argument("--overwrite", action="store_true")
 
     i = sub.add_parser("inspect", help="sizes, achieved ratio, bit-widths and errors of a delta")
@@ -87,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "export-peft":
         from .peft import export_peft
         s = export_peft(args.base, args.delta, args.out, lora_only=args.lora_only, uniform_rank=args.uniform_rank,
-                        overwrite=args.overwrite)
+                        dtype=args.dtype, overwrite=args.overwrite)
         kept = {"lora_bias": len(s["lora_bias"]), "trainable_token_indices": len(s["trainable_tokens"]),
                 "modules_to_save": len(s["modules_to_save"])}
         print(f"wrote {args.out}: {len(s['lora'])} LoRA modules (rank <= {s['rank_max']}), "

@@ -69,10 +69,19 @@ def model_factors(art: Artifact, name: str) -> tuple[torch.Tensor, torch.Tensor]
     return (V.T.contiguous(), U.T.contiguous()) if transposed else (U, V)
 
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 def export_peft(base: str | os.PathLike, delta: str | os.PathLike, out: str | os.PathLike, *,
-                lora_only: bool = False, uniform_rank: bool = False, overwrite: bool = False) -> dict:
+                lora_only: bool = False, uniform_rank: bool = False, dtype: str = "float32",
+                overwrite: bool = False) -> dict:
     """Write the PEFT LoRA adapter folder `out` for BASE + DELTA; returns the summary that is also
-    written to out/adamix_export.json (LoRA modules and ranks, what every other delta became)."""
+    written to out/adamix_export.json (LoRA modules and ranks, what every other delta became).
+
+    dtype: of the LoRA tensors (float32: exact; float16 / bfloat16 halve the file and round the
+    factors); merged modules keep the base's dtype."""
+    if dtype not in DTYPES:
+        raise AdamixError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out = prepare_output(out, overwrite)
     art = Artifact(delta)
     base_ck = Checkpoint(base)
@@ -176,6 +185,7 @@ def export_peft(base: str | os.PathLike, delta: str | os.PathLike, out: str | os
         if uniform_rank and k < r:
             B = torch.cat([B, B.new_zeros(B.shape[0], r - k)], dim=1)
             A = torch.cat([A, A.new_zeros(r - k, A.shape[1])], dim=0)
+        A, B = A.to(DTYPES[dtype]), B.to(DTYPES[dtype])
         if role == "embedding":  # D^ = U V = (lora_embedding_B lora_embedding_A)^T
             tensors[f"{PREFIX}{mpath}.lora_embedding_A"] = B.T.contiguous()
             tensors[f"{PREFIX}{mpath}.lora_embedding_B"] = A.T.contiguous()
@@ -186,7 +196,8 @@ def export_peft(base: str | os.PathLike, delta: str | os.PathLike, out: str | os
         for mpath, (role, B, _) in lora.items():
             if role == "linear":
                 db = bias_deltas.get(mpath)
-                tensors[f"{PREFIX}{mpath}.lora_B.bias"] = (db if db is not None else B.new_zeros(B.shape[0])).contiguous()
+                db = db if db is not None else B.new_zeros(B.shape[0])
+                tensors[f"{PREFIX}{mpath}.lora_B.bias"] = db.to(DTYPES[dtype]).contiguous()
 
     def merged(name: str) -> torch.Tensor:
         w = base_ck.get(name)
@@ -220,7 +231,7 @@ def export_peft(base: str | os.PathLike, delta: str | os.PathLike, out: str | os
         "init_lora_weights": True, "inference_mode": True, "layers_to_transform": None, "layers_pattern": None,
     }
     summary = {
-        "base": str(base), "delta": str(delta), "lora_only": lora_only, "uniform_rank": uniform_rank,
+        "base": str(base), "delta": str(delta), "lora_only": lora_only, "uniform_rank": uniform_rank, "dtype": dtype,
         "rank_max": r, "lora": {m: ranks[m] for m in sorted(lora)},
         "zero_rank": zero,
         "lora_bias": sorted(bias_deltas),
