@@ -214,7 +214,6 @@ def main() -> None:
     ids = {b: prompt_ids(tok, b, args.prompt) for b in batches}
 
     # --- runtime: attach the tenants, memory per tenant
-    rss0 = rss_bytes()
     mt = MultiTenantModel(gguf)
     tenants = [f"t{i}" for i in range(max(t for _, t in grid))]
     art_paths = list(arts.values())
@@ -275,7 +274,7 @@ def main() -> None:
               flush=True)
     for tn in tenants:
         mt.detach(tn)
-    del mt
+    mt = None  # free the float32 factors before the next measurements
     gc.collect()
     packed = MultiTenantModel(gguf, packed_factors=True)
     for i in range(4):
@@ -283,7 +282,7 @@ def main() -> None:
     packed_held = packed.tenant_nbytes(tenants[0])
     packed_tp = measure({"packed": lambda **kw: packed(tenants=rows_for(4, 4), **kw)}, ids[4], max(2, args.steps // 4),
                         1)["packed"]
-    del packed
+    packed = None
     gc.collect()
     micro = factor_storage_microbench(arts["calib"])
 

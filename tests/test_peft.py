@@ -115,10 +115,9 @@ def test_half_precision_adapter(setup, tmp_path):
     assert rel(run(with_adapter(base, tmp_path / "f16"), IDS), run(merged["a"], IDS)) < 2e-3
 
 
+@pytest.mark.parametrize("setup", ["llama"], indirect=True)
 def test_cli_export_peft(setup, tmp_path, capsys):
     arch, base, work, _ = setup
-    if arch != "llama":
-        pytest.skip("once is enough")
     assert main(["export-peft", str(base), str(work / "a"), "-o", str(tmp_path / "ad")]) == 0
     assert "LoRA modules" in capsys.readouterr().out
     assert main(["export-peft", str(base), str(work / "a"), "-o", str(tmp_path / "ad")]) == 2

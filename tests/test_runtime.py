@@ -111,10 +111,9 @@ def test_float64_reference(setup):
     assert err_runtime < 1e-5 and err_runtime < 3 * err_merge + 1e-7
 
 
+@pytest.mark.parametrize("setup", ["llama", "gpt2"], indirect=True)  # the causal LMs
 def test_generate_mixed_tenants_equals_merged_greedy(setup):
     arch, _, _, mt, merged = setup
-    if arch == "bert":
-        pytest.skip("encoder only")
     ids = ids_batch(4, length=5, seed=3)
     tenants = ["b", "a", BASE, "a"]
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
@@ -194,10 +193,9 @@ def test_detach_restores_the_base_and_reattach(setup):
         mt.detach("a")
 
 
-def test_user_mistakes_are_refused(setup, llama_pair, bert_pair, tmp_path):
+@pytest.mark.parametrize("setup", ["bert"], indirect=True)
+def test_user_mistakes_are_refused(setup, llama_pair, tmp_path):
     arch, base, work, mt, _ = setup
-    if arch != "bert":
-        pytest.skip("once is enough")
     with pytest.raises(AdamixError, match="wrong base"):
         MultiTenantModel(llama_pair[0]).attach("x", work / "a")
     with pytest.raises(AdamixError, match="already attached"):

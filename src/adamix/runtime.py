@@ -39,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -663,11 +663,5 @@ class MultiTenantModel:
         return out
 
 
-def attached_bytes_on_disk(path: str | os.PathLike) -> int:
-    """delta.safetensors + manifest.json of an artifact folder (what the tenant costs on disk)."""
-    p = Path(path)
-    return (p / "delta.safetensors").stat().st_size + (p / "manifest.json").stat().st_size
-
-
-__all__: Iterable[str] = ["MultiTenantModel", "Tenant", "LowRankDelta", "PackedLowRankDelta", "RowDelta",
-                          "DenseDelta", "matrix_delta", "BASE"]
+__all__ = ["MultiTenantModel", "Tenant", "LowRankDelta", "PackedLowRankDelta", "RowDelta", "DenseDelta",
+           "matrix_delta", "model_class", "BASE"]
