@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
                 "modules_to_save": len(s["modules_to_save"])}
         print(f"wrote {args.out}: {len(s['lora'])} LoRA modules (rank <= {s['rank_max']}), "
               f"{s['bytes']:,} bytes; {len(s['not_lora'])} tensors are not LoRA: "
-              + (f"dropped (--lora-only)" if s["lora_only"] else ", ".join(f"{v} as {k}" for k, v in kept.items() if v))
+              + ("dropped (--lora-only)" if s["lora_only"] else ", ".join(f"{v} as {k}" for k, v in kept.items() if v))
               + f"; see {args.out}/adamix_export.json")
     elif args.command == "inspect":
         from .artifact import Artifact
