@@ -1,4 +1,4 @@
-"""The `adamix` command: compress, merge, inspect, demo."""
+"""The `adamix` command: compress, merge, export-peft, inspect, demo."""
 
 from __future__ import annotations
 
@@ -54,6 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--overwrite", action="store_true")
     m.add_argument("-q", "--quiet", action="store_true")
 
+    e = sub.add_parser("export-peft", help="write DELTA as a PEFT LoRA adapter for BASE (low-rank deltas -> "
+                       "lora_A/lora_B; the rest kept as listed in OUT/adamix_export.json)")
+    e.add_argument("base")
+    e.add_argument("delta")
+    e.add_argument("-o", "--out", required=True, help="output adapter folder (must not exist)")
+    e.add_argument("--lora-only", action="store_true",
+                   help="only lora_A/lora_B (what vLLM loads): drop, and list, the deltas LoRA cannot express")
+    e.add_argument("--uniform-rank", action="store_true",
+                   help="pad every LoRA pair with zeros to the largest rank (no rank_pattern)")
+    e.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                   help="dtype of the LoRA tensors (default float32: exact; half types halve the file)")
+    e.add_argument("--overwrite", action="store_true")
+
     i = sub.add_parser("inspect", help="sizes, achieved ratio, bit-widths and errors of a delta")
     i.add_argument("delta")
     i.add_argument("--json", action="store_true", help="print the manifest as JSON")
@@ -81,6 +94,16 @@ def run(args: argparse.Namespace) -> int:
         from .merge import merge
         out = merge(args.base, args.delta, args.out, overwrite=args.overwrite, progress=not args.quiet)
         print(f"wrote {out}")
+    elif args.command == "export-peft":
+        from .peft import export_peft
+        s = export_peft(args.base, args.delta, args.out, lora_only=args.lora_only, uniform_rank=args.uniform_rank,
+                        dtype=args.dtype, overwrite=args.overwrite)
+        kept = {"lora_bias": len(s["lora_bias"]), "trainable_token_indices": len(s["trainable_tokens"]),
+                "modules_to_save": len(s["modules_to_save"])}
+        print(f"wrote {args.out}: {len(s['lora'])} LoRA modules (rank <= {s['rank_max']}), "
+              f"{s['bytes']:,} bytes; {len(s['not_lora'])} tensors are not LoRA: "
+              + ("dropped (--lora-only)" if s["lora_only"] else ", ".join(f"{v} as {k}" for k, v in kept.items() if v))
+              + f"; see {args.out}/adamix_export.json")
     elif args.command == "inspect":
         from .artifact import Artifact
         art = Artifact(args.delta)

@@ -73,6 +73,30 @@ def decode(kind: str, shape: tuple[int, ...], meta: dict, tensors: dict[str, tor
     return DECODERS[kind](tuple(shape), meta, tensors)
 
 
+Factors = Callable[[tuple[int, ...], dict, dict[str, torch.Tensor]], "tuple[torch.Tensor, torch.Tensor] | None"]
+FACTORS: dict[str, Factors] = {}
+
+
+def register_factors(kind: str) -> Callable[[Factors], Factors]:
+    """Declare that `kind` stores a low-rank delta: fn(shape, meta, tensors) -> (U (m, k), V (k, n))
+    float32 with D^ = U V (any scale folded into U), or None where that tensor is not low-rank.
+    The runtime applies such deltas as x -> U (V x) and export-peft writes them as LoRA."""
+    def wrap(fn: Factors) -> Factors:
+        FACTORS[kind] = fn
+        return fn
+    return wrap
+
+
+def low_rank_factors(kind: str, shape: tuple[int, ...], meta: dict,
+                     tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(U (m, k), V (k, n)) float32 with U V == decode(kind, ...) for kinds registered with
+    register_factors; None for every other kind (raw, rows, ...: use the dense D^)."""
+    fn = FACTORS.get(kind)
+    if fn is None or len(shape) != 2:
+        return None
+    return fn(tuple(shape), meta, tensors)
+
+
 def parse_width_meta(meta: dict, kind: str) -> tuple[int, list[tuple[int, int]]]:
     """(group size, [(bits, count), ...]) from a kind's metadata, validated (1 <= bits <= 8)."""
     try:

@@ -15,7 +15,7 @@ import torch
 from ..errors import AdamixError
 from ..quant.grid import dequantize, expand_groups, n_groups
 from ..quant.pack import pack, packed_nbytes, unpack
-from .base import Encoded, parse_width_meta, register_decoder
+from .base import Encoded, parse_width_meta, register_decoder, register_factors
 
 
 def encode_factors(shape: tuple[int, int], widths: list[int], group_size: int,
@@ -54,6 +54,7 @@ def expected_sizes(shape: tuple[int, int], meta: dict) -> tuple[int, int]:
     return nbytes, nparams
 
 
+@register_factors("svd-mixed")
 def factors(shape: tuple[int, int], meta: dict, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode to (U^ (m, k), V^ (k, n)) float32."""
     m, n = shape

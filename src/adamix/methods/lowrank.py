@@ -11,7 +11,7 @@ import torch
 
 from ..errors import AdamixError
 from ..linalg import error_stats, svd
-from .base import Encoded, Settings, register_decoder
+from .base import Encoded, Settings, register_decoder, register_factors
 
 
 def lowrank_rank(m: int, n: int, budget: float) -> int:
@@ -40,3 +40,10 @@ def decode_lowrank(shape: tuple[int, ...], meta: dict, tensors: dict[str, torch.
             or U.shape[0] != shape[0] or V.shape[1] != shape[1] or U.shape[1] != V.shape[0]:
         raise AdamixError(f"lowrank factors {tuple(U.shape)} x {tuple(V.shape)} do not make shape {list(shape)}")
     return U.float() @ V.float()
+
+
+@register_factors("lowrank")
+def lowrank_factors(shape: tuple[int, ...], meta: dict, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U (m, k), V (k, n)) float32, validated like the decoder."""
+    decode_lowrank(shape, meta, tensors)
+    return tensors["U"].float(), tensors["V"].float()

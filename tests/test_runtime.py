@@ -1,0 +1,212 @@
+"""adamix.runtime: one base, many attached deltas, per-row tenants in one batch (synthetic pairs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tenants import make_variant, model_class
+
+import adamix
+from adamix import AdamixError
+from adamix.runtime import BASE, MultiTenantModel, RowDelta
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module", params=["bert", "llama", "gpt2"])
+def setup(request, calib_file, tmp_path_factory):
+    """base, two artifacts (a: calibrated, all low-rank; b: data-free, row-sparse embedding), their
+    merged models, and a runtime with both attached."""
+    arch = request.param
+    base, ft = request.getfixturevalue(f"{arch}_pair")
+    work = tmp_path_factory.mktemp(f"rt-{arch}")
+    ft_b = make_variant(base, work / "ft-b", seed=11)
+    adamix.compress(base, ft, work / "a", ratio="1/16", calib=calib_file, samples=8, seqlen=64, progress=False)
+    adamix.compress(base, ft_b, work / "b", ratio="1/16", calib=None, progress=False)
+    cls = model_class(base)
+    merged = {}
+    for t in ("a", "b"):
+        adamix.merge(base, work / t, work / f"merged-{t}", progress=False)
+        merged[t] = cls.from_pretrained(work / f"merged-{t}").eval()
+    merged[BASE] = cls.from_pretrained(base).eval()
+    mt = MultiTenantModel(base)
+    mt.attach("a", work / "a")
+    mt.attach("b", work / "b")
+    return arch, base, work, mt, merged
+
+
+def output(out) -> torch.Tensor:
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+def ids_batch(rows: int, length: int = 9, seed: int = 0) -> torch.Tensor:
+    return torch.randint(4, 60, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+def test_artifacts_hold_the_kinds_under_test(setup):
+    arch, base, work, mt, _ = setup
+    kinds_b = {e["kind"] for e in adamix.load(work / "b").entries.values()}
+    assert "rows" in kinds_b and "svd-mixed" in kinds_b and "raw" in kinds_b
+    held = mt.tenants["b"].held_as
+    assert "RowDelta" in held.values() and "LowRankDelta" in held.values()
+    if arch == "gpt2":  # the tied wte / lm_head: one delta, applied by both modules
+        assert isinstance(mt.model.lm_head.deltas["b"][0], RowDelta)
+        assert mt.model.lm_head.deltas["b"][0] is mt.model.transformer.wte.deltas["b"]
+
+
+def test_each_tenant_equals_its_merged_model(setup):
+    _, _, _, mt, merged = setup
+    ids = ids_batch(3)
+    for t in ("a", "b", BASE):
+        with torch.no_grad():
+            ref = output(merged[t](input_ids=ids))
+        got = output(mt(input_ids=ids, tenants=t))
+        assert rel(got, ref) < 2e-6, t
+
+
+def test_mixed_batch_rows_equal_each_tenant_alone(setup):
+    _, _, _, mt, merged = setup
+    ids = ids_batch(6, seed=1)
+    tenants = ["a", BASE, "b", "a", "b", BASE]  # not grouped: the index_select / index_add path
+    got = output(mt(input_ids=ids, tenants=tenants))
+    with torch.no_grad():
+        plain = output(merged[BASE](input_ids=ids))
+    for i, t in enumerate(tenants):
+        with torch.no_grad():
+            alone = output(merged[t](input_ids=ids[i:i + 1]))[0]
+        assert rel(got[i], alone) < 2e-6, (i, t)
+        if t == BASE:  # base rows take the base's own path: bit-for-bit the base on the same batch
+            assert torch.equal(got[i], plain[i])
+    # grouped rows (contiguous slices) give the same answer as the scattered ones
+    order = [0, 3, 2, 4, 1, 5]
+    grouped = output(mt(input_ids=ids[order], tenants=[tenants[i] for i in order]))
+    assert rel(grouped, got[order]) < 1e-6
+    # tenants really differ from one another and from the base
+    assert rel(got[0], got[2]) > 1e-3 and rel(got[0], plain[0]) > 1e-3
+
+
+def test_float64_reference(setup):
+    """Runtime and merge both approximate base + D^ computed in float64; neither is worse."""
+    arch, base, work, _, merged = setup
+    art = adamix.load(work / "a")
+    ref_model = model_class(base).from_pretrained(base, dtype=torch.float64).eval()
+    params = dict(ref_model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for name in art.entries:
+            params[name].add_(art.delta(name).double())
+    mt64 = MultiTenantModel(base, dtype=torch.float64)
+    mt64.attach("a", art)
+    ids = ids_batch(2, seed=2)
+    with torch.no_grad():
+        ref = output(ref_model(input_ids=ids))
+        merged32 = output(merged["a"](input_ids=ids))
+    assert rel(output(mt64(input_ids=ids, tenants="a")), ref) < 1e-6  # float64 runtime: factor rounding only
+    err_merge = rel(merged32, ref)
+    setup[3].router.set(None)
+    err_runtime = rel(output(setup[3](input_ids=ids, tenants="a")), ref)
+    assert err_runtime < 1e-5 and err_runtime < 3 * err_merge + 1e-7
+
+
+@pytest.mark.parametrize("setup", ["llama", "gpt2"], indirect=True)  # the causal LMs
+def test_generate_mixed_tenants_equals_merged_greedy(setup):
+    arch, _, _, mt, merged = setup
+    ids = ids_batch(4, length=5, seed=3)
+    tenants = ["b", "a", BASE, "a"]
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    got = mt.generate(input_ids=ids, attention_mask=torch.ones_like(ids), tenants=tenants, **kw)
+    for i, t in enumerate(tenants):
+        with torch.no_grad():
+            alone = merged[t].generate(input_ids=ids[i:i + 1], attention_mask=torch.ones_like(ids[i:i + 1]), **kw)
+        assert torch.equal(got[i], alone[0]), (i, t)
+    # rows expanded by generate (beam search, two sequences per prompt) keep their tenant
+    beams = mt.generate(input_ids=ids, attention_mask=torch.ones_like(ids), tenants=tenants, num_beams=2,
+                        num_return_sequences=2, **kw)
+    assert beams.shape[0] == 8
+    for i, t in enumerate(tenants):
+        with torch.no_grad():
+            alone = merged[t].generate(input_ids=ids[i:i + 1], attention_mask=torch.ones_like(ids[i:i + 1]),
+                                       num_beams=2, num_return_sequences=2, **kw)
+        assert torch.equal(beams[2 * i:2 * i + 2], alone), (i, t)
+
+
+def predicted_bytes(art, packed: bool = False) -> tuple[int, int]:
+    """(bytes a tenant holds, bytes of a dense float32 copy of the tensors it changes), from the
+    manifest: float32 factors k (m + n) (packed: the stored bytes), kept rows r (n + 2) (an int64
+    index and float32 values), every other tensor dense in float32."""
+    held = dense = 0
+    for e in art.entries.values():
+        shape = e["shape"]
+        numel = shape[0] * (shape[1] if len(shape) > 1 else 1)
+        dense += 4 * numel
+        count = sum(c for _, c in e.get("meta", {}).get("widths", []))
+        if e["kind"] == "svd-mixed":
+            held += e["bytes"] if packed else 4 * count * (shape[0] + shape[1])
+        elif e["kind"] == "rows":
+            held += count * (8 + 4 * shape[1])
+        else:
+            held += 4 * numel
+    return held, dense
+
+
+def test_memory_per_tenant(setup):
+    """Bytes held are exactly as predicted from the manifest; far below a dense copy; at most
+    32 / 2 times the bytes on disk (a b-bit code, b >= 2, becomes a 32-bit float)."""
+    arch, base, work, mt, _ = setup
+    for t in ("a", "b"):
+        art, tenant = adamix.load(work / t), mt.tenants[t]
+        held, dense = predicted_bytes(art)
+        assert tenant.nbytes == held, t
+        on_disk = (work / t / "delta.safetensors").stat().st_size + (work / t / "manifest.json").stat().st_size
+        assert tenant.nbytes < 0.4 * dense
+        assert tenant.nbytes < 32 / 2 * on_disk
+        print(f"{arch} tenant {t}: held {tenant.nbytes} B, on disk {on_disk} B, dense fp32 {dense} B")
+
+
+def test_packed_factors_same_output_disk_sized_memory(setup):
+    arch, base, work, mt, _ = setup
+    art = adamix.load(work / "a")
+    packed = MultiTenantModel(base, packed_factors=True)
+    packed.attach("a", art)
+    ids = ids_batch(2, seed=4)
+    assert rel(output(packed(input_ids=ids, tenants="a")), output(mt(input_ids=ids, tenants="a"))) < 1e-6
+    assert packed.tenants["a"].nbytes == predicted_bytes(art, packed=True)[0]
+
+
+def test_detach_restores_the_base_and_reattach(setup):
+    arch, base, work, _, merged = setup
+    mt = MultiTenantModel(base)
+    before = {n for n, _ in mt.model.named_modules()}
+    mt.attach("a", work / "a")
+    mt.detach("a")
+    assert {n for n, _ in mt.model.named_modules()} == before
+    ids = ids_batch(2, seed=5)
+    with torch.no_grad():
+        assert torch.equal(output(mt(input_ids=ids)), output(merged[BASE](input_ids=ids)))
+    mt.attach("a2", work / "a")
+    with torch.no_grad():
+        assert rel(output(mt(input_ids=ids, tenants="a2")), output(merged["a"](input_ids=ids))) < 2e-6
+    with pytest.raises(AdamixError, match="no tenant 'a'"):
+        mt.detach("a")
+
+
+@pytest.mark.parametrize("setup", ["bert"], indirect=True)
+def test_user_mistakes_are_refused(setup, llama_pair, tmp_path):
+    arch, base, work, mt, _ = setup
+    with pytest.raises(AdamixError, match="wrong base"):
+        MultiTenantModel(llama_pair[0]).attach("x", work / "a")
+    with pytest.raises(AdamixError, match="already attached"):
+        mt.attach("a", work / "a")
+    with pytest.raises(AdamixError, match="not allowed"):
+        mt.attach(BASE, work / "a")
+    with pytest.raises(AdamixError, match="not an adamix delta"):
+        mt.attach("c", tmp_path)
+    ids = ids_batch(2)
+    with pytest.raises(AdamixError, match="no tenant 'nobody'"):
+        mt(input_ids=ids, tenants=["a", "nobody"])
+    with pytest.raises(AdamixError, match="3 tenant names for a batch of 2"):
+        mt(input_ids=ids, tenants=["a", "b", "a"])
+    assert sorted(mt.tenants) == ["a", "b"]
