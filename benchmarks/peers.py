@@ -507,10 +507,11 @@ def rerun_cli(pair: str, methods: list[str], work: Path, out: Path) -> None:
             cli[m]["identical"] = cli[m]["sha"] == sha256(artifact_dir(work / pair, m, ONE_16) / "delta.safetensors")
             print(f"[{pair}] CLI {m} 1/16: {cli[m]}")
     data = json.loads((out / f"{pair}.json").read_text())
-    data["cli"], data["cli_commit"] = cli, git_commit()
+    commit = git_commit()
+    data["cli"], data["cli_commit"] = cli, commit
     (out / f"{pair}.json").write_text(json.dumps(data, indent=1, default=float))
     table = ["## `adamix compress --ratio 1/16` in a child process", "",
-             f"Rerun with `--cli-only` at commit `{git_commit()}`.", "",
+             f"Rerun with `--cli-only` at commit `{commit}`.", "",
              "| method | wall s | peak RSS MiB | artifact identical to the grid's |", "|---|---|---|---|"]
     table += [f"| {m} | {c['wall_s']:.1f} | {c['peak_rss_mib']:.0f} | {'yes' if c['identical'] else 'NO'} |" for m, c in cli.items()]
     text = (out / f"{pair}.md").read_text()
