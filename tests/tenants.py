@@ -34,3 +34,14 @@ def make_variant(base, out, seed: int, hot_rows: int = 20):
 
 def model_class(folder):
     return getattr(transformers, transformers.AutoConfig.from_pretrained(folder).architectures[0])
+
+
+def two_artifacts(arch: str, request, calib_file, work):
+    """(base, work) with two 1/16 artifacts of the `arch` pair in work: "a" (calibrated, low-rank
+    matrices and raw 1-D deltas) and "b" (data-free, of a variant with hot embedding rows: kind rows)."""
+    import adamix
+    base, ft = request.getfixturevalue(f"{arch}_pair")
+    ft_b = make_variant(base, work / "ft-b", seed=11)
+    adamix.compress(base, ft, work / "a", ratio="1/16", calib=calib_file, samples=8, seqlen=64, progress=False)
+    adamix.compress(base, ft_b, work / "b", ratio="1/16", calib=None, progress=False)
+    return base

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from tenants import make_variant, model_class
+from tenants import model_class, two_artifacts
 
 import adamix
 from adamix.cli import main
@@ -24,11 +24,8 @@ def setup(request, calib_file, tmp_path_factory):
     """base and two artifacts: a (calibrated: low-rank matrices, raw 1-D deltas) and b (data-free,
     with a row-sparse token embedding: kind rows), and the merged models."""
     arch = request.param
-    base, ft = request.getfixturevalue(f"{arch}_pair")
     work = tmp_path_factory.mktemp(f"peft-{arch}")
-    ft_b = make_variant(base, work / "ft-b", seed=11)
-    adamix.compress(base, ft, work / "a", ratio="1/16", calib=calib_file, samples=8, seqlen=64, progress=False)
-    adamix.compress(base, ft_b, work / "b", ratio="1/16", calib=None, progress=False)
+    base = two_artifacts(arch, request, calib_file, work)
     merged = {}
     for t in ("a", "b"):
         adamix.merge(base, work / t, work / f"merged-{t}", progress=False)

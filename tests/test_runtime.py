@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tenants import make_variant, model_class
+from tenants import model_class, two_artifacts
 
 import adamix
 from adamix import AdamixError
@@ -18,11 +18,8 @@ def setup(request, calib_file, tmp_path_factory):
     """base, two artifacts (a: calibrated, all low-rank; b: data-free, row-sparse embedding), their
     merged models, and a runtime with both attached."""
     arch = request.param
-    base, ft = request.getfixturevalue(f"{arch}_pair")
     work = tmp_path_factory.mktemp(f"rt-{arch}")
-    ft_b = make_variant(base, work / "ft-b", seed=11)
-    adamix.compress(base, ft, work / "a", ratio="1/16", calib=calib_file, samples=8, seqlen=64, progress=False)
-    adamix.compress(base, ft_b, work / "b", ratio="1/16", calib=None, progress=False)
+    base = two_artifacts(arch, request, calib_file, work)
     cls = model_class(base)
     merged = {}
     for t in ("a", "b"):
