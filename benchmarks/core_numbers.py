@@ -22,11 +22,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 
-def run_compress(base: str, ft: str, out: Path, ratio: str) -> dict:
-    """`adamix compress` in a child process; returns its wall time, peak RSS and manifest sizes."""
+def run_compress(base: str, ft: str, out: Path, ratio: str, *extra: str) -> dict:
+    """`adamix compress` in a child process (extra: more CLI arguments); returns its wall time, peak
+    RSS and manifest sizes."""
     t = time.time()
     proc = subprocess.run([sys.executable, "-m", "adamix.cli", "compress", base, ft, "-o", str(out),
-                           "--ratio", ratio, "-q"], capture_output=True, text=True)
+                           "--ratio", ratio, "-q", *extra], capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(proc.stderr)
     rss = float(re.search(r"peak RSS (\d+) MiB", proc.stdout).group(1))

@@ -179,13 +179,9 @@ def artifact_dir(work: Path, method: str, alpha: float) -> Path:
 
 def cli_run(base: str, ft: str, method: str, out: Path) -> dict:
     """`adamix compress --method M --ratio 1/16` in a child process: wall time, peak RSS, bytes hash."""
-    t = time.time()
-    proc = subprocess.run([sys.executable, "-m", "adamix.cli", "compress", base, ft, "-o", str(out), "--method",
-                           method, "--ratio", "1/16", "-q", "--overwrite"], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(proc.stderr)
-    rss = float(re.search(r"peak RSS (\d+) MiB", proc.stdout).group(1))
-    return {"wall_s": time.time() - t, "peak_rss_mib": rss, "sha": sha256(out / "delta.safetensors")}
+    from core_numbers import run_compress
+    r = run_compress(base, ft, out, "1/16", "--method", method, "--overwrite")
+    return {"wall_s": r["wall_s"], "peak_rss_mib": r["peak_rss_mib"], "sha": sha256(out / "delta.safetensors")}
 
 
 def sha256(path: Path) -> str:

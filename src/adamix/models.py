@@ -12,18 +12,25 @@ from .checkpoint import Checkpoint
 from .errors import AdamixError
 
 
+def config_and_class(folder) -> tuple[object, type | None]:
+    """A model folder's transformers config and class (config.json's `architectures`; None if the
+    class is unknown to this transformers, so that callers fall back to AutoModel)."""
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder)
+    except Exception as e:
+        raise AdamixError(f"{folder}: transformers cannot read config.json ({e})") from None
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    return config, (getattr(transformers, arch, None) if arch else None)
+
+
 def model_skeleton(ckpt: Checkpoint) -> nn.Module:
     """The checkpoint's model class (config.json's `architectures`, else AutoModel) with meta weights."""
     import transformers
     from accelerate import init_empty_weights
-    from transformers import AutoConfig
 
-    try:
-        config = AutoConfig.from_pretrained(ckpt.folder)
-    except Exception as e:
-        raise AdamixError(f"{ckpt.folder}: transformers cannot read config.json ({e})") from None
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
+    config, cls = config_and_class(ckpt.folder)
     with init_empty_weights(include_buffers=False):
         model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
     return model.eval()

@@ -47,6 +47,7 @@ from torch import nn
 from .artifact import Artifact
 from .checkpoint import Checkpoint
 from .errors import AdamixError
+from .models import config_and_class
 from .methods.base import low_rank_factors
 
 BASE = "base"  # the tenant name of rows answered by the plain base model
@@ -426,12 +427,7 @@ class Tenant:
 def model_class(folder: str | os.PathLike):
     """The transformers class of a model folder: config.architectures[0], else AutoModel."""
     import transformers
-    try:
-        cfg = transformers.AutoConfig.from_pretrained(folder)
-    except Exception as e:
-        raise AdamixError(f"{folder}: transformers cannot read the model's config ({e})") from None
-    arch = (getattr(cfg, "architectures", None) or [None])[0]
-    return (getattr(transformers, arch, None) if arch else None) or transformers.AutoModel
+    return config_and_class(folder)[1] or transformers.AutoModel
 
 
 def _load_model(folder: Path, dtype: torch.dtype, model_cls=None) -> nn.Module:
