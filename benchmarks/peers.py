@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -43,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from adamix.artifact import AtomicFolder, Artifact, write_artifact  # noqa: E402
 from adamix.calibrate import BlockRunner, default_calibration_file, read_text, token_windows  # noqa: E402
-from adamix.checkpoint import Checkpoint  # noqa: E402
+from adamix.checkpoint import Checkpoint, config_fingerprint  # noqa: E402
 from adamix.evaluate import (embedding_cosine, error_on_grams, gensim_data, heldout_corpora, heldout_grams,  # noqa: E402
                              mean_pooled, polarity_labelled)
 from adamix.linalg import svd  # noqa: E402
@@ -54,7 +55,7 @@ from adamix.methods.base import Settings  # noqa: E402
 from adamix.methods.bitdelta import BITDELTA_ALPHA  # noqa: E402
 from adamix.methods.deltacome import deltacome_settings  # noqa: E402
 from adamix.models import build_model  # noqa: E402
-from adamix.pipeline import (build_manifest, delta_of, encode_tensor, is_svd_shape, overhead_per_element,  # noqa: E402
+from adamix.pipeline import (build_manifest, delta_of, encode_tensor, encoded_entries, is_svd_shape, overhead_per_element,  # noqa: E402
                              pair_tensors, row_sparse)
 
 SVD_METHODS = {"adamix", "deltacome", "lowrank"}
@@ -155,12 +156,14 @@ def compress_grid(base: str, ft: str, methods: list[str], ratios: list[float], w
         prep[DISTILLED] = 0.0
         log(f"  distillation: {distill_info}")
 
+    base_fp, ft_config_fp = base_ck.fingerprint(), config_fingerprint(ft_ck)
     for (m, a), enc in encoded.items():
         settings = Settings(method=m.split("+")[0], alpha=a)
         extra = {"calibration": "lee_background.cor", "samples": 128, "seqlen": 256, "device": "cpu", "seed": 0}
         if m == DISTILLED:
             extra.update({"distill_steps": DISTILL_STEPS, "distill": distill_info})
-        manifest, tensors = build_manifest(base_ck, ft_ck, enc, dropped, settings, extra)
+        entries, tensors = encoded_entries(base_ck, enc)
+        manifest = build_manifest(base_fp, ft_config_fp, entries, dropped, settings, extra)
         out = work / f"{m}-{ratio_name(a).replace('/', '_')}"
         with AtomicFolder(out, overwrite=True) as tmp:
             write_artifact(tmp, manifest, tensors, ft_ck.config_files())
@@ -359,7 +362,9 @@ def fmt(v, nd=4) -> str:
     return str(v)
 
 
+@functools.cache
 def git_commit() -> str:
+    """The commit of the code (taken once, when the run starts: main() calls it first)."""
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
@@ -480,6 +485,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "adamix" / "bench" / "peers"))
     args = ap.parse_args()
+    git_commit()
     methods = args.methods.split(",")
     ratios = [float(Fraction(r)) for r in args.ratios.split(",")]
     cli = [] if args.cli_methods == "none" else (methods if args.cli_methods == "all" else args.cli_methods.split(","))

@@ -21,6 +21,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import csr_matrix
 
 from .quant.grid import n_groups, rtn
+from .timing import timed
 
 PARAM_BITS = 32  # fp16 scale + fp16 offset per group
 
@@ -40,6 +41,7 @@ def _gram_rows(A: torch.Tensor, B: torch.Tensor, H: torch.Tensor | None) -> torc
     return ((A @ H.double()) * B).sum(1)
 
 
+@timed("error table")
 def error_table(s: torch.Tensor, U: torch.Tensor, V: torch.Tensor, H: torch.Tensor | None,
                 widths: list[int], group_size: int) -> torch.Tensor:
     """e_i(b) for every triplet i and width b. s: (r,), U: (m, r), V: (n, r). Returns (r, len(widths)) float64."""
@@ -145,6 +147,7 @@ def greedy_allocation(errors: np.ndarray, costs: np.ndarray, budget: float) -> n
     return choice
 
 
+@timed("ilp")
 def choose_widths(errors: np.ndarray, costs: np.ndarray, budget: float, solver=solve_allocation) -> np.ndarray:
     """`solver`'s choice, or width 0 for every item when not even the cheapest non-zero width fits.
 

@@ -15,14 +15,16 @@ delta.safetensors: for each entry the tensors "<name>.<suffix>" (e.g. ".codes" u
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from . import __version__
 from .errors import AdamixError
@@ -49,13 +51,17 @@ def prepare_output(out: str | os.PathLike, overwrite: bool) -> Path:
 
 
 class AtomicFolder:
-    """Context manager: a temporary sibling folder renamed onto `out` only if the block succeeds."""
+    """Context manager: a temporary folder renamed onto `out` only if the block succeeds.
 
-    def __init__(self, out: Path, overwrite: bool):
-        self.out, self.overwrite = out, overwrite
+    The temporary folder is a hidden sibling of `out`, or lives in `within` (a folder on the same
+    file system, e.g. the work folder of a compression, so that a killed run leaves nothing else)."""
+
+    def __init__(self, out: Path, overwrite: bool, within: Path | None = None):
+        self.out, self.overwrite, self.within = out, overwrite, within
 
     def __enter__(self) -> Path:
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.absolute().parent))
+        where = self.within if self.within is not None else self.out.absolute().parent
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=where))
         os.chmod(self.tmp, 0o755)  # mkdtemp makes it private; the artifact is an ordinary folder
         return self.tmp
 
@@ -68,12 +74,65 @@ class AtomicFolder:
         os.replace(self.tmp, self.out)
 
 
-def write_artifact(folder: Path, manifest: dict, tensors: dict[str, torch.Tensor], config_files: list[Path]) -> None:
+# safetensors' own layout: tensors ordered by dtype (widest first, as safetensors.torch.save_file
+# orders them) then name, so that every tensor stays aligned in a memory map.
+ST_ORDER = ("I64", "F64", "F32", "I32", "BF16", "F16", "I16", "I8", "U8", "BOOL")
+ST_DTYPE = {torch.int64: "I64", torch.float64: "F64", torch.float32: "F32", torch.int32: "I32", torch.bfloat16: "BF16",
+            torch.float16: "F16", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+ST_ITEMSIZE = {"I64": 8, "F64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def save_streaming(path: Path, tensors: Mapping[str, torch.Tensor | Path], metadata: dict[str, str]) -> None:
+    """Write a safetensors file one tensor at a time: the same bytes as safetensors.torch.save_file,
+    without holding every tensor in memory.
+
+    tensors: name -> a tensor, or the path of a safetensors file that holds a tensor of that name.
+    File layout: u64 little-endian header length N, N bytes of JSON header ({"__metadata__", name:
+    {dtype, shape, data_offsets}}) padded with spaces to a multiple of 8, then the tensors' bytes.
+    """
+    handles: dict[Path, object] = {}
+
+    def source(name: str):
+        src = tensors[name]
+        if isinstance(src, torch.Tensor):
+            return src
+        if src not in handles:
+            handles[src] = safe_open(str(src), framework="pt")
+        return handles[src]
+
+    specs = {}
+    for name, src in tensors.items():
+        if isinstance(src, torch.Tensor):
+            specs[name] = (ST_DTYPE[src.dtype], list(src.shape))
+        else:
+            sl = source(name).get_slice(name)
+            specs[name] = (sl.get_dtype(), list(sl.get_shape()))
+    order = sorted(specs, key=lambda n: (ST_ORDER.index(specs[n][0]), n))
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name in order:
+        dtype, shape = specs[name]
+        nbytes = math.prod(shape) * ST_ITEMSIZE[dtype]
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for name in order:
+            src = source(name)
+            t = src if isinstance(src, torch.Tensor) else src.get_tensor(name)
+            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def write_artifact(folder: Path, manifest: dict, tensors: Mapping[str, torch.Tensor | Path], config_files: list[Path]) -> None:
     """Write the three parts into `folder` (already created, normally an AtomicFolder).
 
+    tensors: stored name -> tensor, or -> the safetensors file holding it (streamed, see save_streaming).
     The manifest's "sizes" are filled in here from the bytes actually written.
     """
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / WEIGHTS), metadata={"format": FORMAT})
+    save_streaming(folder / WEIGHTS, tensors, {"format": FORMAT})
     (folder / CONFIG_DIR).mkdir()
     for f in config_files:
         shutil.copy2(f, folder / CONFIG_DIR / f.name)

@@ -22,6 +22,7 @@ from torch import nn
 from .checkpoint import Checkpoint
 from .models import model_skeleton, state_name_map
 from .errors import AdamixError
+from .timing import phase
 
 
 def default_calibration_file() -> Path:
@@ -170,34 +171,52 @@ class BlockRunner:
             raise AdamixError("could not capture the inputs of the first transformer block")
         return inputs, kwargs
 
-    def run(self) -> Iterator[tuple[int, list[LinearInfo], dict[str, torch.Tensor]]]:
+    def run(self, skip: frozenset[int] = frozenset()) -> Iterator[tuple[int, list[LinearInfo], dict[str, torch.Tensor]]]:
         """For each block i: (i, its linears, {weight name: H (n x n float32)}). The block's outputs
-        become the next block's inputs."""
+        become the next block's inputs. Blocks in `skip` (already compressed by an interrupted run)
+        are only run forward, without Grams, and not yielded. A block's weights are freed before it
+        is yielded, so the caller's work on it shares memory with the hidden states only."""
         for i, block in enumerate(self.blocks):
-            prefix = f"{self.blocks_name}.{i}."
-            names = {k: v for k, v in self.names.items() if k.startswith(prefix)}
-            self._load(block, names, prefix)
-            _move(block, self.device)
-            infos = linears(block, prefix)
-            grams: dict[str, torch.Tensor] = {}
-            hooks = [info.module.register_forward_hook(self._gram_hook(grams, info.name)) for info in infos]
-            outs = []
-            with torch.no_grad():
-                for x, kw in zip(self.inputs, self.kwargs):
-                    kw = dict(kw)
-                    args = kw.pop("args", ())
-                    out = block(x, *args, **kw)
-                    outs.append(out[0] if isinstance(out, (tuple, list)) else out)
-            for h in hooks:
-                h.remove()
-            self.inputs = outs
-            yield i, infos, {k: v.cpu() for k, v in grams.items()}
-            block.to("meta")
+            with phase("calibration"):
+                prefix = f"{self.blocks_name}.{i}."
+                names = {k: v for k, v in self.names.items() if k.startswith(prefix)}
+                self._load(block, names, prefix)
+                _move(block, self.device)
+                infos = linears(block, prefix)
+                grams: dict[str, torch.Tensor] = {}
+                seen: dict[int, tuple[torch.Tensor, str]] = {}  # this window's inputs -> first linear fed it
+                alias: dict[str, str] = {}
+                hooks = [] if i in skip else [info.module.register_forward_hook(self._gram_hook(grams, seen, alias, info.name))
+                                              for info in infos]
+                outs = []
+                with torch.no_grad():
+                    for x, kw in zip(self.inputs, self.kwargs):
+                        kw = dict(kw)
+                        args = kw.pop("args", ())
+                        out = block(x, *args, **kw)
+                        outs.append(out[0] if isinstance(out, (tuple, list)) else out)
+                        seen.clear()
+                for h in hooks:
+                    h.remove()
+                self.inputs = outs
+                block.to("meta")
+                grams = {k: v.cpu() for k, v in grams.items()}
+                grams.update({k: grams[v] for k, v in alias.items()})
+            if i not in skip:
+                yield i, infos, grams
 
     @staticmethod
-    def _gram_hook(grams: dict[str, torch.Tensor], name: str):
+    def _gram_hook(grams: dict[str, torch.Tensor], seen: dict, alias: dict[str, str], name: str):
+        """Accumulate H += X^T X for linear `name`. Linears fed the very same tensor (q, k and v
+        projections) share the first one's H: computed once, held once."""
         def hook(_mod, inp, _out):
-            x = inp[0].detach().reshape(-1, inp[0].shape[-1]).float()
+            x = inp[0].detach()
+            first = seen.get(id(x))
+            if first is not None and first[0] is x:
+                alias[name] = first[1]
+                return
+            seen[id(x)] = (x, name)
+            x = x.reshape(-1, x.shape[-1]).float()
             g = x.T @ x
             grams[name] = grams[name] + g if name in grams else g
         return hook

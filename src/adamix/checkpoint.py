@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import AdamixError
+from .timing import timed
 
 CONFIG_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -94,6 +95,7 @@ class Checkpoint:
         sl = self._open(self._where[name]).get_slice(name)
         return tuple(sl.get_shape()), sl.get_dtype()
 
+    @timed("read")
     def get(self, name: str) -> torch.Tensor:
         return self._open(self._where[name]).get_tensor(name)
 

@@ -44,7 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bitdelta only: train the per-matrix scales this many steps to match the fine-tune's "
                         "hidden states on the calibration text (holds both models in memory; default 0)")
     c.add_argument("--seed", type=int, default=0, help="seed, recorded in the manifest (the method is deterministic)")
-    c.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it exists, and discard the work an interrupted run left")
+    c.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from the blocks it finished (same inputs and options; "
+                        "the result is byte-identical to an uninterrupted run)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
     m = sub.add_parser("merge", help="restore the fine-tune: BASE + DELTA -> Hugging Face checkpoint")
@@ -86,10 +90,12 @@ def run(args: argparse.Namespace) -> int:
                             calib=None if args.calib == "none" else args.calib, samples=args.samples,
                             seqlen=args.seqlen, bits=args.bits, group_size=args.group_size, device=args.device,
                             seed=args.seed, whiten=args.whiten, distill_steps=args.distill_steps, budget_scope=args.budget_scope,
-                            overwrite=args.overwrite, progress=not args.quiet)
+                            overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
         print_summary(manifest)
         s = manifest["sizes"]
-        print(f"wrote {args.out} in {s['wall_seconds']:.1f} s, peak RSS {s['peak_rss_mib']:.0f} MiB")
+        resumed = f" (resumed: {manifest['resumed_chunks']} chunks were already done)" if manifest["resumed_chunks"] else ""
+        print(f"wrote {args.out} in {s['wall_seconds']:.1f} s{resumed}, peak RSS {s['peak_rss_mib']:.0f} MiB")
+        print("time by phase: " + ", ".join(f"{k} {v:.1f} s" for k, v in manifest["seconds_by_phase"].items()))
     elif args.command == "merge":
         from .merge import merge
         out = merge(args.base, args.delta, args.out, overwrite=args.overwrite, progress=not args.quiet)

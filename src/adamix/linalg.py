@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import torch
 
+from .timing import timed
 
+
+@timed("svd")
 def svd(D: torch.Tensor, H: torch.Tensor | None = None, whiten: bool = False) -> tuple[torch.Tensor, ...]:
     """D = U diag(s) V^T with U (m, r), s (r,), V (n, r) unit columns; float64 (float32 for huge D).
 

@@ -3,26 +3,31 @@ compress each delta with the method, write the artifact atomically."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import math
 import os
 import resource
 import time
 from dataclasses import asdict
 from fractions import Fraction
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
 
-from . import __version__
+from . import __version__, timing
 from .artifact import FORMAT, FORMAT_VERSION, AtomicFolder, prepare_output, write_artifact
 from .checkpoint import Checkpoint, config_fingerprint
 from .errors import AdamixError
 from .methods import METHODS, compress_with
 from .methods.adamix import analyse, budget_bits, compress_jointly
-from .methods.base import Encoded, Settings
+from .methods.base import Encoded, Settings, stored_suffixes
 from .methods.bitdelta import BITDELTA_ALPHA
 from .methods.raw import encode_raw
 from .methods.rows import compress_rows
+from .partial import PartialRun
 
 MIN_SVD_DIM = 32  # matrices with a side shorter than this are stored raw (fp16)
 DEFAULT_WIDTHS = (0, 2, 3, 4, 8)
@@ -121,20 +126,25 @@ def delta_of(base: Checkpoint, ft: Checkpoint, name: str) -> torch.Tensor:
     return wf.float() - wb.float()
 
 
-def encode_block(deltas: dict[str, tuple[torch.Tensor, torch.Tensor, bool]], settings: Settings,
-                 overhead: float) -> dict[str, tuple[Encoded, bool]]:
-    """Encode the deltas of one block {name: (D, H, transposed)}; with budget_scope "block" the
-    method's matrices share one allocation (methods.adamix.compress_jointly)."""
+def encode_block(names: dict[str, tuple[torch.Tensor | None, bool]], load: Callable[[str], torch.Tensor],
+                 settings: Settings, overhead: float) -> dict[str, tuple[Encoded, bool]]:
+    """Encode the deltas of one block {name: (H float32 or None, transposed)}; load(name) gives D.
+
+    One tensor at a time (its D and float64 H live only while it is encoded), except that with
+    budget_scope "block" the method's matrices share one allocation (methods.adamix.compress_jointly)."""
     out = {}
     joint = []
-    for name, (D, H, transposed) in deltas.items():
+    for name, (H, transposed) in names.items():
+        D = load(name)
+        Hd = H.to(torch.float64) if H is not None else None
         if settings.budget_scope == "block" and settings.method == "adamix" and bool(D.any()) and is_svd_shape(tuple(D.shape)):
             Dl = D.T if transposed else D
-            joint.append((name, transposed, analyse(Dl, H, settings, overhead * D.numel())))
+            joint.append((name, transposed, analyse(Dl, Hd, settings, overhead * D.numel())))
             continue
-        enc = encode_tensor(D, H, transposed, settings, overhead)
+        enc = encode_tensor(D, Hd, transposed, settings, overhead)
         if enc is not None:
             out[name] = (enc, transposed)
+        del D, Hd
     for (name, transposed, _), enc in zip(joint, compress_jointly([a for _, _, a in joint], settings)):
         out[name] = (enc, transposed)
     return out
@@ -170,15 +180,18 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
              method: str = "adamix", ratio: str | float = "1/16", calib: str | os.PathLike | None = "default", samples: int = 128,
              seqlen: int = 256, bits: str | tuple = DEFAULT_WIDTHS, group_size: int = 128,
              device: str = "cpu", seed: int = 0, whiten: bool = False, budget_scope: str = "tensor",
-             distill_steps: int = 0, overwrite: bool = False, progress: bool = True) -> dict:
+             distill_steps: int = 0, overwrite: bool = False, resume: bool = False, progress: bool = True) -> dict:
     """Compress `finetuned` against `base` with `method` (METHODS; default ADAMIX) and write the
     artifact folder `out`.
 
     calib: a text file, "default" (gensim's lee_background.cor) or None (data-free: H = I, RTN).
     distill_steps: bitdelta only: train its scales this many steps on the calibration windows.
-    Returns the manifest that was written.
+    Work is written block by block to a hidden sibling of `out` (partial.PartialRun); resume=True
+    continues an interrupted run from there, with a byte-identical result. `out` appears only
+    complete. Returns the manifest that was written, plus (not in the file) "seconds_by_phase".
     """
     t0 = time.time()
+    timing.reset()
     alpha = parse_ratio(ratio)
     widths = parse_widths(bits)
     if group_size < 1 or samples < 1 or seqlen < 4:
@@ -197,47 +210,89 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
     base_ck, ft_ck = Checkpoint(base), Checkpoint(finetuned)
     names, dropped = pair_tensors(base_ck, ft_ck)
     overhead = overhead_per_element(base_ck, names)
-    encoded: dict[str, tuple[Encoded, bool]] = {}
-    todo = set(names)
-
     calib_path = None
+    if calib is not None:
+        from .calibrate import default_calibration_file, read_text
+        calib_path = default_calibration_file() if str(calib) == "default" else Path(calib)
+        text = read_text(calib_path)
+    extra = {"calibration": str(calib_path.name) if calib_path else None, "samples": samples, "seqlen": seqlen,
+             "device": device, "seed": seed}
+    if distill_steps:
+        extra["distill_steps"] = distill_steps
+    with timing.phase("fingerprints"):
+        fingerprints = {"base": base_ck.fingerprint(), "finetune": ft_ck.fingerprint(),
+                        "finetune_config": config_fingerprint(ft_ck)}
+    key = {"tool_version": __version__, "format_version": FORMAT_VERSION, "settings": asdict(settings), **extra,
+           "calibration_sha256": hashlib.sha256(text.encode()).hexdigest() if calib_path else None, **fingerprints}
+    work = PartialRun(out, key, resume=resume, overwrite=overwrite)
+    todo = set(names)
+    for chunk in work.chunks():
+        todo.difference_update(work.done(chunk)["names"])
+    load = functools.partial(delta_of, base_ck, ft_ck)
+
+    def store(chunk: str, covered: list[str], encoded: dict[str, tuple[Encoded, bool]]) -> None:
+        entries, tensors = encoded_entries(base_ck, encoded)
+        with timing.phase("write"):
+            work.write(chunk, covered, entries, tensors)
+        todo.difference_update(covered)
+
+    windows = None
     if calib is not None:
         from transformers import AutoTokenizer
 
-        from .calibrate import BlockRunner, default_calibration_file, read_text, token_windows
-        calib_path = default_calibration_file() if str(calib) == "default" else Path(calib)
-        text = read_text(calib_path)
+        from .calibrate import BlockRunner, token_windows
         try:
             tokenizer = AutoTokenizer.from_pretrained(ft_ck.folder)
         except Exception as e:
             raise AdamixError(f"{ft_ck.folder}: cannot load the fine-tune's tokenizer ({e})") from None
         windows = token_windows(text, tokenizer, samples, seqlen)
         runner = BlockRunner(ft_ck, windows, device)
-        bar = tqdm(runner.run(), total=len(runner.blocks), desc="calibrate+compress blocks", disable=not progress, unit="block")
-        for _, infos, grams in bar:
-            block = {i.name: (delta_of(base_ck, ft_ck, i.name), grams[i.name].to(torch.float64), i.transposed)
-                     for i in infos if i.name in todo}
-            encoded.update(encode_block(block, settings, overhead))
-            todo.difference_update(block)
+        skip = frozenset(i for i in range(len(runner.blocks)) if work.done(block_chunk(i)))
+        bar = tqdm(runner.run(skip), total=len(runner.blocks), initial=len(skip), desc="calibrate+compress blocks",
+                   disable=not progress, unit="block")
+        for i, infos, grams in bar:
+            block = {info.name: (grams[info.name], info.transposed) for info in infos if info.name in todo}
+            del grams
+            store(block_chunk(i), list(block), encode_block(block, load, settings, overhead))
+            del block
     rest = sorted(todo)
     for name in tqdm(rest, desc="compress other tensors (data-free)", disable=not progress or not rest, unit="tensor"):
-        enc = encode_tensor(delta_of(base_ck, ft_ck, name), None, False, settings, overhead)
-        if enc is not None:
-            encoded[name] = (enc, False)
+        enc = encode_tensor(load(name), None, False, settings, overhead)
+        store("rest-" + name.replace(os.sep, "_"), [name], {name: (enc, False)} if enc is not None else {})
 
-    extra = {"calibration": str(calib_path.name) if calib_path else None, "samples": samples, "seqlen": seqlen,
-             "device": device, "seed": seed}
+    entries = work.entries()
+    sources: dict[str, torch.Tensor | Path] = dict(work.tensor_files())
     if distill_steps:
         from .distill import distill_scales
+        encoded = {n: encoded_from_entry(e, {s: _stored_tensor(sources, f"{n}.{s}") for s in stored_suffixes(e["kind"])})
+                   for n, e in entries.items()}
         torch.manual_seed(seed)
-        extra["distill_steps"] = distill_steps
         extra["distill"] = distill_scales(base_ck, ft_ck, encoded, windows, distill_steps, device=device, progress=progress)
-    manifest, tensors = build_manifest(base_ck, ft_ck, encoded, dropped, settings, extra)
-    with AtomicFolder(out, overwrite) as tmp:
-        write_artifact(tmp, manifest, tensors, ft_ck.config_files())
+        entries, tensors = encoded_entries(base_ck, encoded)
+        sources = dict(tensors)
+    manifest = build_manifest(fingerprints["base"], fingerprints["finetune_config"], entries, dropped, settings, extra)
+    with timing.phase("write"), AtomicFolder(out, overwrite, within=work.folder) as tmp:
+        write_artifact(tmp, manifest, sources, ft_ck.config_files())
+    work.remove()
     manifest["sizes"]["wall_seconds"] = round(time.time() - t0, 2)
     manifest["sizes"]["peak_rss_mib"] = round(peak_rss_mib(), 1)
+    manifest["seconds_by_phase"] = timing.snapshot()
+    manifest["resumed_chunks"] = len(work.resumed)
     return manifest
+
+
+def block_chunk(i: int) -> str:
+    return f"block-{i:04d}"
+
+
+def _stored_tensor(sources: dict[str, torch.Tensor | Path], key: str) -> torch.Tensor:
+    """The tensor `key`, held in memory or in the chunk file `sources` names."""
+    from safetensors import safe_open
+    src = sources[key]
+    if isinstance(src, torch.Tensor):
+        return src
+    with safe_open(str(src), framework="pt") as f:
+        return f.get_tensor(key)
 
 
 def peak_rss_mib() -> float:
@@ -252,10 +307,9 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def build_manifest(base_ck: Checkpoint, ft_ck: Checkpoint, encoded: dict[str, tuple[Encoded, bool]],
-                   dropped: list[str], settings: Settings, extra: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+def encoded_entries(base_ck: Checkpoint, encoded: dict[str, tuple[Encoded, bool]]) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
+    """The manifest entries {name: entry} and stored tensors {"<name>.<suffix>": tensor} of encoded deltas."""
     entries, tensors = {}, {}
-    method_fp16 = method_bytes = raw_bytes = 0
     for name in sorted(encoded):
         enc, transposed = encoded[name]
         shape = list(enc.shape[::-1] if transposed else enc.shape)
@@ -265,17 +319,32 @@ def build_manifest(base_ck: Checkpoint, ft_ck: Checkpoint, encoded: dict[str, tu
                          "stats": {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in enc.stats.items()}}
         for suffix, t in enc.tensors.items():
             tensors[f"{name}.{suffix}"] = t
-        if enc.kind == "raw":
-            raw_bytes += enc.nbytes
+    return entries, tensors
+
+
+def encoded_from_entry(entry: dict, tensors: dict[str, torch.Tensor]) -> tuple[Encoded, bool]:
+    """Inverse of encoded_entries for one entry (in-memory `detail` is not stored)."""
+    shape = tuple(entry["shape"])
+    transposed = bool(entry.get("transposed"))
+    return Encoded(entry["kind"], shape[::-1] if transposed else shape, entry.get("meta", {}), dict(tensors),
+                   dict(entry.get("stats", {}))), transposed
+
+
+def build_manifest(base_fingerprint: str, finetune_config_fingerprint: str, entries: dict[str, dict],
+                   dropped: list[str], settings: Settings, extra: dict) -> dict:
+    """The manifest of an artifact holding `entries` (sizes of the files are filled in by write_artifact)."""
+    method_fp16 = method_bytes = raw_bytes = 0
+    for e in entries.values():
+        if e["kind"] == "raw":
+            raw_bytes += e["bytes"]
         else:
-            method_fp16 += 2 * enc.shape[0] * enc.shape[1]
-            method_bytes += enc.nbytes
-    manifest = {
+            method_fp16 += 2 * math.prod(e["shape"])
+            method_bytes += e["bytes"]
+    return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "tool_version": __version__, "method": settings.method,
         "settings": {**asdict(settings), **extra}, "alpha": settings.alpha,
-        "base_fingerprint": base_ck.fingerprint(), "finetune_config_fingerprint": config_fingerprint(ft_ck),
+        "base_fingerprint": base_fingerprint, "finetune_config_fingerprint": finetune_config_fingerprint,
         "dropped": dropped,
         "sizes": {"fp16_bytes_method": method_fp16, "method_bytes": method_bytes, "raw_bytes": raw_bytes},
-        "tensors": entries,
+        "tensors": {name: entries[name] for name in sorted(entries)},
     }
-    return manifest, tensors

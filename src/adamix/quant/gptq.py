@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from .grid import dequantize, expand_groups, fit_grid, n_groups, quantize, rtn
+from ..timing import timed
 
 
 def cholesky_inverse_upper(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,6 +70,7 @@ def gptq(
     return Q
 
 
+@timed("gptq")
 def gptq_rows(W: torch.Tensor, H: torch.Tensor, bits: torch.Tensor, group_size: int,
               damp: float = 0.01) -> dict[str, torch.Tensor]:
     """GPTQ where row i of W (k x n) is quantized at bits[i]; grids per group of columns.
@@ -94,6 +96,7 @@ def gptq_rows(W: torch.Tensor, H: torch.Tensor, bits: torch.Tensor, group_size: 
     return {"codes": codes, "scale": scale, "offset": offset, "deq": deq}
 
 
+@timed("gptq")
 def gptq_columns(W: torch.Tensor, H: torch.Tensor, bits: torch.Tensor, group_size: int,
                  damp: float = 0.01) -> dict[str, torch.Tensor]:
     """GPTQ where column j of W (m x k) is one vector quantized at bits[j]; grids per group of rows.
