@@ -87,8 +87,12 @@ def run(args: argparse.Namespace) -> int:
                             seqlen=args.seqlen, bits=args.bits, group_size=args.group_size, device=args.device,
                             seed=args.seed, whiten=args.whiten, distill_steps=args.distill_steps, budget_scope=args.budget_scope,
                             overwrite=args.overwrite, progress=not args.quiet)
-        print_summary(manifest)
         s = manifest["sizes"]
+        if not manifest["tensors"]:  # every float tensor is bit-for-bit the base's
+            print(f"the fine-tune is identical to the base: the delta is empty (wrote {args.out}, "
+                  f"{s['total_bytes']} bytes)")
+            return 0
+        print_summary(manifest)
         print(f"wrote {args.out} in {s['wall_seconds']:.1f} s, peak RSS {s['peak_rss_mib']:.0f} MiB")
     elif args.command == "merge":
         from .merge import merge

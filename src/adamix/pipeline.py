@@ -23,6 +23,8 @@ from .methods.base import Encoded, Settings
 from .methods.bitdelta import BITDELTA_ALPHA
 from .methods.raw import encode_raw
 from .methods.rows import compress_rows
+from .preflight import check_before_calibration
+from .vocab import add_new_rows, added_rows
 
 MIN_SVD_DIM = 32  # matrices with a side shorter than this are stored raw (fp16)
 DEFAULT_WIDTHS = (0, 2, 3, 4, 8)
@@ -66,7 +68,9 @@ def check_method_options(method: str, alpha: float, whiten: bool, budget_scope: 
 def pair_tensors(base: Checkpoint, ft: Checkpoint) -> tuple[list[str], list[str]]:
     """Names of the float tensors to compare, and the base's non-float extras the fine-tune lacks.
 
-    Refuses pairs whose tensors differ in names or shapes, with one line naming the first difference.
+    Refuses pairs whose tensors differ in names or shapes, with one line naming the first difference;
+    the one difference accepted is added vocabulary: a 2-D float tensor with more rows (dim 0) in the
+    fine-tune (see vocab.py).
     """
     bk, fk = set(base.keys()), set(ft.keys())
     dropped = []
@@ -81,7 +85,7 @@ def pair_tensors(base: Checkpoint, ft: Checkpoint) -> tuple[list[str], list[str]
     names = []
     for name in sorted(bk & fk):
         (sb, db), (sf, df) = base.slice_info(name), ft.slice_info(name)
-        if sb != sf:
+        if sb != sf and not (added_rows(sb, sf) and db in FLOAT_DTYPES and df in FLOAT_DTYPES):
             raise AdamixError(f"tensor {name} has shape {list(sb)} in the base but {list(sf)} in the fine-tune: "
                               "the two models do not match")
         if db in FLOAT_DTYPES and df in FLOAT_DTYPES:
@@ -113,12 +117,13 @@ def overhead_per_element(base: Checkpoint, names: list[str]) -> float:
 
 
 def delta_of(base: Checkpoint, ft: Checkpoint, name: str) -> torch.Tensor:
-    """W_ft - W_base in float32; refuses non-finite weights."""
+    """W_ft - W_base in float32; refuses non-finite weights. Where the fine-tune adds rows (vocab.py),
+    the delta of the rows the two share."""
     wb, wf = base.get(name), ft.get(name)
     for which, w in (("base", wb), ("fine-tune", wf)):
         if not torch.isfinite(w).all():
             raise AdamixError(f"tensor {name} of the {which} contains NaN or Inf")
-    return wf.float() - wb.float()
+    return wf[:wb.shape[0]].float() - wb.float() if wf.shape != wb.shape else wf.float() - wb.float()
 
 
 def encode_block(deltas: dict[str, tuple[torch.Tensor, torch.Tensor, bool]], settings: Settings,
@@ -197,6 +202,7 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
     base_ck, ft_ck = Checkpoint(base), Checkpoint(finetuned)
     names, dropped = pair_tensors(base_ck, ft_ck)
     overhead = overhead_per_element(base_ck, names)
+    check_before_calibration(base_ck, ft_ck, names, settings, overhead, ratio, distill_steps, calib is not None)
     encoded: dict[str, tuple[Encoded, bool]] = {}
     todo = set(names)
 
@@ -232,6 +238,7 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
         torch.manual_seed(seed)
         extra["distill_steps"] = distill_steps
         extra["distill"] = distill_scales(base_ck, ft_ck, encoded, windows, distill_steps, device=device, progress=progress)
+    add_new_rows(encoded, base_ck, ft_ck, names, group_size)
     manifest, tensors = build_manifest(base_ck, ft_ck, encoded, dropped, settings, extra)
     with AtomicFolder(out, overwrite) as tmp:
         write_artifact(tmp, manifest, tensors, ft_ck.config_files())
