@@ -133,6 +133,30 @@ def test_folder_without_config_and_pickle_only_checkpoint(llama_pair, tmp_path, 
                    "pickled: no .safetensors weights (pickled .bin checkpoints are not read)", tmp_path)
 
 
+def test_unreadable_config_refused(llama_pair, tmp_path, capsys):
+    ft = tmp_path / "ft"
+    shutil.copytree(llama_pair[1], ft)
+    (ft / "config.json").write_text("{oops")
+    assert_refused(capsys, ["compress", llama_pair[0], ft, "-o", tmp_path / "out", *FAST],
+                   f"{ft / 'config.json'}: unreadable (Expecting property name", tmp_path)
+
+
+def test_disk_full_while_writing_leaves_nothing(llama_pair, tmp_path, capsys, monkeypatch):
+    """A file-system failure midway (here: ENOSPC from the safetensors writer): one line, exit 1, and
+    the temporary folder is removed."""
+    import errno
+
+    import adamix.artifact
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "delta.safetensors")
+    monkeypatch.setattr(adamix.artifact, "save_file", full)
+    before = listing(tmp_path)
+    code, _, err = run(capsys, "compress", *llama_pair, "-o", tmp_path / "out", *FAST)
+    assert code == 1 and err == "adamix: error: delta.safetensors: No space left on device\n"
+    assert listing(tmp_path) == before
+
+
 # --- compress: options --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("args, message", [

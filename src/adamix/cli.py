@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     except AdamixError as e:
         print(f"adamix: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the file system refused midway (disk full, permissions changed): temporaries are removed
+        print(f"adamix: error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("adamix: interrupted; nothing was written", file=sys.stderr)
         return 130
