@@ -141,7 +141,11 @@ class Artifact:
         expected = set()
         for name, e in self.entries.items():
             stored = 0
-            for suffix, dtype in self._dtypes(e).items():
+            try:
+                dtypes = self._dtypes(e)
+            except AdamixError as err:
+                raise AdamixError(f"manifest entry {name!r}: {err}") from None
+            for suffix, dtype in dtypes.items():
                 key = f"{name}.{suffix}"
                 if key not in self._stored:
                     raise AdamixError(f"{self.path / WEIGHTS}: tensor {key} is missing")
@@ -188,15 +192,18 @@ class Artifact:
         e = self.entries[name]
         shape, meta, tensors = tuple(e["shape"]), e.get("meta", {}), self.tensors(name)
         k = self.new_rows(name)
-        if k:
-            rows = tensors.pop(NEW_ROWS)
-            if tuple(rows.shape) != (k, shape[1]):
-                raise AdamixError(f"{name}: {NEW_ROWS} has shape {list(rows.shape)}, the manifest says [{k}, {shape[1]}]")
-            D = torch.cat([decode(e["kind"], (shape[0] - k, shape[1]), meta, tensors), rows.float()])
-        elif e.get("transposed"):
-            D = decode(e["kind"], shape[::-1], meta, tensors).T.contiguous()
-        else:
-            D = decode(e["kind"], shape, meta, tensors)
+        try:
+            if k:
+                rows = tensors.pop(NEW_ROWS)
+                if tuple(rows.shape) != (k, shape[1]):
+                    raise AdamixError(f"{NEW_ROWS} has shape {list(rows.shape)}, the manifest says [{k}, {shape[1]}]")
+                D = torch.cat([decode(e["kind"], (shape[0] - k, shape[1]), meta, tensors), rows.float()])
+            elif e.get("transposed"):
+                D = decode(e["kind"], shape[::-1], meta, tensors).T.contiguous()
+            else:
+                D = decode(e["kind"], shape, meta, tensors)
+        except AdamixError as err:  # the decoders do not know the tensor's name
+            raise AdamixError(f"{name}: {err}") from None
         if not bool(torch.isfinite(D).all()):
             raise AdamixError(f"{name}: the stored delta decodes to NaN or Inf (corrupted artifact?)")
         return D

@@ -117,7 +117,10 @@ def check_entry(name: str, e) -> None:
     if not isinstance(meta, dict):
         raise AdamixError(f"manifest entry {name!r}: meta must be an object")
     if "widths" in meta or "group_size" in meta:
-        parse_width_meta(meta, e["kind"])
+        try:
+            parse_width_meta(meta, e["kind"])
+        except AdamixError as err:
+            raise AdamixError(f"manifest entry {name!r}: {err}") from None
     if NEW_ROWS in meta:
         k = meta[NEW_ROWS]
         if not is_int(k) or len(shape) != 2 or not 1 <= k < shape[0] or e.get("transposed", False):
