@@ -380,6 +380,7 @@ def test_added_vocabulary_rows_are_stored_whole_and_merged(grown, calib_file, tm
         assert torch.allclose(merged[name][rows:], want[name][rows:].half().float(), atol=1e-3)
         shared = (merged[name][:rows] - want[name][:rows]).norm() / (want[name][:rows] - old[name]).norm()
         assert shared < 0.5  # the shared rows' delta went through the method
+    assert json.loads((tmp_path / "m" / "config.json").read_text()) == json.loads((ft / "config.json").read_text())
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     assert model.get_input_embeddings().weight.shape[0] == want[EMB].shape[0]
@@ -398,6 +399,14 @@ def test_added_vocabulary_refused_by_runtime_and_export(grown, tmp_path, capsys)
     from adamix.runtime import MultiTenantModel
     with pytest.raises(AdamixError, match="the runtime cannot use a delta that adds vocabulary rows"):
         MultiTenantModel(base).attach("a", tmp_path / "d")
+
+
+def test_added_vocabulary_with_distillation_refused(grown, calib_file, tmp_path, capsys):
+    base, ft = grown
+    assert_refused(capsys, ["compress", base, ft, "-o", tmp_path / "d", "--method", "bitdelta", "--distill-steps", 1,
+                            "--calib", calib_file, "-q"],
+                   "--distill-steps runs the base on the fine-tune's tokens, but the fine-tune adds vocabulary rows "
+                   "to lm_head.weight; compress without --distill-steps", tmp_path)
 
 
 def test_rows_removed_or_columns_added_still_refused(llama_pair, tmp_path, capsys):
