@@ -7,9 +7,9 @@ and never an absurd allocation. Checked here:
     alpha_achieved: a finite number), tensors (an object);
   - every entry: kind (text; whether it is known is checked by the reader), shape (a list of at most
     MAX_DIMS integers, each in 1..MAX_DIM, at most MAX_ELEMENTS elements in all), bytes (integer
-    >= 0), transposed (bool), dtype (text), meta (an object whose group_size / widths, where present,
-    are well-formed, see methods.base.parse_width_meta; new_rows, see vocab.py), stats (an object
-    whose error and energy figures are finite numbers);
+    >= 0), transposed (bool; true only for 2-D), dtype (text), meta (an object whose group_size /
+    widths, where present, are well-formed, see methods.base.parse_width_meta; new_rows, see
+    vocab.py), stats (an object whose error and energy figures are finite numbers);
   - the manifest's own accounting (check_accounting, once the stored byte counts are verified):
     sizes.raw_bytes, method_bytes and fp16_bytes_method are the sums over the entries (bytes of raw
     entries; bytes and 2 x elements of the others), so that an edited shape is caught even for an
@@ -109,8 +109,8 @@ def check_entry(name: str, e) -> None:
                           f"{MAX_ELEMENTS} (hand-edited?)")
     if not is_int(e.get("bytes")) or e["bytes"] < 0:
         raise AdamixError(f"manifest entry {name!r}: bytes {e.get('bytes')!r} is not a byte count")
-    if not isinstance(e.get("transposed", False), bool):
-        raise AdamixError(f"manifest entry {name!r}: transposed must be true or false")
+    if not isinstance(e.get("transposed", False), bool) or (e.get("transposed") and len(shape) != 2):
+        raise AdamixError(f"manifest entry {name!r}: transposed must be true or false, and true only for a matrix")
     if not isinstance(e.get("dtype", ""), str):
         raise AdamixError(f"manifest entry {name!r}: dtype must be text")
     meta = e.get("meta", {})
