@@ -85,3 +85,25 @@ def write_text(root: Path) -> Path:
     p = root / "calib.txt"
     p.write_text(TEXT)
     return p
+
+
+def make_grown_pair(root: Path, added: int = 8, layers: int = 2, seed: int = 0) -> tuple[Path, Path]:
+    """A Llama pair whose fine-tune adds `added` tokens (resize_token_embeddings: embed_tokens and
+    lm_head get `added` more rows, filled with fresh values); returns (base, finetuned)."""
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config("llama", layers))
+    tok = tokenizer()
+    base, ft = root / "llama-base", root / "llama-grown"
+    model.save_pretrained(base)
+    tok.save_pretrained(base)
+    model.load_state_dict(perturb(model.state_dict(), seed + 1))
+    tok.add_tokens([f"newword{i}" for i in range(added)])
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    g = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        for w in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+            w[-added:] = 0.02 * torch.randn(added, w.shape[1], generator=g)
+    model.save_pretrained(ft)
+    tok.save_pretrained(ft)
+    return base, ft

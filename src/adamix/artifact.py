@@ -8,8 +8,15 @@ manifest.json (format "adamix-delta", version 1):
   tensor's torch dtype), transposed (Conv1D weights: the method saw W^T), meta (kind-specific),
   bytes, stats (error_predicted, error_measured, rank_kept, ...).
 delta.safetensors: for each entry the tensors "<name>.<suffix>" (e.g. ".codes" uint8, ".params" fp16,
-  ".delta" fp16). finetune/: config.json and tokenizer files of the fine-tune, so that `merge`
-  writes a complete model. No pickle anywhere: loading never executes code from the file.
+  ".delta" fp16; ".new_rows" for a fine-tune that adds vocabulary rows, see vocab.py).
+  finetune/: config.json and tokenizer files of the fine-tune, so that `merge` writes a complete model.
+No pickle anywhere: loading never executes code from the file.
+
+Reading (Artifact) refuses, with one AdamixError and nothing else, anything that is not such a
+folder: unreadable or invalid JSON, another format or version, a malformed manifest (validate.py),
+an unreadable delta.safetensors, a stored tensor that is missing, extra, of another dtype than its
+kind stores or of another byte count than the manifest says, and (when decoded) metadata that does
+not match the stored tensors or a delta that decodes to NaN or Inf.
 """
 
 from __future__ import annotations
@@ -28,13 +35,16 @@ from safetensors import safe_open
 
 from . import __version__
 from .errors import AdamixError
-from .methods.base import decode, stored_suffixes
+from .methods.base import decode, stored_dtypes
+from .validate import check_accounting, check_manifest
+from .vocab import NEW_ROWS, NEW_ROWS_DTYPES, entry_new_rows
 
 FORMAT = "adamix-delta"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "delta.safetensors"
 CONFIG_DIR = "finetune"
+DTYPE_BYTES = {"U8": 1, "I8": 1, "BOOL": 1, "F16": 2, "BF16": 2, "I16": 2, "F32": 4, "I32": 4, "F64": 8, "I64": 8}
 
 
 def prepare_output(out: str | os.PathLike, overwrite: bool) -> Path:
@@ -163,50 +173,59 @@ class Artifact:
         if not mpath.is_file() or not wpath.is_file():
             raise AdamixError(f"{self.path}: not an adamix delta (needs {MANIFEST} and {WEIGHTS})")
         try:
-            self.manifest = json.loads(mpath.read_text())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise AdamixError(f"{mpath}: invalid JSON ({e})") from None
+            self.manifest = json.loads(mpath.read_bytes().decode("utf-8"))
+        except OSError as e:
+            raise AdamixError(f"{mpath}: cannot read ({e.strerror})") from None
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+            raise AdamixError(f"{mpath}: invalid JSON ({str(e)[:120]})") from None
         m = self.manifest
         if not isinstance(m, dict) or m.get("format") != FORMAT:
             raise AdamixError(f"{mpath}: not an adamix manifest (format {m.get('format') if isinstance(m, dict) else None!r})")
         if m.get("format_version") != FORMAT_VERSION:
             raise AdamixError(f"{mpath}: format version {m.get('format_version')!r} is not supported "
                               f"(this adamix {__version__} reads version {FORMAT_VERSION})")
-        if not isinstance(m.get("tensors"), dict):
-            raise AdamixError(f"{mpath}: manifest has no tensor table")
+        check_manifest(m, str(mpath))
         try:
             self._file = safe_open(str(wpath), framework="pt")
             self._stored = set(self._file.keys())
-        except Exception as e:
-            raise AdamixError(f"{wpath}: cannot read safetensors ({e})") from None
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise AdamixError(f"{wpath}: cannot read safetensors ({str(e)[:120]})") from None
         self._verify()
+        check_accounting(m, str(mpath))
 
     def _verify(self) -> None:
-        """Every entry's stored tensors exist and their byte counts match the manifest."""
+        """Every entry's stored tensors exist with the dtypes its kind stores, their byte counts add up
+        to the manifest's, and the file holds nothing else."""
         expected = set()
         for name, e in self.entries.items():
-            if not isinstance(e, dict) or "kind" not in e or "shape" not in e:
-                raise AdamixError(f"manifest entry {name!r} is malformed")
             stored = 0
-            for suffix in self._suffixes(e):
+            try:
+                dtypes = self._dtypes(e)
+            except AdamixError as err:
+                raise AdamixError(f"manifest entry {name!r}: {err}") from None
+            for suffix, dtype in dtypes.items():
                 key = f"{name}.{suffix}"
                 if key not in self._stored:
                     raise AdamixError(f"{self.path / WEIGHTS}: tensor {key} is missing")
                 sl = self._file.get_slice(key)
-                nbytes = 1
-                for d in sl.get_shape():
-                    nbytes *= d
-                stored += nbytes * {"U8": 1, "F16": 2, "F32": 4, "BF16": 2, "I32": 4}.get(sl.get_dtype(), 0)
+                if sl.get_dtype() not in dtype.split("|"):
+                    raise AdamixError(f"{self.path / WEIGHTS}: tensor {key} is {sl.get_dtype()}, "
+                                      f"a {e['kind']} entry stores {dtype}")
+                stored += math.prod(sl.get_shape()) * DTYPE_BYTES[sl.get_dtype()]
                 expected.add(key)
-            if stored != e.get("bytes"):
-                raise AdamixError(f"{name}: stored tensors take {stored} bytes, the manifest says {e.get('bytes')}")
+            if stored != e["bytes"]:
+                raise AdamixError(f"{name}: stored tensors take {stored} bytes, the manifest says {e['bytes']}")
         extra = self._stored - expected
         if extra:
             raise AdamixError(f"{self.path / WEIGHTS} holds tensors the manifest does not list: {sorted(extra)[:3]}")
 
     @staticmethod
-    def _suffixes(entry: dict) -> tuple[str, ...]:
-        return stored_suffixes(entry["kind"])
+    def _dtypes(entry: dict) -> dict[str, str]:
+        """{suffix: allowed safetensors dtypes, "|"-separated} of the tensors `entry` stores."""
+        dtypes = dict(stored_dtypes(entry["kind"]))
+        if entry_new_rows(entry):
+            dtypes[NEW_ROWS] = "|".join(NEW_ROWS_DTYPES)
+        return dtypes
 
     @property
     def entries(self) -> dict[str, dict]:
@@ -215,16 +234,37 @@ class Artifact:
     def __contains__(self, name: str) -> bool:
         return name in self.entries
 
+    def new_rows(self, name: str) -> int:
+        """Rows that tensor `name` has in the fine-tune beyond the base's (added vocabulary), else 0."""
+        return entry_new_rows(self.entries[name])
+
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
-        return {s: self._file.get_tensor(f"{name}.{s}") for s in self._suffixes(self.entries[name])}
+        try:
+            return {s: self._file.get_tensor(f"{name}.{s}") for s in self._dtypes(self.entries[name])}
+        except Exception as e:  # safetensors' own error types: the file changed or is damaged
+            raise AdamixError(f"{self.path / WEIGHTS}: cannot read the tensors of {name} ({str(e)[:120]})") from None
 
     def delta(self, name: str) -> torch.Tensor:
-        """D^ for tensor `name` in the model's own shape, float32."""
+        """D^ for tensor `name` in the model's own shape, float32. For an entry that adds k rows (see
+        vocab.py) the last k rows are the fine-tune's rows (the delta against zero rows)."""
         e = self.entries[name]
-        shape = tuple(e["shape"])
-        if e.get("transposed"):
-            return decode(e["kind"], shape[::-1], e.get("meta", {}), self.tensors(name)).T.contiguous()
-        return decode(e["kind"], shape, e.get("meta", {}), self.tensors(name))
+        shape, meta, tensors = tuple(e["shape"]), e.get("meta", {}), self.tensors(name)
+        k = self.new_rows(name)
+        try:
+            if k:
+                rows = tensors.pop(NEW_ROWS)
+                if tuple(rows.shape) != (k, shape[1]):
+                    raise AdamixError(f"{NEW_ROWS} has shape {list(rows.shape)}, the manifest says [{k}, {shape[1]}]")
+                D = torch.cat([decode(e["kind"], (shape[0] - k, shape[1]), meta, tensors), rows.float()])
+            elif e.get("transposed"):
+                D = decode(e["kind"], shape[::-1], meta, tensors).T.contiguous()
+            else:
+                D = decode(e["kind"], shape, meta, tensors)
+        except AdamixError as err:  # the decoders do not know the tensor's name
+            raise AdamixError(f"{name}: {err}") from None
+        if not bool(torch.isfinite(D).all()):
+            raise AdamixError(f"{name}: the stored delta decodes to NaN or Inf (corrupted artifact?)")
+        return D
 
     def check_base(self, fingerprint: str) -> None:
         want = self.manifest.get("base_fingerprint")

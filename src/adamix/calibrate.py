@@ -135,8 +135,14 @@ class BlockRunner:
         return state_name_map(self.model, self.ckpt)
 
     def _load(self, module: nn.Module, names: dict[str, str], strip: str) -> None:
-        """Materialise `module`'s parameters from the checkpoint (names relative to the model)."""
-        state = {full[len(strip):]: self.ckpt.get(ck).float() for full, ck in names.items()}
+        """Materialise `module`'s parameters from the checkpoint (names relative to the model);
+        refuses non-finite weights (they would turn every later activation into NaN)."""
+        state = {}
+        for full, ck in names.items():
+            w = self.ckpt.get(ck).float()
+            if not bool(torch.isfinite(w).all()):
+                raise AdamixError(f"tensor {ck} of the fine-tune contains NaN or Inf")
+            state[full[len(strip):]] = w
         module.load_state_dict(state, strict=False, assign=True)
         if module is self.model and hasattr(module, "tie_weights"):
             module.tie_weights()  # e.g. lm_head shares embed_tokens; unused heads may stay on meta
@@ -198,6 +204,9 @@ class BlockRunner:
                         seen.clear()
                 for h in hooks:
                     h.remove()
+                for name, g in grams.items():
+                    if not bool(torch.isfinite(g).all()):
+                        raise AdamixError(f"calibration: the inputs of {name} overflow float32 (NaN or Inf)")
                 self.inputs = outs
                 block.to("meta")
                 grams = {k: v.cpu() for k, v in grams.items()}

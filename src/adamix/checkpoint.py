@@ -59,11 +59,14 @@ class Checkpoint:
         folder = self.folder
         if not (folder / "config.json").is_file():
             raise AdamixError(f"{folder}: not a model folder (no config.json)")
+        self.config()  # refuses a config.json that is not a JSON object now, not at the end of compress
         index = folder / "model.safetensors.index.json"
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as e:
+                if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                    raise ValueError("weight_map is not a {tensor: file} table")
+            except (ValueError, KeyError, TypeError) as e:
                 raise AdamixError(f"{index}: unreadable shard index ({e})") from None
             return {name: folder / shard for name, shard in weight_map.items()}
         files = sorted(folder.glob("*.safetensors"))
@@ -100,7 +103,15 @@ class Checkpoint:
         return self._open(self._where[name]).get_tensor(name)
 
     def config(self) -> dict:
-        return json.loads((self.folder / "config.json").read_text())
+        """config.json as a dict (AdamixError if it is not a JSON object)."""
+        path = self.folder / "config.json"
+        try:
+            config = json.loads(path.read_bytes().decode("utf-8"))
+        except (OSError, ValueError) as e:
+            raise AdamixError(f"{path}: unreadable ({e})") from None
+        if not isinstance(config, dict):
+            raise AdamixError(f"{path}: not a JSON object")
+        return config
 
     def config_files(self) -> list[Path]:
         """The config and tokenizer files of this model (copied into artifacts and merged models)."""

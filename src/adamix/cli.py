@@ -91,9 +91,13 @@ def run(args: argparse.Namespace) -> int:
                             seqlen=args.seqlen, bits=args.bits, group_size=args.group_size, device=args.device,
                             seed=args.seed, whiten=args.whiten, distill_steps=args.distill_steps, budget_scope=args.budget_scope,
                             overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
-        print_summary(manifest)
         s = manifest["sizes"]
         resumed = f" (resumed: {manifest['resumed_chunks']} chunks were already done)" if manifest["resumed_chunks"] else ""
+        if not manifest["tensors"]:  # every float tensor is bit-for-bit the base's
+            print(f"the fine-tune is identical to the base: the delta is empty (wrote {args.out}, "
+                  f"{s['total_bytes']} bytes){resumed}")
+            return 0
+        print_summary(manifest)
         print(f"wrote {args.out} in {s['wall_seconds']:.1f} s{resumed}, peak RSS {s['peak_rss_mib']:.0f} MiB")
         print("time by phase: " + ", ".join(f"{k} {v:.1f} s" for k, v in manifest["seconds_by_phase"].items()))
     elif args.command == "merge":
@@ -130,8 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     except AdamixError as e:
         print(f"adamix: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the file system refused midway (disk full, permissions changed): temporaries are removed
+        kept = "; the finished blocks are kept: rerun with --resume to continue" if args.command == "compress" else ""
+        print(f"adamix: error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}{kept}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("adamix: interrupted; nothing was written", file=sys.stderr)
+        kept = "; the finished blocks are kept: rerun with --resume to continue" if args.command == "compress" else ""
+        print(f"adamix: interrupted; nothing was written to the output{kept}", file=sys.stderr)
         return 130
 
 

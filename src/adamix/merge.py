@@ -16,7 +16,9 @@ from .errors import AdamixError
 
 
 def merged_state(base: Checkpoint, art: Artifact, progress: bool = False) -> dict[str, torch.Tensor]:
-    """W_base + D^ for every tensor of the base (in the base's dtype), less the artifact's 'dropped'."""
+    """W_base + D^ for every tensor of the base (in the base's dtype), less the artifact's 'dropped'.
+
+    A tensor to which the fine-tune adds k rows (vocab.py) gets them: pad(W_base, k zero rows) + D^."""
     dropped = set(art.manifest.get("dropped", []))
     missing = [n for n in art.entries if n not in base]
     if missing:
@@ -27,24 +29,31 @@ def merged_state(base: Checkpoint, art: Artifact, progress: bool = False) -> dic
             continue
         w = base.get(name)
         if name in art:
-            if list(w.shape) != list(art.entries[name]["shape"]):
-                raise AdamixError(f"tensor {name}: base shape {list(w.shape)}, delta shape {art.entries[name]['shape']}")
-            w = (w.float() + art.delta(name)).to(w.dtype)
+            shape, k = list(art.entries[name]["shape"]), art.new_rows(name)
+            if list(w.shape) != [shape[0] - k, *shape[1:]]:
+                grown = f" less the {k} rows the fine-tune adds" if k else ""
+                raise AdamixError(f"tensor {name}: base shape {list(w.shape)}, delta shape {shape}{grown}")
+            wf = torch.cat([w.float(), w.new_zeros(k, shape[1], dtype=torch.float32)]) if k else w.float()
+            w = (wf + art.delta(name)).to(w.dtype)
         state[name] = w.contiguous()
     return state
 
 
 def merge(base: str | os.PathLike, delta: str | os.PathLike, out: str | os.PathLike, *,
           overwrite: bool = False, progress: bool = True) -> Path:
-    """Restore the fine-tune: write `out` with model.safetensors and the fine-tune's config/tokenizer."""
+    """Restore the fine-tune: write `out` with model.safetensors and the fine-tune's config/tokenizer
+    (the artifact's finetune/ folder, which must hold config.json)."""
     out = prepare_output(out, overwrite)
     art = Artifact(delta)
+    configs = art.path / CONFIG_DIR
+    if not (configs / "config.json").is_file():
+        raise AdamixError(f"{delta}: {CONFIG_DIR}/config.json is missing (an incomplete delta folder?)")
     base_ck = Checkpoint(base)
     art.check_base(base_ck.fingerprint())
     state = merged_state(base_ck, art, progress)
     with AtomicFolder(out, overwrite) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        for f in sorted((art.path / CONFIG_DIR).glob("*")):
+        for f in sorted(configs.glob("*")):
             if f.is_file():
                 shutil.copy2(f, tmp / f.name)
     return out

@@ -123,3 +123,13 @@ class PartialRun:
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+    def __enter__(self) -> "PartialRun":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Remove the folder when the run succeeded (the artifact is in place) or stopped on bad input
+        (AdamixError: rerunning cannot use the work); keep it after an interruption, a file-system
+        error or a crash, for --resume."""
+        if exc_type is None or issubclass(exc_type, AdamixError):
+            self.remove()

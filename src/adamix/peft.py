@@ -39,6 +39,7 @@ from .artifact import AtomicFolder, Artifact, prepare_output
 from .checkpoint import Checkpoint
 from .errors import AdamixError
 from .methods.base import low_rank_factors
+from .vocab import refuse_new_rows
 from .runtime import ROW_SPARSE_MAX_FRACTION, is_conv1d, model_class
 
 PREFIX = "base_model.model."
@@ -84,6 +85,7 @@ def export_peft(base: str | os.PathLike, delta: str | os.PathLike, out: str | os
         raise AdamixError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out = prepare_output(out, overwrite)
     art = Artifact(delta)
+    refuse_new_rows(art.entries, "export-peft")
     base_ck = Checkpoint(base)
     art.check_base(base_ck.fingerprint())
     model = model_skeleton(base_ck.folder)

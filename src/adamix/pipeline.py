@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 import os
 import resource
 import time
@@ -28,6 +27,9 @@ from .methods.bitdelta import BITDELTA_ALPHA
 from .methods.raw import encode_raw
 from .methods.rows import compress_rows
 from .partial import PartialRun
+from .validate import size_totals
+from .preflight import check_before_calibration
+from .vocab import add_new_rows, added_rows
 
 MIN_SVD_DIM = 32  # matrices with a side shorter than this are stored raw (fp16)
 DEFAULT_WIDTHS = (0, 2, 3, 4, 8)
@@ -71,7 +73,9 @@ def check_method_options(method: str, alpha: float, whiten: bool, budget_scope: 
 def pair_tensors(base: Checkpoint, ft: Checkpoint) -> tuple[list[str], list[str]]:
     """Names of the float tensors to compare, and the base's non-float extras the fine-tune lacks.
 
-    Refuses pairs whose tensors differ in names or shapes, with one line naming the first difference.
+    Refuses pairs whose tensors differ in names or shapes, with one line naming the first difference;
+    the one difference accepted is added vocabulary: a 2-D float tensor with more rows (dim 0) in the
+    fine-tune (see vocab.py).
     """
     bk, fk = set(base.keys()), set(ft.keys())
     dropped = []
@@ -86,7 +90,7 @@ def pair_tensors(base: Checkpoint, ft: Checkpoint) -> tuple[list[str], list[str]
     names = []
     for name in sorted(bk & fk):
         (sb, db), (sf, df) = base.slice_info(name), ft.slice_info(name)
-        if sb != sf:
+        if sb != sf and not (added_rows(sb, sf) and db in FLOAT_DTYPES and df in FLOAT_DTYPES):
             raise AdamixError(f"tensor {name} has shape {list(sb)} in the base but {list(sf)} in the fine-tune: "
                               "the two models do not match")
         if db in FLOAT_DTYPES and df in FLOAT_DTYPES:
@@ -118,12 +122,13 @@ def overhead_per_element(base: Checkpoint, names: list[str]) -> float:
 
 
 def delta_of(base: Checkpoint, ft: Checkpoint, name: str) -> torch.Tensor:
-    """W_ft - W_base in float32; refuses non-finite weights."""
+    """W_ft - W_base in float32; refuses non-finite weights. Where the fine-tune adds rows (vocab.py),
+    the delta of the rows the two share."""
     wb, wf = base.get(name), ft.get(name)
     for which, w in (("base", wb), ("fine-tune", wf)):
         if not torch.isfinite(w).all():
             raise AdamixError(f"tensor {name} of the {which} contains NaN or Inf")
-    return wf.float() - wb.float()
+    return wf[:wb.shape[0]].float() - wb.float() if wf.shape != wb.shape else wf.float() - wb.float()
 
 
 def encode_block(names: dict[str, tuple[torch.Tensor | None, bool]], load: Callable[[str], torch.Tensor],
@@ -210,6 +215,7 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
     base_ck, ft_ck = Checkpoint(base), Checkpoint(finetuned)
     names, dropped = pair_tensors(base_ck, ft_ck)
     overhead = overhead_per_element(base_ck, names)
+    check_before_calibration(base_ck, ft_ck, names, settings, overhead, ratio, distill_steps, calib is not None)
     calib_path = None
     if calib is not None:
         from .calibrate import default_calibration_file, read_text
@@ -225,55 +231,56 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
     key = {"tool_version": __version__, "format_version": FORMAT_VERSION, "settings": asdict(settings), **extra,
            "calibration_sha256": hashlib.sha256(text.encode()).hexdigest() if calib_path else None, **fingerprints}
     work = PartialRun(out, key, resume=resume, overwrite=overwrite)
-    todo = set(names)
-    for chunk in work.chunks():
-        todo.difference_update(work.done(chunk)["names"])
-    load = functools.partial(delta_of, base_ck, ft_ck)
+    with work:  # removed at the end, or on bad input found midway; an interruption keeps it for --resume
+        todo = set(names)
+        for chunk in work.chunks():
+            todo.difference_update(work.done(chunk)["names"])
+        load = functools.partial(delta_of, base_ck, ft_ck)
 
-    def store(chunk: str, covered: list[str], encoded: dict[str, tuple[Encoded, bool]]) -> None:
-        entries, tensors = encoded_entries(base_ck, encoded)
-        with timing.phase("write"):
-            work.write(chunk, covered, entries, tensors)
-        todo.difference_update(covered)
+        def store(chunk: str, covered: list[str], encoded: dict[str, tuple[Encoded, bool]]) -> None:
+            add_new_rows(encoded, base_ck, ft_ck, covered, group_size)
+            entries, tensors = encoded_entries(base_ck, encoded)
+            with timing.phase("write"):
+                work.write(chunk, covered, entries, tensors)
+            todo.difference_update(covered)
 
-    windows = None
-    if calib is not None:
-        from transformers import AutoTokenizer
+        windows = None
+        if calib_path is not None:
+            from transformers import AutoTokenizer
 
-        from .calibrate import BlockRunner, token_windows
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(ft_ck.folder)
-        except Exception as e:
-            raise AdamixError(f"{ft_ck.folder}: cannot load the fine-tune's tokenizer ({e})") from None
-        windows = token_windows(text, tokenizer, samples, seqlen)
-        runner = BlockRunner(ft_ck, windows, device)
-        skip = frozenset(i for i in range(len(runner.blocks)) if work.done(block_chunk(i)))
-        bar = tqdm(runner.run(skip), total=len(runner.blocks), initial=len(skip), desc="calibrate+compress blocks",
-                   disable=not progress, unit="block")
-        for i, infos, grams in bar:
-            block = {info.name: (grams[info.name], info.transposed) for info in infos if info.name in todo}
-            del grams
-            store(block_chunk(i), list(block), encode_block(block, load, settings, overhead))
-            del block
-    rest = sorted(todo)
-    for name in tqdm(rest, desc="compress other tensors (data-free)", disable=not progress or not rest, unit="tensor"):
-        enc = encode_tensor(load(name), None, False, settings, overhead)
-        store("rest-" + name.replace(os.sep, "_"), [name], {name: (enc, False)} if enc is not None else {})
+            from .calibrate import BlockRunner, token_windows
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(ft_ck.folder)
+            except Exception as e:
+                raise AdamixError(f"{ft_ck.folder}: cannot load the fine-tune's tokenizer ({e})") from None
+            windows = token_windows(text, tokenizer, samples, seqlen)
+            runner = BlockRunner(ft_ck, windows, device)
+            skip = frozenset(i for i in range(len(runner.blocks)) if work.done(block_chunk(i)))
+            bar = tqdm(runner.run(skip), total=len(runner.blocks), initial=len(skip), desc="calibrate+compress blocks",
+                       disable=not progress, unit="block")
+            for i, infos, grams in bar:
+                block = {info.name: (grams[info.name], info.transposed) for info in infos if info.name in todo}
+                del grams
+                store(block_chunk(i), list(block), encode_block(block, load, settings, overhead))
+                del block
+        rest = sorted(todo)
+        for name in tqdm(rest, desc="compress other tensors (data-free)", disable=not progress or not rest, unit="tensor"):
+            enc = encode_tensor(load(name), None, False, settings, overhead)
+            store("rest-" + name.replace(os.sep, "_"), [name], {name: (enc, False)} if enc is not None else {})
 
-    entries = work.entries()
-    sources: dict[str, torch.Tensor | Path] = dict(work.tensor_files())
-    if distill_steps:
-        from .distill import distill_scales
-        encoded = {n: encoded_from_entry(e, {s: _stored_tensor(sources, f"{n}.{s}") for s in stored_suffixes(e["kind"])})
-                   for n, e in entries.items()}
-        torch.manual_seed(seed)
-        extra["distill"] = distill_scales(base_ck, ft_ck, encoded, windows, distill_steps, device=device, progress=progress)
-        entries, tensors = encoded_entries(base_ck, encoded)
-        sources = dict(tensors)
-    manifest = build_manifest(fingerprints["base"], fingerprints["finetune_config"], entries, dropped, settings, extra)
-    with timing.phase("write"), AtomicFolder(out, overwrite, within=work.folder) as tmp:
-        write_artifact(tmp, manifest, sources, ft_ck.config_files())
-    work.remove()
+        entries = work.entries()
+        sources: dict[str, torch.Tensor | Path] = dict(work.tensor_files())
+        if distill_steps:
+            from .distill import distill_scales
+            encoded = {n: encoded_from_entry(e, {s: _stored_tensor(sources, f"{n}.{s}") for s in stored_suffixes(e["kind"])})
+                       for n, e in entries.items()}
+            torch.manual_seed(seed)
+            extra["distill"] = distill_scales(base_ck, ft_ck, encoded, windows, distill_steps, device=device, progress=progress)
+            entries, tensors = encoded_entries(base_ck, encoded)
+            sources = dict(tensors)
+        manifest = build_manifest(fingerprints["base"], fingerprints["finetune_config"], entries, dropped, settings, extra)
+        with timing.phase("write"), AtomicFolder(out, overwrite, within=work.folder) as tmp:
+            write_artifact(tmp, manifest, sources, ft_ck.config_files())
     manifest["sizes"]["wall_seconds"] = round(time.time() - t0, 2)
     manifest["sizes"]["peak_rss_mib"] = round(peak_rss_mib(), 1)
     manifest["seconds_by_phase"] = timing.snapshot()
@@ -333,18 +340,11 @@ def encoded_from_entry(entry: dict, tensors: dict[str, torch.Tensor]) -> tuple[E
 def build_manifest(base_fingerprint: str, finetune_config_fingerprint: str, entries: dict[str, dict],
                    dropped: list[str], settings: Settings, extra: dict) -> dict:
     """The manifest of an artifact holding `entries` (sizes of the files are filled in by write_artifact)."""
-    method_fp16 = method_bytes = raw_bytes = 0
-    for e in entries.values():
-        if e["kind"] == "raw":
-            raw_bytes += e["bytes"]
-        else:
-            method_fp16 += 2 * math.prod(e["shape"])
-            method_bytes += e["bytes"]
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "tool_version": __version__, "method": settings.method,
         "settings": {**asdict(settings), **extra}, "alpha": settings.alpha,
         "base_fingerprint": base_fingerprint, "finetune_config_fingerprint": finetune_config_fingerprint,
         "dropped": dropped,
-        "sizes": {"fp16_bytes_method": method_fp16, "method_bytes": method_bytes, "raw_bytes": raw_bytes},
+        "sizes": size_totals(entries),
         "tensors": {name: entries[name] for name in sorted(entries)},
     }

@@ -17,7 +17,8 @@ def human_bytes(n: float) -> str:
 
 
 def widths_text(meta: dict) -> str:
-    return " ".join(f"{b}b×{c}" for b, c in meta.get("widths", [])) or "-"
+    text = " ".join(f"{b}b×{c}" for b, c in meta.get("widths", [])) or "-"
+    return f"{text} +{meta['new_rows']} new rows" if meta.get("new_rows") else text
 
 
 def summary(manifest: dict) -> dict:

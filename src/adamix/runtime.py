@@ -49,6 +49,7 @@ from .checkpoint import Checkpoint
 from .errors import AdamixError
 from .models import config_and_class
 from .methods.base import low_rank_factors
+from .vocab import refuse_new_rows
 
 BASE = "base"  # the tenant name of rows answered by the plain base model
 ROW_SPARSE_MAX_FRACTION = 0.5  # dense deltas with at most this fraction of non-zero rows are held as rows
@@ -494,6 +495,7 @@ class MultiTenantModel:
         if name in self.tenants:
             raise AdamixError(f"tenant {name!r} is already attached (detach it first)")
         art = artifact if isinstance(artifact, Artifact) else Artifact(artifact)
+        refuse_new_rows(art.entries, "the runtime")
         art.check_base(self.fingerprint)
         modules: dict[str, object] = {}
         notes: dict[str, str] = {}

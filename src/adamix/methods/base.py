@@ -9,6 +9,7 @@ used both in memory and after loading from disk, so both are bit-for-bit equal.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -47,28 +48,34 @@ class Encoded:
 
 Decoder = Callable[[tuple[int, ...], dict, dict[str, torch.Tensor]], torch.Tensor]
 DECODERS: dict[str, Decoder] = {}
-SUFFIXES: dict[str, tuple[str, ...]] = {}
+SUFFIXES: dict[str, dict[str, str]] = {}  # kind -> {suffix: safetensors dtype, e.g. "U8"}
 
 
-def register_decoder(kind: str, suffixes: tuple[str, ...]) -> Callable[[Decoder], Decoder]:
-    """Register the decoder of a stored kind and the tensor suffixes every entry of it must have."""
+def register_decoder(kind: str, suffixes: dict[str, str]) -> Callable[[Decoder], Decoder]:
+    """Register the decoder of a stored kind, the tensor suffixes every entry of it must have and the
+    safetensors dtype of each ({"codes": "U8", "params": "F16"}); the reader refuses any other dtype."""
     def wrap(fn: Decoder) -> Decoder:
         DECODERS[kind] = fn
-        SUFFIXES[kind] = tuple(suffixes)
+        SUFFIXES[kind] = dict(suffixes)
         return fn
     return wrap
 
 
 def stored_suffixes(kind: str) -> tuple[str, ...]:
     """The tensors ("<name>.<suffix>") an entry of `kind` stores."""
-    if kind not in SUFFIXES:
+    return tuple(stored_dtypes(kind))
+
+
+def stored_dtypes(kind: str) -> dict[str, str]:
+    """{suffix: safetensors dtype} of the tensors an entry of `kind` stores."""
+    if not isinstance(kind, str) or kind not in SUFFIXES:
         raise AdamixError(f"unknown tensor kind {kind!r} in artifact")
     return SUFFIXES[kind]
 
 
 def decode(kind: str, shape: tuple[int, ...], meta: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     """D^ for a stored tensor, float32 of `shape`."""
-    if kind not in DECODERS:
+    if not isinstance(kind, str) or kind not in DECODERS:
         raise AdamixError(f"unknown tensor kind {kind!r} in artifact")
     return DECODERS[kind](tuple(shape), meta, tensors)
 
@@ -97,13 +104,25 @@ def low_rank_factors(kind: str, shape: tuple[int, ...], meta: dict,
     return fn(tuple(shape), meta, tensors)
 
 
+MAX_COUNT = 2**31 - 1  # bound on group sizes and counts read from a manifest (no dimension is larger)
+
+
 def parse_width_meta(meta: dict, kind: str) -> tuple[int, list[tuple[int, int]]]:
-    """(group size, [(bits, count), ...]) from a kind's metadata, validated (1 <= bits <= 8)."""
+    """(group size, [(bits, count), ...]) from a kind's metadata, validated: group_size an integer in
+    1..MAX_COUNT, widths a list of [bits, count] integer pairs with 1 <= bits <= 8, 0 <= count <= MAX_COUNT."""
+    def integer(v) -> int:
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool):  # no floats, strings or bools
+            raise TypeError(f"{v!r} is not an integer")
+        return int(v)
+
     try:
-        g = int(meta["group_size"])
-        groups = [(int(b), int(c)) for b, c in meta["widths"]]
+        g = integer(meta["group_size"])
+        widths = meta["widths"]
+        if not isinstance(widths, list) or any(not isinstance(p, list) or len(p) != 2 for p in widths):
+            raise TypeError("widths must be a list of [bits, count] pairs")
+        groups = [(integer(b), integer(c)) for b, c in widths]
     except (KeyError, TypeError, ValueError) as e:
         raise AdamixError(f"malformed {kind} metadata: {e}") from None
-    if g < 1 or any(not 1 <= b <= 8 or c < 0 for b, c in groups):
+    if not 1 <= g <= MAX_COUNT or any(not 1 <= b <= 8 or not 0 <= c <= MAX_COUNT for b, c in groups):
         raise AdamixError(f"malformed {kind} metadata: group size {g}, widths {groups}")
     return g, groups

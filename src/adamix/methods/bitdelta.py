@@ -36,7 +36,7 @@ def sign_matrix(shape: tuple[int, int], signs: torch.Tensor) -> torch.Tensor:
     return unpack(signs, 1, m * n).reshape(m, n).float() * 2 - 1
 
 
-@register_decoder("bitdelta", ("signs", "scale"))
+@register_decoder("bitdelta", {"signs": "U8", "scale": "F16"})
 def decode_bitdelta(shape: tuple[int, ...], meta: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     scale = tensors["scale"]
     if len(shape) != 2 or scale.dtype != torch.float16 or scale.numel() != 1:

@@ -42,10 +42,10 @@ def compress_direct(D: torch.Tensor, H: torch.Tensor | None, settings: Settings,
     rows = sorted(torch.argsort(energy, descending=True, stable=True)[:k].tolist())
     W = D[rows].float()
     bits = torch.full((len(rows),), b)
-    if use_gptq and H is not None and rows:
-        q = gptq_rows(W, H, bits, g, damp=settings.damp)
+    if not rows:  # not one row fits the budget: D^ = 0
+        enc = encode_rows((m, n), g, [])
     else:
-        q = rtn(W, bits, g)
-    enc = encode_rows((m, n), g, [(b, rows, q)])
+        q = gptq_rows(W, H, bits, g, damp=settings.damp) if use_gptq and H is not None else rtn(W, bits, g)
+        enc = encode_rows((m, n), g, [(b, rows, q)])
     enc.stats = {"rows_kept": len(rows), "bits": b, **error_stats(decode_rows((m, n), enc.meta, enc.tensors), D, H)}
     return enc

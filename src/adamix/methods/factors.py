@@ -92,7 +92,7 @@ def factors(shape: tuple[int, int], meta: dict, tensors: dict[str, torch.Tensor]
     return torch.cat(Us, dim=1), torch.cat(Vs, dim=0)
 
 
-@register_decoder("svd-mixed", ("codes", "params"))
+@register_decoder("svd-mixed", {"codes": "U8", "params": "F16"})
 def decode_factors(shape: tuple[int, ...], meta: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     if len(shape) != 2:
         raise AdamixError(f"svd-mixed tensor must be 2-D, manifest says shape {list(shape)}")

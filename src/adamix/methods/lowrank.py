@@ -33,7 +33,7 @@ def compress_lowrank(D: torch.Tensor, H: torch.Tensor | None, settings: Settings
     return enc
 
 
-@register_decoder("lowrank", ("U", "V"))
+@register_decoder("lowrank", {"U": "F16", "V": "F16"})
 def decode_lowrank(shape: tuple[int, ...], meta: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     U, V = tensors["U"], tensors["V"]
     if len(shape) != 2 or U.dtype != torch.float16 or V.dtype != torch.float16 or U.dim() != 2 or V.dim() != 2 \

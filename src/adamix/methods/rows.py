@@ -92,13 +92,16 @@ def encode_rows(shape: tuple[int, int], group_size: int,
     })
 
 
-@register_decoder("rows", ("idx", "codes", "params"))
+@register_decoder("rows", {"idx": "I32", "codes": "U8", "params": "F16"})
 def decode_rows(shape: tuple[int, ...], meta: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     if len(shape) != 2:
         raise AdamixError(f"rows tensor must be 2-D, manifest says shape {list(shape)}")
     m, n = shape
     g, groups = parse_width_meta(meta, "rows")
     idx, codes, params = tensors["idx"], tensors["codes"], tensors["params"]
+    if idx.dtype != torch.int32 or codes.dtype != torch.uint8 or params.dtype != torch.float16:
+        raise AdamixError(f"stored rows have dtypes {idx.dtype}, {codes.dtype}, {params.dtype}; "
+                          "expected int32, uint8, float16")
     k = sum(c for _, c in groups)
     G = n_groups(n, min(g, n))
     if idx.numel() != k or codes.numel() != sum(packed_nbytes(c * n, b) for b, c in groups) or params.numel() != 2 * k * G:
