@@ -34,6 +34,16 @@ LINEARS = {"self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (HIDDEN, HI
 SHARD_BYTES = 1 << 30
 
 
+def set_shape(hidden: int, inter: int, heads: int) -> None:
+    """Model width (the defaults are Llama-2-7B's)."""
+    global HIDDEN, INTER, HEADS, LINEARS
+    HIDDEN, INTER, HEADS = hidden, inter, heads
+    LINEARS = {k: tuple(hidden if d == 4096 else inter for d in shape) for k, shape in
+               {"self_attn.q_proj": (4096, 4096), "self_attn.k_proj": (4096, 4096), "self_attn.v_proj": (4096, 4096),
+                "self_attn.o_proj": (4096, 4096), "mlp.gate_proj": (11008, 4096), "mlp.up_proj": (11008, 4096),
+                "mlp.down_proj": (4096, 11008)}.items()}
+
+
 def synthetic_delta(m: int, n: int, g: torch.Generator, rank: int = 512) -> torch.Tensor:
     """Unit-norm D (m x n) = A diag(s) B^T + N: a decaying spectrum over `rank` plus 30% noise."""
     A = torch.randn(m, rank, generator=g) / m ** 0.5
@@ -76,7 +86,7 @@ def write_pair(root: Path, blocks: int, calib: Path) -> tuple[Path, Path]:
     """Write base/ and finetuned/ (sharded safetensors + index, config, tokenizer) unless present."""
     from safetensors.torch import save_file
     from transformers import LlamaConfig
-    base, ft = root / f"llama{blocks}-base", root / f"llama{blocks}-ft"
+    base, ft = root / f"llama{HIDDEN}x{blocks}-base", root / f"llama{HIDDEN}x{blocks}-ft"
     if (ft / "model.safetensors.index.json").is_file():
         return base, ft
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=blocks,
@@ -125,6 +135,34 @@ def child_result(proc: subprocess.Popen) -> dict:
     return json.loads(next(line for line in stdout.splitlines() if line.startswith("RESULT "))[7:])
 
 
+def vm_hwm_mib(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def watch(procs: dict[int, subprocess.Popen], work: Path, out: Path, every: float = 10.0) -> None:
+    """While the children run: their peak RSS so far and the time each block's chunk appeared, saved
+    to OUT/bounded_memory_progress.json (so that a run stopped early still says what it saw)."""
+    from adamix.partial import partial_dir
+    t0 = time.time()
+    seen: dict[int, dict] = {nb: {"peak_rss_mib": 0.0, "block_done_s": {}} for nb in procs}
+    while any(p.poll() is None for p in procs.values()):
+        for nb, proc in procs.items():
+            hwm = vm_hwm_mib(proc.pid)
+            if hwm:
+                seen[nb]["peak_rss_mib"] = max(seen[nb]["peak_rss_mib"], hwm)
+            for chunk in partial_dir(work / f"delta{HIDDEN}x{nb}").glob("block-*.json"):
+                seen[nb]["block_done_s"].setdefault(chunk.stem, round(time.time() - t0, 1))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bounded_memory_progress.json").write_text(json.dumps({"elapsed_s": round(time.time() - t0), **{str(k): v for k, v in seen.items()}}, indent=1))
+        time.sleep(every)
+
+
 def bare_svd_seconds(base: Path, ft: Path) -> float:
     from adamix.checkpoint import Checkpoint
     from adamix.linalg import svd
@@ -142,6 +180,9 @@ def bare_svd_seconds(base: Path, ft: Path) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--blocks", default="2,4")
+    ap.add_argument("--hidden", type=int, default=HIDDEN)
+    ap.add_argument("--intermediate", type=int, default=INTER)
+    ap.add_argument("--heads", type=int, default=HEADS)
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--parallel", action="store_true",
@@ -149,6 +190,7 @@ def main() -> None:
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "adamix" / "bench" / "bounded"))
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
+    set_shape(args.hidden, args.intermediate, args.heads)
     sys.path.insert(0, str(Path(__file__).parent))
     from peers import git_commit
     from adamix.calibrate import default_calibration_file
@@ -161,10 +203,11 @@ def main() -> None:
         t = time.time()
         base, ft = write_pair(work, nb, calib)
         print(f"{nb} blocks: models ready ({time.time() - t:.0f} s)", flush=True)
-        procs[nb] = start_child(base, ft, work / f"delta{nb}", calib, args.samples, args.seqlen)
+        procs[nb] = start_child(base, ft, work / f"delta{HIDDEN}x{nb}", calib, args.samples, args.seqlen)
         if not args.parallel:
             runs[nb] = child_result(procs[nb])
             print(f"{nb} blocks: {json.dumps(runs[nb])}", flush=True)
+    watch(procs, work, out)
     for nb, proc in procs.items():
         if nb not in runs:
             runs[nb] = child_result(proc)
@@ -181,7 +224,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bounded_memory.json").write_text(json.dumps(result, indent=1))
     lines = [f"# Bounded memory: synthetic Llama-shaped models (hidden {HIDDEN}, intermediate {INTER}, {HEADS} heads)", "",
-             f"Produced by `OMP_NUM_THREADS=1 python benchmarks/bounded_memory.py` at commit `{commit}`; calibration "
+             f"Produced by `OMP_NUM_THREADS=1 python benchmarks/bounded_memory.py {' '.join(sys.argv[1:])}` at commit `{commit}`; calibration "
              f"{args.samples} windows x {args.seqlen} tokens of lee_background.cor, ratio 1/16, method adamix, CPU, 1 thread"
              + (" per run, runs side by side (--parallel)" if args.parallel else "") + ".", "",
              "| blocks | peak RSS (MiB) | wall (s) | artifact (MiB) | achieved alpha |", "|---|---|---|---|---|"]

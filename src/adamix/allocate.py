@@ -33,12 +33,15 @@ def triplet_cost(m: int, n: int, width: int, group_size: int) -> int:
     return width * (m + n) + PARAM_BITS * (n_groups(m, min(group_size, m)) + n_groups(n, min(group_size, n)))
 
 
-def _gram_rows(A: torch.Tensor, B: torch.Tensor, H: torch.Tensor | None) -> torch.Tensor:
-    """Row-wise a_i^T H b_i for A, B (r, n); float64 (r,)."""
-    A, B = A.double(), B.double()
-    if H is None:
-        return (A * B).sum(1)
-    return ((A @ H.double()) * B).sum(1)
+def _gram_rows(A: torch.Tensor, B: torch.Tensor, H: torch.Tensor | None, chunk: int = 512) -> torch.Tensor:
+    """Row-wise a_i^T H b_i for A, B (r, n); float64 (r,). Rows in chunks, so that the float64 work
+    memory is a few chunk x n blocks, not r x n (r = 4096, n = 11008: 360 MB each)."""
+    H = H.double() if H is not None else None
+    out = []
+    for i in range(0, A.shape[0], chunk):
+        a, b = A[i:i + chunk].double(), B[i:i + chunk].double()
+        out.append((a * b).sum(1) if H is None else ((a @ H) * b).sum(1))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
 @timed("error table")

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -26,6 +27,11 @@ CONFIG_FILES = (
     "added_tokens.json", "chat_template.jinja", "modules.json", "sentence_bert_config.json",
     "config_sentence_transformers.json",
 )
+
+
+ST_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+            "BOOL": torch.bool}
 
 
 def cache_dir() -> Path:
@@ -53,6 +59,7 @@ class Checkpoint:
             raise AdamixError(f"{self.source}: no such file or folder")
         self.folder = gguf_to_folder(self.source) if self.source.is_file() else self.source
         self._handles: dict[str, object] = {}
+        self._layouts: dict[Path, tuple[int, dict]] = {}
         self._where = self._index()
 
     def _index(self) -> dict[str, Path]:
@@ -100,7 +107,32 @@ class Checkpoint:
 
     @timed("read")
     def get(self, name: str) -> torch.Tensor:
-        return self._open(self._where[name]).get_tensor(name)
+        """The tensor `name`, read with plain file reads rather than through safetensors' memory map:
+        pages of a memory map stay mapped, so a run that reads a whole model once would end with the
+        whole model counted in its resident memory. (The file was validated by safe_open in _open.)"""
+        f = self._where[name]
+        info = self._layout(f)[1].get(name)
+        dtype = ST_TORCH.get(info["dtype"]) if isinstance(info, dict) else None
+        if dtype is None:  # a dtype read by safetensors only (e.g. float8)
+            return self._open(f).get_tensor(name)
+        start, end = info["data_offsets"]
+        if end == start:
+            return torch.empty(info["shape"], dtype=dtype)
+        buf = bytearray(end - start)
+        with open(f, "rb") as fh:
+            fh.seek(self._layout(f)[0] + start)
+            if fh.readinto(buf) != len(buf):
+                raise AdamixError(f"{f}: truncated (tensor {name} is cut short)")
+        return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
+
+    def _layout(self, f: Path) -> tuple[int, dict]:
+        """(offset of the data section, header) of a safetensors file."""
+        if f not in self._layouts:
+            self._open(f)  # validates the file
+            with open(f, "rb") as fh:
+                n = struct.unpack("<Q", fh.read(8))[0]
+                self._layouts[f] = (8 + n, json.loads(fh.read(n)))
+        return self._layouts[f]
 
     def config(self) -> dict:
         """config.json as a dict (AdamixError if it is not a JSON object)."""

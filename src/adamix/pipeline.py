@@ -135,13 +135,16 @@ def encode_block(names: dict[str, tuple[torch.Tensor | None, bool]], load: Calla
                  settings: Settings, overhead: float) -> dict[str, tuple[Encoded, bool]]:
     """Encode the deltas of one block {name: (H float32 or None, transposed)}; load(name) gives D.
 
-    One tensor at a time (its D and float64 H live only while it is encoded), except that with
+    One tensor at a time: entries are popped from `names` as they are encoded, so a Gram is freed once
+    the last linear sharing it is done, and a D and its float64 H live only while it is encoded. With
     budget_scope "block" the method's matrices share one allocation (methods.adamix.compress_jointly)."""
     out = {}
     joint = []
-    for name, (H, transposed) in names.items():
+    for name in list(names):
+        H, transposed = names.pop(name)
         D = load(name)
         Hd = H.to(torch.float64) if H is not None else None
+        del H
         if settings.budget_scope == "block" and settings.method == "adamix" and bool(D.any()) and is_svd_shape(tuple(D.shape)):
             Dl = D.T if transposed else D
             joint.append((name, transposed, analyse(Dl, Hd, settings, overhead * D.numel())))
@@ -259,8 +262,8 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
             bar = tqdm(runner.run(skip), total=len(runner.blocks), initial=len(skip), desc="calibrate+compress blocks",
                        disable=not progress, unit="block")
             for i, infos, grams in bar:
-                block = {info.name: (grams[info.name], info.transposed) for info in infos if info.name in todo}
-                del grams
+                block = {info.name: (grams.pop(info.name), info.transposed) for info in infos if info.name in todo}
+                grams.clear()  # the runner's dict: emptied so that each Gram is freed once its linears are done
                 store(block_chunk(i), list(block), encode_block(block, load, settings, overhead))
                 del block
         rest = sorted(todo)
