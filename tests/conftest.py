@@ -36,3 +36,22 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def data_free_delta(pair, tmp_path_factory):
+    """A ratio-1/8 data-free artifact of `pair` (read-only: tests that edit it work on a copy)."""
+    import adamix
+    base, ft = pair
+    out = tmp_path_factory.mktemp("delta") / "d"
+    adamix.compress(base, ft, out, ratio="1/8", calib=None, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def bert_delta(bert_pair, tmp_path_factory):
+    return data_free_delta(bert_pair, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def llama_delta(llama_pair, tmp_path_factory):
+    return data_free_delta(llama_pair, tmp_path_factory)

@@ -63,11 +63,8 @@ def set_nan(name, value=float("nan")):
 
 
 @pytest.fixture(scope="module")
-def delta(llama_pair, tmp_path_factory):
-    base, ft = llama_pair
-    out = tmp_path_factory.mktemp("delta") / "d"
-    adamix.compress(base, ft, out, ratio="1/8", calib=None, progress=False)
-    return out
+def delta(llama_delta):
+    return llama_delta
 
 
 # --- compress: the two models ---------------------------------------------------------------------

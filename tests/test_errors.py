@@ -13,11 +13,8 @@ from adamix.cli import main
 
 
 @pytest.fixture(scope="module")
-def delta(bert_pair, tmp_path_factory):
-    base, ft = bert_pair
-    out = tmp_path_factory.mktemp("delta") / "d"
-    adamix.compress(base, ft, out, ratio="1/8", calib=None, progress=False)
-    return out
+def delta(bert_delta):
+    return bert_delta
 
 
 def listing(folder):
