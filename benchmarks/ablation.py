@@ -73,7 +73,7 @@ def main() -> None:
             H = grams[info.name].double()
             m, n = D.shape
             fac = svd(D)
-            energy += output_error(0 * D, D, H)
+            energy += output_error(None, D, H)
             tables = {}
             for v, (widths, rule, tc, g, damp) in VARIANTS.items():
                 s = Settings(alpha=alpha, widths=widths, group_size=g, damp=damp, correct_target=tc)

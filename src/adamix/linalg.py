@@ -29,17 +29,21 @@ def svd(D: torch.Tensor, H: torch.Tensor | None = None, whiten: bool = False) ->
     return U, s * norms, V / norms
 
 
-def output_error(Dhat: torch.Tensor, D: torch.Tensor, H: torch.Tensor | None) -> float:
-    """tr((D^ - D) H (D^ - D)^T) in float64 (Frobenius norm squared if H is None)."""
-    E = (Dhat.double() - D.double())
-    if H is None:
-        return float((E * E).sum())
-    return float(((E @ H.double()) * E).sum())
+def output_error(Dhat: torch.Tensor | None, D: torch.Tensor, H: torch.Tensor | None, chunk: int = 1024) -> float:
+    """tr((D^ - D) H (D^ - D)^T) in float64 (Frobenius norm squared if H is None; D^ None: zero).
+
+    Rows of E = D^ - D in chunks, so the float64 work memory is a few chunk x n blocks, not m x n."""
+    H = H.double() if H is not None else None
+    total = 0.0
+    for i in range(0, D.shape[0], chunk):
+        E = -D[i:i + chunk].double() if Dhat is None else Dhat[i:i + chunk].double() - D[i:i + chunk].double()
+        total += float((E * E).sum()) if H is None else float(((E @ H) * E).sum())
+    return total
 
 
 def error_stats(Dhat: torch.Tensor, D: torch.Tensor, H: torch.Tensor | None, predicted: float | None = None) -> dict:
     """Relative errors sqrt(E(D^) / E(0)) measured (and predicted, if the method has a model of it)."""
-    total = output_error(torch.zeros_like(D), D, H)
+    total = output_error(None, D, H)
     measured = output_error(Dhat, D, H)
     stats = {"error_measured": (measured / total) ** 0.5 if total > 0 else 0.0}
     if predicted is not None:
