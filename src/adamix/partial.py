@@ -82,7 +82,7 @@ class PartialRun:
         else:
             self.folder.mkdir()
             _write_atomic(run_file, lambda p: p.write_text(json.dumps(self.key, indent=1, sort_keys=True)))
-        self.resumed = sorted(p.stem for p in self.folder.glob("*.json") if p.name != RUN_FILE)
+        self.resumed = self.chunks()
 
     def done(self, chunk: str) -> dict | None:
         """The chunk's record ({"names", "entries"}) if it was completed, else None."""
@@ -120,6 +120,15 @@ class PartialRun:
                 for k in f.keys():
                     where[k] = path
         return where
+
+    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """The stored tensors `keys`, each chunk file opened once."""
+        where = self.tensor_files()
+        out = {}
+        for path in sorted({where[k] for k in keys}):
+            with safe_open(str(path), framework="pt") as f:
+                out.update({k: f.get_tensor(k) for k in keys if where[k] == path})
+        return out
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -275,7 +275,8 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
         sources: dict[str, torch.Tensor | Path] = dict(work.tensor_files())
         if distill_steps:
             from .distill import distill_scales
-            encoded = {n: encoded_from_entry(e, {s: _stored_tensor(sources, f"{n}.{s}") for s in stored_suffixes(e["kind"])})
+            stored = work.read(list(sources))
+            encoded = {n: encoded_from_entry(e, {s: stored[f"{n}.{s}"] for s in stored_suffixes(e["kind"])})
                        for n, e in entries.items()}
             torch.manual_seed(seed)
             extra["distill"] = distill_scales(base_ck, ft_ck, encoded, windows, distill_steps, device=device, progress=progress)
@@ -293,16 +294,6 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
 
 def block_chunk(i: int) -> str:
     return f"block-{i:04d}"
-
-
-def _stored_tensor(sources: dict[str, torch.Tensor | Path], key: str) -> torch.Tensor:
-    """The tensor `key`, held in memory or in the chunk file `sources` names."""
-    from safetensors import safe_open
-    src = sources[key]
-    if isinstance(src, torch.Tensor):
-        return src
-    with safe_open(str(src), framework="pt") as f:
-        return f.get_tensor(key)
 
 
 def peak_rss_mib() -> float:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 
 from .errors import AdamixError
+from .methods.adamix import PACK_PAD_BITS
 from .methods.base import Settings
 from .methods.deltacome import WIDTHS as DELTACOME_WIDTHS
 from .methods.factors import expected_sizes
@@ -64,7 +65,7 @@ def smallest_ratio(matrices: list[tuple[int, int, int | None]], settings: Settin
         if block is not None:
             blocks.setdefault(block, []).append((m, n))
     if settings.budget_scope == "block" and settings.method == "adamix":
-        reserve = 14 * sum(1 for b in settings.widths if b > 0)  # methods.adamix.compress_jointly
+        reserve = PACK_PAD_BITS * sum(1 for b in settings.widths if b > 0)  # as methods.adamix.compress_jointly
         for pooled in blocks.values():
             elements = sum(m * n for m, n in pooled)
             cheapest = min(item_bits(m, n, settings) for m, n in pooled)

@@ -28,6 +28,9 @@ from .base import Encoded, Settings
 from .factors import decode_factors, encode_factors, expected_sizes
 
 
+PACK_PAD_BITS = 14  # per width and tensor: the byte padding of its two packed code streams (2 x 7 bits)
+
+
 def budget_bits(m: int, n: int, alpha: float, overhead_bits: float = 0.0) -> float:
     """Bits this tensor's codes and grids may take: alpha * 16 * m * n less its share of the overhead."""
     return alpha * 16 * m * n - overhead_bits
@@ -84,13 +87,13 @@ def compress_jointly(analyses: list[Analysis], settings: Settings) -> list[Encod
     nw = sum(1 for b in settings.widths if b > 0)
     table = np.concatenate([a.table for a in analyses])
     costs = np.concatenate([np.broadcast_to(a.costs, a.table.shape) for a in analyses])
-    budget = sum(a.budget - 14 * nw for a in analyses)
+    budget = sum(a.budget - PACK_PAD_BITS * nw for a in analyses)
     choice = choose_widths(table, costs, budget)
     out, start = [], 0
     for a in analyses:
         c = choice[start:start + len(a.s)]
         start += len(a.s)
-        out.append(finish(a, c, float(a.costs[c].sum()) + 14 * nw, settings))
+        out.append(finish(a, c, float(a.costs[c].sum()) + PACK_PAD_BITS * nw, settings))
     return out
 
 
