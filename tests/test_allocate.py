@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from adamix import linalg
 from adamix.allocate import error_table, solve_allocation, triplet_cost
 from adamix.quant import grid
 
@@ -198,3 +199,32 @@ def test_error_table_float32_inputs():
     t32 = error_table(s.float(), U.float(), V.float(), H.float(), [0, 4, 8], 16)
     assert t32.dtype == torch.float64
     torch.testing.assert_close(t32, t64, rtol=1e-3, atol=1e-6 * float(t64.max()))
+
+
+def test_float32_gram_products_match_float64():
+    # the pipeline hands methods its float32 Gram: products in float32, sums in float64, exact H B
+    g = torch.Generator().manual_seed(7)
+    n = 300
+    X = torch.randn(n, 2 * n, generator=g, dtype=torch.float64) * torch.linspace(0.1, 10.0, n, dtype=torch.float64)[:, None]
+    H64 = X @ X.T
+    H32 = H64.float()
+    A = torch.randn(40, n, generator=g, dtype=torch.float64)
+    B = A + 1e-3 * torch.randn(40, n, generator=g, dtype=torch.float64)
+    ref = ((A @ H32.double()) * B).sum(1)
+    torch.testing.assert_close(linalg.gram_rows(A, B, H32, chunk=16), ref, rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(linalg.gram_rows(A, B, H64, chunk=16), ((A @ H64) * B).sum(1), rtol=1e-12, atol=0.0)
+    # H B is exact (float64) whatever H's dtype, and whatever the chunk
+    torch.testing.assert_close(linalg.gram_times(H32, A.T, chunk=7), H32.double() @ A.T, rtol=1e-10, atol=0.0)
+    E = B - A
+    assert linalg.output_error(B, A, H32, chunk=9) == pytest.approx(float(((E @ H64) * E).sum()), rel=1e-5)
+
+
+def test_error_table_float32_gram_keeps_small_errors():
+    # at 8 bits e_i(b) is ~1e-5 of e_i(0); a difference of large float32 terms would lose it entirely
+    D, X, U, s, V = _problem(m=48, n=256, T=600, seed=3)
+    widths = [0, 2, 8]
+    H = X @ X.T
+    ref = _reference_table(s, U, V, X, widths, 32)
+    t32 = error_table(s, U, V, H.float(), widths, 32, chunk=5)
+    assert float((ref[:, 2] / ref[:, 0]).max()) < 1e-3
+    torch.testing.assert_close(t32, ref, rtol=1e-3, atol=0.0)

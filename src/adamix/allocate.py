@@ -5,7 +5,8 @@ of keeping triplet i at width b (u_i, v_i rounded to their b-bit grids, u^_i, v^
 
     e_i(b) = s_i^2 ( |u|^2 v^T H v - 2 (u . u^)(v^T H v^) + |u^|^2 v^^T H v^ ),   e_i(0) = s_i^2 v^T H v,
 
-which is exactly ||s_i (u v^T - u^ v^^T) X||_F^2 for the rank-1 term (cross terms neglected).
+which is exactly ||s_i (u v^T - u^ v^^T) X||_F^2 for the rank-1 term (cross terms neglected); it is
+computed in the equivalent form of error_table's docstring.
 The choice x_ib in {0, 1} solves the multiple-choice knapsack
 
     min sum_ib e_i(b) x_ib   s.t.  sum_b x_ib = 1 (each i),  sum_ib cost_b x_ib <= budget
@@ -20,6 +21,7 @@ import torch
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import csr_matrix
 
+from .linalg import gram_rows
 from .quant.grid import n_groups, rtn
 from .timing import timed
 
@@ -33,36 +35,39 @@ def triplet_cost(m: int, n: int, width: int, group_size: int) -> int:
     return width * (m + n) + PARAM_BITS * (n_groups(m, min(group_size, m)) + n_groups(n, min(group_size, n)))
 
 
-def _gram_rows(A: torch.Tensor, B: torch.Tensor, H: torch.Tensor | None, chunk: int = 512) -> torch.Tensor:
-    """Row-wise a_i^T H b_i for A, B (r, n); float64 (r,). Rows in chunks, so that the float64 work
-    memory is a few chunk x n blocks, not r x n (r = 4096, n = 11008: 360 MB each)."""
-    H = H.double() if H is not None else None
-    out = []
-    for i in range(0, A.shape[0], chunk):
-        a, b = A[i:i + chunk].double(), B[i:i + chunk].double()
-        out.append((a * b).sum(1) if H is None else ((a @ H) * b).sum(1))
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
-
-
 @timed("error table")
 def error_table(s: torch.Tensor, U: torch.Tensor, V: torch.Tensor, H: torch.Tensor | None,
-                widths: list[int], group_size: int) -> torch.Tensor:
-    """e_i(b) for every triplet i and width b. s: (r,), U: (m, r), V: (n, r). Returns (r, len(widths)) float64."""
+                widths: list[int], group_size: int, chunk: int = 256) -> torch.Tensor:
+    """e_i(b) for every triplet i and width b. s: (r,), U: (m, r), V: (n, r). Returns (r, len(widths)) float64.
+
+    With the rounding errors du = u^ - u, dv = v^ - v, the residual is u v^T - u^ v^^T = -(u dv^T + du v^^T), so
+
+        e_i(b) / s_i^2 = |u|^2 dv^T H dv + 2 (u . du) dv^T H v^ + |du|^2 v^^T H v^,
+
+    a sum of small terms, not a difference of large ones: exact enough with H's float32 products
+    (linalg.gram_rows). One product with H per triplet and width (dv H) plus one (v H). Triplets in
+    chunks of `chunk`: the work memory is a few chunk x n blocks, whatever the rank.
+    """
     s2 = s.double() ** 2
-    Ut, Vt = U.T.contiguous(), V.T.contiguous()
-    uu = (Ut.double() ** 2).sum(1)
-    vHv = _gram_rows(Vt, Vt, H)
-    cols = []
-    for b in widths:
-        if b == 0:
-            cols.append(s2 * vHv)
-            continue
-        full = torch.full((Ut.shape[0],), b)
-        uq = rtn(Ut, full, min(group_size, Ut.shape[1]))["deq"].double()
-        vq = rtn(Vt, full, min(group_size, Vt.shape[1]))["deq"].double()
-        e = uu * vHv - 2 * (Ut.double() * uq).sum(1) * _gram_rows(Vt, vq, H) + (uq ** 2).sum(1) * _gram_rows(vq, vq, H)
-        cols.append(s2 * e.clamp_min(0))
-    return torch.stack(cols, dim=1)
+    gu, gv = min(group_size, U.shape[0]), min(group_size, V.shape[0])
+    dtype = H.dtype if H is not None else torch.float64
+    table = torch.zeros(len(s), len(widths), dtype=torch.float64)
+    for i in range(0, len(s), chunk):
+        u, v = U[:, i:i + chunk].T.double(), V[:, i:i + chunk].T.double()  # (c, m), (c, n)
+        vH = (v.to(dtype) if H is None else v.to(dtype) @ H).double()
+        vHv = (vH * v).sum(1)
+        uu = (u * u).sum(1)
+        for j, b in enumerate(widths):
+            if b == 0:
+                table[i:i + chunk, j] = s2[i:i + chunk] * vHv
+                continue
+            full = torch.full((u.shape[0],), b)
+            du = rtn(u, full, gu)["deq"].double() - u
+            dv = rtn(v, full, gv)["deq"].double() - v
+            dHd, dHv = gram_rows(dv, dv, H), (vH * dv).sum(1)
+            e = uu * dHd + 2 * (u * du).sum(1) * (dHv + dHd) + (du * du).sum(1) * (vHv + 2 * dHv + dHd)
+            table[i:i + chunk, j] = s2[i:i + chunk] * e.clamp_min(0)
+    return table
 
 
 def solve_allocation(errors: np.ndarray, costs: np.ndarray, budget: float,

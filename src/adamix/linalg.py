@@ -29,15 +29,41 @@ def svd(D: torch.Tensor, H: torch.Tensor | None = None, whiten: bool = False) ->
     return U, s * norms, V / norms
 
 
-def output_error(Dhat: torch.Tensor | None, D: torch.Tensor, H: torch.Tensor | None, chunk: int = 1024) -> float:
-    """tr((D^ - D) H (D^ - D)^T) in float64 (Frobenius norm squared if H is None; D^ None: zero).
+def gram_rows(A: torch.Tensor, B: torch.Tensor, H: torch.Tensor | None, chunk: int = 512) -> torch.Tensor:
+    """a_i^T H b_i for the rows of A, B (r, n); float64 (r,). H None means H = I.
 
-    Rows of E = D^ - D in chunks, so the float64 work memory is a few chunk x n blocks, not m x n."""
-    H = H.double() if H is not None else None
+    The products run in H's dtype (the pipeline's float32 Gram: float32 products summed in float64,
+    callers pass differences, not large terms that cancel) on `chunk` rows at a time, so that the
+    work memory is a few chunk x n blocks, not r x n (r = 4096, n = 11008: 180 MB each), and H is
+    never copied (a float64 copy of an 11008-wide Gram is 1 GB).
+    """
+    dtype = H.dtype if H is not None else torch.float64
+    out = []
+    for i in range(0, A.shape[0], chunk):
+        a, b = A[i:i + chunk].to(dtype), B[i:i + chunk].to(dtype)
+        out.append(((a if H is None else a @ H) * b).sum(1, dtype=torch.float64))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def gram_times(H: torch.Tensor, B: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """H B in float64 (n, k) for H (n, n) in any dtype and B (n, k): rows of H converted to float64
+    `chunk` at a time (an exact product without a float64 copy of H)."""
+    B = B.double()
+    out = torch.empty(H.shape[0], B.shape[1], dtype=torch.float64)
+    for i in range(0, H.shape[0], chunk):
+        out[i:i + chunk] = H[i:i + chunk].double() @ B
+    return out
+
+
+def output_error(Dhat: torch.Tensor | None, D: torch.Tensor, H: torch.Tensor | None, chunk: int = 1024) -> float:
+    """tr((D^ - D) H (D^ - D)^T) (Frobenius norm squared if H is None; D^ None: zero), summed in
+    float64, the products in H's dtype (gram_rows).
+
+    Rows of E = D^ - D (formed in float64) in chunks, so the work memory is a few chunk x n blocks."""
     total = 0.0
     for i in range(0, D.shape[0], chunk):
         E = -D[i:i + chunk].double() if Dhat is None else Dhat[i:i + chunk].double() - D[i:i + chunk].double()
-        total += float((E * E).sum()) if H is None else float(((E @ H) * E).sum())
+        total += float(gram_rows(E, E, H).sum())
     return total
 
 

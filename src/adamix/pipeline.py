@@ -136,15 +136,14 @@ def encode_block(names: dict[str, tuple[torch.Tensor | None, bool]], load: Calla
     """Encode the deltas of one block {name: (H float32 or None, transposed)}; load(name) gives D.
 
     One tensor at a time: entries are popped from `names` as they are encoded, so a Gram is freed once
-    the last linear sharing it is done, and a D and its float64 H live only while it is encoded. With
+    the last linear sharing it is done, and a D lives only while it is encoded. The Gram stays float32
+    (never a float64 copy: 1 GB at width 11008); linalg.gram_rows / gram_times say how it is used. With
     budget_scope "block" the method's matrices share one allocation (methods.adamix.compress_jointly)."""
     out = {}
     joint = []
     for name in list(names):
-        H, transposed = names.pop(name)
+        Hd, transposed = names.pop(name)  # float32: products with it run in float32, sums in float64
         D = load(name)
-        Hd = H.to(torch.float64) if H is not None else None
-        del H
         if settings.budget_scope == "block" and settings.method == "adamix" and bool(D.any()) and is_svd_shape(tuple(D.shape)):
             Dl = D.T if transposed else D
             joint.append((name, transposed, analyse(Dl, Hd, settings, overhead * D.numel())))

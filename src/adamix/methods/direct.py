@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..linalg import error_stats
+from ..linalg import error_stats, gram_rows
 from ..quant.gptq import gptq_rows
 from ..quant.grid import rtn
 from .base import Encoded, Settings
@@ -38,7 +38,7 @@ def compress_direct(D: torch.Tensor, H: torch.Tensor | None, settings: Settings,
     """D (m x n) quantized at the width that fits `budget` bits; GPTQ on H if use_gptq and H given."""
     m, n = D.shape
     b, g, k = plan(m, n, budget)
-    energy = (D.double() ** 2).sum(1) if H is None else ((D.double() @ H.double()) * D.double()).sum(1)
+    energy = gram_rows(D, D, H)
     rows = sorted(torch.argsort(energy, descending=True, stable=True)[:k].tolist())
     W = D[rows].float()
     bits = torch.full((len(rows),), b)
