@@ -226,6 +226,8 @@ class BlockRunner:
                 return
             seen[id(x)] = (x, name)
             x = x.reshape(-1, x.shape[-1]).float()
-            g = x.T @ x
-            grams[name] = grams[name] + g if name in grams else g
+            if name in grams:
+                grams[name].addmm_(x.T, x)  # in place: no n x n temporaries (2 x 0.5 GB at n = 11008)
+            else:
+                grams[name] = x.T @ x
         return hook
