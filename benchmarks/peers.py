@@ -135,7 +135,8 @@ def compress_grid(base: str, ft: str, methods: list[str], ratios: list[float], w
         shared["calibration"] += time.time() - t
         for info in infos:
             if info.name in todo:
-                encode_all(info.name, delta_of(base_ck, ft_ck, info.name), grams[info.name].double(), info.transposed)
+                # the float32 Gram, as the pipeline passes it: the CLI's artifacts must match byte for byte
+                encode_all(info.name, delta_of(base_ck, ft_ck, info.name), grams[info.name], info.transposed)
                 todo.discard(info.name)
         log(f"  block {i + 1}/{len(runner.blocks)} done ({time.time() - t0:.0f} s)")
         t = time.time()

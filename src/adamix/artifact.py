@@ -34,7 +34,7 @@ import torch
 from safetensors import safe_open
 
 from . import __version__
-from .errors import AdamixError
+from .errors import AdamixError, all_finite
 from .methods.base import decode, stored_dtypes
 from .validate import check_accounting, check_manifest
 from .vocab import NEW_ROWS, NEW_ROWS_DTYPES, entry_new_rows
@@ -262,7 +262,7 @@ class Artifact:
                 D = decode(e["kind"], shape, meta, tensors)
         except AdamixError as err:  # the decoders do not know the tensor's name
             raise AdamixError(f"{name}: {err}") from None
-        if not bool(torch.isfinite(D).all()):
+        if not all_finite(D):
             raise AdamixError(f"{name}: the stored delta decodes to NaN or Inf (corrupted artifact?)")
         return D
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from .checkpoint import Checkpoint
 from .models import model_skeleton, state_name_map
-from .errors import AdamixError
+from .errors import AdamixError, all_finite
 from .timing import phase
 
 
@@ -140,7 +140,7 @@ class BlockRunner:
         state = {}
         for full, ck in names.items():
             w = self.ckpt.get(ck).float()
-            if not bool(torch.isfinite(w).all()):
+            if not all_finite(w):
                 raise AdamixError(f"tensor {ck} of the fine-tune contains NaN or Inf")
             state[full[len(strip):]] = w
         module.load_state_dict(state, strict=False, assign=True)
@@ -205,7 +205,7 @@ class BlockRunner:
                 for h in hooks:
                     h.remove()
                 for name, g in grams.items():
-                    if not bool(torch.isfinite(g).all()):
+                    if not all_finite(g):
                         raise AdamixError(f"calibration: the inputs of {name} overflow float32 (NaN or Inf)")
                 self.inputs = outs
                 block.to("meta")

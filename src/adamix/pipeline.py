@@ -19,7 +19,7 @@ from tqdm import tqdm
 from . import __version__, timing
 from .artifact import FORMAT, FORMAT_VERSION, AtomicFolder, prepare_output, write_artifact
 from .checkpoint import Checkpoint, config_fingerprint
-from .errors import AdamixError
+from .errors import AdamixError, all_finite
 from .methods import METHODS, compress_with
 from .methods.adamix import analyse, budget_bits, compress_jointly
 from .methods.base import Encoded, Settings, stored_suffixes
@@ -126,7 +126,7 @@ def delta_of(base: Checkpoint, ft: Checkpoint, name: str) -> torch.Tensor:
     the delta of the rows the two share."""
     wb, wf = base.get(name), ft.get(name)
     for which, w in (("base", wb), ("fine-tune", wf)):
-        if not torch.isfinite(w).all():
+        if not all_finite(w):
             raise AdamixError(f"tensor {name} of the {which} contains NaN or Inf")
     return wf[:wb.shape[0]].float() - wb.float() if wf.shape != wb.shape else wf.float() - wb.float()
 
