@@ -103,8 +103,9 @@ def compress_grid(base: str, ft: str, methods: list[str], ratios: list[float], w
             for m in ("adamix", "deltacome"):
                 if m in methods:
                     t = time.time()
-                    s = Settings() if m == "adamix" else deltacome_settings(Settings())
-                    pieces[m]["analysis"] = analyse(Dl, H, s, factors=fac)
+                    # adamix: the error table pruned for the largest ratio serves every ratio (as the CLI prunes it)
+                    s = Settings(alpha=max(ratios)) if m == "adamix" else deltacome_settings(Settings())
+                    pieces[m]["analysis"] = analyse(Dl, H, s, factors=fac, prune=m == "adamix")
                     prep[m] += time.time() - t
             for m in SVD_METHODS & set(methods):
                 pieces[m]["factors"] = fac

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from adamix import linalg
-from adamix.allocate import error_table, solve_allocation, triplet_cost
+from adamix.allocate import error_table, keep_threshold, max_kept, solve_allocation, triplet_cost
 from adamix.quant import grid
 
 ALL_WIDTHS = (1, 2, 3, 4, 5, 8)
@@ -72,6 +72,32 @@ def test_solve_allocation_arbitrary_error_tables(seed):
         choice = solve_allocation(errors, costs, budget)
         assert costs[choice].sum() <= budget
         assert objective(errors, choice) == pytest.approx(brute_force(errors, costs, budget), rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_reduction_before_the_milp_is_exact(seed):
+    # equal costs per row: rows below keep_threshold are fixed at width 0 before the MILP; the
+    # optimum must not change (brute force over 3^8 choices), and the reduction must really fire
+    rng = np.random.default_rng(300 + seed)
+    r = 8
+    costs = np.array([0.0, 2.0, 3.0])
+    e0 = np.sort(rng.lognormal(0.0, 1.5, size=r))[::-1]
+    errors = e0[:, None] * np.concatenate([np.ones((r, 1)), rng.uniform(0.02, 0.7, size=(r, 2))], axis=1)
+    for budget in (2.0, 4.0, 5.0, 7.0):
+        T = keep_threshold(errors, 0, max_kept(costs, budget))
+        assert (errors[:, 0] < T).any() or budget == 7.0
+        choice = solve_allocation(errors, costs, budget)
+        assert costs[choice].sum() <= budget
+        assert objective(errors, choice) == pytest.approx(brute_force(errors, costs, budget), rel=1e-9)
+
+
+def test_keep_threshold_hand_example():
+    # gains at the cheapest useful width: 10 - 4 = 6, 7 - 1 = 6 ... g = e0 - max_{b>0} e(b)
+    errors = np.array([[10.0, 4.0, 1.0], [7.0, 1.0, 0.5], [5.0, 4.5, 0.1], [2.0, 0.1, 0.0]])
+    assert keep_threshold(errors, 0, 2) == 6.0   # g = 6, 6, 0.5, 1.9
+    assert keep_threshold(errors, 0, 3) == 1.9
+    assert keep_threshold(errors, 0, 5) == -np.inf
+    assert max_kept(np.array([0.0, 3.0, 5.0]), 10.0) == 3 and max_kept(np.array([0.0, 3.0]), -1.0) == 0
 
 
 def test_hand_example():
@@ -228,3 +254,26 @@ def test_error_table_float32_gram_keeps_small_errors():
     t32 = error_table(s, U, V, H.float(), widths, 32, chunk=5)
     assert float((ref[:, 2] / ref[:, 0]).max()) < 1e-3
     torch.testing.assert_close(t32, ref, rtol=1e-3, atol=0.0)
+
+
+@pytest.mark.parametrize("alpha", [1 / 8, 1 / 16, 1 / 32, 1 / 64])
+def test_pruned_error_table_gives_the_same_optimum(alpha):
+    # max_kept measures only the triplets an optimal choice may keep: the ILP's optimum is unchanged,
+    # the measured rows equal the full table's, and at small ratios most rows are skipped
+    from adamix.methods.adamix import budget_bits
+    D, X, U, s, V = _problem(m=64, n=96, T=300, seed=4)
+    H = (X @ X.T).float()
+    widths, g = [0, 2, 3, 4, 8], 32
+    costs = np.array([triplet_cost(64, 96, b, g) for b in widths], dtype=np.float64)
+    budget = budget_bits(64, 96, alpha)
+    full = error_table(s, U, V, H, widths, g, chunk=8).numpy()
+    pruned = error_table(s, U, V, H, widths, g, chunk=8, max_kept=max_kept(costs, budget)).numpy()
+    measured = (pruned[:, 1:] != pruned[:, :1]).any(axis=1)
+    np.testing.assert_allclose(pruned[measured], full[measured], rtol=1e-6)
+    if alpha <= 1 / 32:
+        assert measured.sum() < 0.5 * len(s)
+    assert objective(full, solve_allocation(pruned, costs, budget)) == pytest.approx(
+        objective(full, solve_allocation(full, costs, budget)), rel=1e-9)
+    # the same pruned table serves any smaller budget
+    assert objective(full, solve_allocation(pruned, costs, budget / 2)) == pytest.approx(
+        objective(full, solve_allocation(full, costs, budget / 2)), rel=1e-9)

@@ -203,7 +203,7 @@ def test_shared_factors_and_analysis_give_identical_encodings():
     m, n = 96, 72
     D, H = spectrum_delta(m, n), gram(n)
     fac = svd(D)
-    shared = {"adamix": analyse(D, H, Settings(), factors=fac),
+    shared = {"adamix": analyse(D, H, Settings(alpha=1 / 8), factors=fac, prune=True),  # as peers.py
               "deltacome": analyse(D, H, deltacome_settings(Settings()), factors=fac)}
     for method in ("adamix", "deltacome", "lowrank"):
         for alpha in (1 / 8, 1 / 32):
@@ -212,3 +212,5 @@ def test_shared_factors_and_analysis_give_identical_encodings():
             reused = compress_with(D, H, settings, 100.0, factors=fac, analysis=shared.get(method))
             assert alone.meta == reused.meta
             assert all(torch.equal(alone.tensors[k], reused.tensors[k]) for k in alone.tensors)
+    with pytest.raises(ValueError, match="pruned"):  # a table pruned for 1/8 cannot serve 1/4
+        compress_with(D, H, Settings(alpha=1 / 4), 100.0, factors=fac, analysis=shared["adamix"])

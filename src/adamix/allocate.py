@@ -35,9 +35,33 @@ def triplet_cost(m: int, n: int, width: int, group_size: int) -> int:
     return width * (m + n) + PARAM_BITS * (n_groups(m, min(group_size, m)) + n_groups(n, min(group_size, n)))
 
 
+def max_kept(costs: np.ndarray, budget: float) -> int:
+    """How many triplets can be kept at most: floor(budget / cheapest non-zero cost)."""
+    costs = np.asarray(costs, dtype=np.float64)
+    return int(max(budget, 0.0) // costs[costs > 0].min())
+
+
+def keep_threshold(table: np.ndarray | torch.Tensor, zero: int, kept: int) -> float:
+    """T such that some optimal choice drops every triplet with e_i(0) < T (costs equal for all rows).
+
+    g_i = e_i(0) - max_{b>0} e_i(b) is the least error that keeping triplet i removes, at any width;
+    T is the `kept`-th largest g_i (-inf if there are fewer rows). Swap argument: at most `kept`
+    triplets fit, so if j with e_j(0) < T is kept at width b, one of the `kept` rows with g_i >= T is
+    not; keeping i at width b instead costs the same bits and changes the error by
+    gain_j(b) - gain_i(b) <= e_j(0) - g_i < 0. Rows whose widths were not measured (error_table's
+    max_kept) hold e_i(b) = e_i(0), g_i = 0, and are below T whenever T > 0.
+    """
+    table = np.asarray(table, dtype=np.float64)
+    if kept <= 0 or kept > table.shape[0]:
+        return -np.inf if kept > table.shape[0] else np.inf
+    others = np.delete(table, zero, axis=1)
+    g = table[:, zero] - others.max(axis=1) if others.shape[1] else np.zeros(table.shape[0])
+    return float(np.partition(g, -kept)[-kept])
+
+
 @timed("error table")
 def error_table(s: torch.Tensor, U: torch.Tensor, V: torch.Tensor, H: torch.Tensor | None,
-                widths: list[int], group_size: int, chunk: int = 256) -> torch.Tensor:
+                widths: list[int], group_size: int, chunk: int = 256, max_kept: int | None = None) -> torch.Tensor:
     """e_i(b) for every triplet i and width b. s: (r,), U: (m, r), V: (n, r). Returns (r, len(widths)) float64.
 
     With the rounding errors du = u^ - u, dv = v^ - v, the residual is u v^T - u^ v^^T = -(u dv^T + du v^^T), so
@@ -47,27 +71,51 @@ def error_table(s: torch.Tensor, U: torch.Tensor, V: torch.Tensor, H: torch.Tens
     a sum of small terms, not a difference of large ones: exact enough with H's float32 products
     (linalg.gram_rows). One product with H per triplet and width (dv H) plus one (v H). Triplets in
     chunks of `chunk`: the work memory is a few chunk x n blocks, whatever the rank.
+
+    max_kept (at most that many triplets fit the budget, all at the same cost per width): triplets
+    are measured in order of decreasing e_i(0) until the next one's e_i(0) is below
+    keep_threshold: no optimal choice needs the rest, whose non-zero widths are set to e_i(0) (no
+    gain) unmeasured. At 1/16 that skips about half the products with H (one extra pass gives the
+    order). The measured rows are the same, bit for bit, whatever max_kept (same chunks).
     """
+    r, zero = len(s), widths.index(0) if 0 in widths else None
     s2 = s.double() ** 2
+    if max_kept is None or zero is None:
+        return _table_rows(s2, U, V, H, widths, group_size, torch.arange(r), chunk)
+    e0 = torch.cat([s2[i:i + chunk] * gram_rows(V[:, i:i + chunk].T, V[:, i:i + chunk].T, H) for i in range(0, r, chunk)])
+    order = torch.argsort(e0, descending=True, stable=True)
+    table = e0[:, None].repeat(1, len(widths))
+    done = 0
+    while done < r and (done < max_kept or float(e0[order[done]]) >= keep_threshold(table[order[:done]], zero, max_kept)):
+        rows = order[done:done + chunk]
+        table[rows] = _table_rows(s2, U, V, H, widths, group_size, rows, chunk)
+        done += len(rows)
+    return table
+
+
+def _table_rows(s2: torch.Tensor, U: torch.Tensor, V: torch.Tensor, H: torch.Tensor | None, widths: list[int],
+                group_size: int, rows: torch.Tensor, chunk: int) -> torch.Tensor:
+    """error_table's rows `rows` (in that order), `chunk` triplets at a time; (len(rows), len(widths))."""
     gu, gv = min(group_size, U.shape[0]), min(group_size, V.shape[0])
     dtype = H.dtype if H is not None else torch.float64
-    table = torch.zeros(len(s), len(widths), dtype=torch.float64)
-    for i in range(0, len(s), chunk):
-        u, v = U[:, i:i + chunk].T.double(), V[:, i:i + chunk].T.double()  # (c, m), (c, n)
+    out = torch.zeros(len(rows), len(widths), dtype=torch.float64)
+    for i in range(0, len(rows), chunk):
+        idx = rows[i:i + chunk]
+        u, v = U[:, idx].T.double(), V[:, idx].T.double()  # (c, m), (c, n)
         vH = (v.to(dtype) if H is None else v.to(dtype) @ H).double()
         vHv = (vH * v).sum(1)
         uu = (u * u).sum(1)
         for j, b in enumerate(widths):
             if b == 0:
-                table[i:i + chunk, j] = s2[i:i + chunk] * vHv
+                out[i:i + chunk, j] = s2[idx] * vHv
                 continue
-            full = torch.full((u.shape[0],), b)
+            full = torch.full((len(idx),), b)
             du = rtn(u, full, gu)["deq"].double() - u
             dv = rtn(v, full, gv)["deq"].double() - v
             dHd, dHv = gram_rows(dv, dv, H), (vH * dv).sum(1)
             e = uu * dHd + 2 * (u * du).sum(1) * (dHv + dHd) + (du * du).sum(1) * (vHv + 2 * dHv + dHd)
-            table[i:i + chunk, j] = s2[i:i + chunk] * e.clamp_min(0)
-    return table
+            out[i:i + chunk, j] = s2[idx] * e.clamp_min(0)
+    return out
 
 
 def solve_allocation(errors: np.ndarray, costs: np.ndarray, budget: float,
@@ -84,6 +132,15 @@ def solve_allocation(errors: np.ndarray, costs: np.ndarray, budget: float,
         return np.zeros(0, dtype=np.int64)
     if costs.min(axis=1).sum() > budget:
         raise ValueError("no width fits the budget, not even width 0")
+    zero = np.flatnonzero(costs[0] == 0)
+    if len(zero) and (costs == costs[0]).all() and (costs[0] > 0).any():
+        # exact reduction (keep_threshold): triplets that no optimal choice needs stay at width 0
+        live = errors[:, zero[0]] >= keep_threshold(errors, int(zero[0]), max_kept(costs[0], budget))
+        if not live.all():
+            choice = np.full(r, int(zero[0]))
+            if live.any():
+                choice[live] = solve_allocation(errors[live], costs[0], budget, time_limit)
+            return choice
     # HiGHS stops within an absolute gap of 1e-6 that milp cannot change: scale the objective up so
     # that gap is negligible (1e-13 of the largest error) and the answer exact for practical purposes.
     scale = 1e-7 * errors.max() if errors.max() > 0 else 1.0

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..allocate import choose_widths, error_table, triplet_cost
+from ..allocate import choose_widths, error_table, max_kept, triplet_cost
 from ..linalg import error_stats, gram_times, svd
 from ..quant.gptq import gptq_columns, gptq_rows, rtn_columns
 from ..quant.grid import rtn
@@ -47,18 +47,23 @@ class Analysis:
     table: np.ndarray   # (r, len(widths)) e_i(b)
     costs: np.ndarray   # (len(widths),) bits of one triplet at each width
     budget: float       # bits this tensor may take
+    pruned_for: float | None = None  # the table serves budgets up to this one (error_table's max_kept)
 
 
 def analyse(D: torch.Tensor, H: torch.Tensor | None, settings: Settings, overhead_bits: float = 0.0,
-            factors: tuple[torch.Tensor, ...] | None = None) -> Analysis:
+            factors: tuple[torch.Tensor, ...] | None = None, prune: bool = False) -> Analysis:
     """Steps 1-2 (SVD, error table) and the tensor's budget. factors: svd(D, H, settings.whiten) if
-    already computed (the benchmark shares it across methods and ratios)."""
+    already computed (the benchmark shares it across methods and ratios). prune: measure only the
+    triplets that an optimal choice within this budget may keep (allocate.error_table's max_kept);
+    the table then serves the ILP of this budget or a smaller one, not a fixed schedule."""
     m, n = D.shape
     g = settings.group_size
     U, s, V = factors if factors is not None else svd(D, H, settings.whiten)
-    table = error_table(s, U, V, H, list(settings.widths), g).numpy()
     costs = np.array([triplet_cost(m, n, b, g) for b in settings.widths], dtype=np.float64)
-    return Analysis(D, H, U, s, V, table, costs, budget_bits(m, n, settings.alpha, overhead_bits))
+    budget = budget_bits(m, n, settings.alpha, overhead_bits)
+    kept = max_kept(costs, budget) if prune and (costs > 0).any() else None
+    table = error_table(s, U, V, H, list(settings.widths), g, max_kept=kept).numpy()
+    return Analysis(D, H, U, s, V, table, costs, budget, budget if kept is not None else None)
 
 
 def compress_matrix(D: torch.Tensor, H: torch.Tensor | None, settings: Settings, overhead_bits: float = 0.0,
@@ -66,13 +71,16 @@ def compress_matrix(D: torch.Tensor, H: torch.Tensor | None, settings: Settings,
     """ADAMIX on one delta D (m x n) with input Gram H (n x n) or None. Returns an Encoded "svd-mixed".
 
     The stored codes and grids take at most budget_bits(m, n, settings.alpha, overhead_bits) bits.
-    analysis: analyse(D, H, settings) if already computed (its budget is replaced by this one).
+    analysis: analyse(D, H, settings) if already computed (its budget is replaced by this one, which
+    must not exceed the one a pruned table was made for).
     """
     m, n = D.shape
     if analysis is None:
-        a = analyse(D, H, settings, overhead_bits)
+        a = analyse(D, H, settings, overhead_bits, prune=True)
     else:
         a = dataclasses.replace(analysis, budget=budget_bits(m, n, settings.alpha, overhead_bits))
+        if a.pruned_for is not None and a.budget > a.pruned_for:
+            raise ValueError(f"the error table was pruned for {a.pruned_for:.0f} bits, not {a.budget:.0f}")
     return finish(a, choose_widths(a.table, a.costs, a.budget), a.budget, settings)
 
 
