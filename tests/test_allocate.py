@@ -240,7 +240,7 @@ def test_float32_gram_products_match_float64():
     torch.testing.assert_close(linalg.gram_rows(A, B, H32, chunk=16), ref, rtol=1e-5, atol=0.0)
     torch.testing.assert_close(linalg.gram_rows(A, B, H64, chunk=16), ((A @ H64) * B).sum(1), rtol=1e-12, atol=0.0)
     # H B is exact (float64) whatever H's dtype, and whatever the chunk
-    torch.testing.assert_close(linalg.gram_times(H32, A.T, chunk=7), H32.double() @ A.T, rtol=1e-10, atol=0.0)
+    torch.testing.assert_close(linalg.matmul64(H32, A.T, chunk=7), H32.double() @ A.T, rtol=1e-10, atol=0.0)
     E = B - A
     assert linalg.output_error(B, A, H32, chunk=9) == pytest.approx(float(((E @ H64) * E).sum()), rel=1e-5)
 

@@ -137,7 +137,7 @@ def encode_block(names: dict[str, tuple[torch.Tensor | None, bool]], load: Calla
 
     One tensor at a time: entries are popped from `names` as they are encoded, so a Gram is freed once
     the last linear sharing it is done, and a D lives only while it is encoded. The Gram stays float32
-    (never a float64 copy: 1 GB at width 11008); linalg.gram_rows / gram_times say how it is used. With
+    (never a float64 copy: 1 GB at width 11008); linalg.gram_rows / matmul64 say how it is used. With
     budget_scope "block" the method's matrices share one allocation (methods.adamix.compress_jointly)."""
     out = {}
     joint = []

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..allocate import choose_widths, error_table, max_kept, triplet_cost
-from ..linalg import error_stats, gram_times, svd
+from ..linalg import error_stats, matmul64, svd
 from ..quant.gptq import gptq_columns, gptq_rows, rtn_columns
 from ..quant.grid import rtn
 from .base import Encoded, Settings
@@ -157,7 +157,7 @@ def quantize_factors(D: torch.Tensor, H: torch.Tensor | None, U: torch.Tensor, s
         if H is None:
             uq = rtn_columns(Ustar, bits, g)
         else:
-            uq = gptq_columns(Ustar, (Vhat @ gram_times(H, Vhat.T)).float(), bits, g, damp=settings.damp)
+            uq = gptq_columns(Ustar, (Vhat @ matmul64(H, Vhat.T)).float(), bits, g, damp=settings.damp)
         enc = encode_factors((m, n), widths, g, vq, uq)
     enc.stats = {"rank_kept": len(widths), **error_stats(decode_factors((m, n), enc.meta, enc.tensors), D, H, predicted)}
     return enc
@@ -165,9 +165,8 @@ def quantize_factors(D: torch.Tensor, H: torch.Tensor | None, U: torch.Tensor, s
 
 def target_correction(D: torch.Tensor, H: torch.Tensor | None, Vhat: torch.Tensor, damp: float) -> torch.Tensor:
     """U* = argmin_U ||U V^ X - D X||_F = D H V^^T (V^ H V^^T + damp * mean diag I)^-1, float64 (m, k)."""
-    D64 = D.double()
-    HV = Vhat.T if H is None else gram_times(H, Vhat.T)  # (n, k)
-    G = Vhat @ HV  # (k, k)
+    HV = Vhat.T.double() if H is None else matmul64(H, Vhat.T)  # (n, k)
+    G = Vhat.double() @ HV  # (k, k)
     G = G + damp * torch.diagonal(G).mean().clamp_min(1e-30) * torch.eye(G.shape[0], dtype=G.dtype)
-    rhs = D64 @ HV  # (m, k)
+    rhs = matmul64(D, HV)  # (m, k)
     return torch.linalg.solve(G, rhs.T).T  # G symmetric: U* G = rhs
