@@ -25,6 +25,7 @@ from .methods.adamix import analyse, budget_bits, compress_jointly
 from .methods.base import Encoded, Settings, stored_suffixes
 from .methods.bitdelta import BITDELTA_ALPHA
 from .methods.raw import encode_raw
+from .memory import release_freed_memory
 from .methods.rows import compress_rows
 from .partial import PartialRun
 from .validate import size_totals
@@ -152,6 +153,7 @@ def encode_block(names: dict[str, tuple[torch.Tensor | None, bool]], load: Calla
         if enc is not None:
             out[name] = (enc, transposed)
         del D, Hd
+        release_freed_memory()
     for (name, transposed, _), enc in zip(joint, compress_jointly([a for _, _, a in joint], settings)):
         out[name] = (enc, transposed)
     return out
@@ -269,6 +271,7 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
         for name in tqdm(rest, desc="compress other tensors (data-free)", disable=not progress or not rest, unit="tensor"):
             enc = encode_tensor(load(name), None, False, settings, overhead)
             store("rest-" + name.replace(os.sep, "_"), [name], {name: (enc, False)} if enc is not None else {})
+            release_freed_memory()
 
         entries = work.entries()
         sources: dict[str, torch.Tensor | Path] = dict(work.tensor_files())
