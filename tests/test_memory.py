@@ -19,11 +19,13 @@ def rss_anon_mib() -> float:
 
 @pytest.mark.skipif(_libc() is None or not Path("/proc/self/status").exists(), reason="needs glibc and /proc")
 def test_freed_heap_pages_are_returned():
-    # 2000 tensors of 64 KiB (below glibc's mmap threshold: they live in the heap), then a small one
-    # above them that keeps the heap's top in place; freeing the 2000 leaves 125 MiB of free pages
-    # that glibc keeps, until release_freed_memory hands them back
-    many = [torch.ones(16384) for _ in range(2000)]
-    pin = torch.ones(16)
+    # 2000 tensors of 64 KiB (below glibc's mmap threshold: they live in the heap), each followed by
+    # a small one that stays alive, so that freeing the big ones leaves 125 MiB of holes inside the
+    # heap, which free() never returns by itself (it trims only the heap's top)
+    many, pins = [], []
+    for _ in range(2000):
+        many.append(torch.ones(16384))
+        pins.append(torch.ones(256))
     before = rss_anon_mib()
     del many
     held = rss_anon_mib()
@@ -31,4 +33,4 @@ def test_freed_heap_pages_are_returned():
     after = rss_anon_mib()
     assert held > before - 40, "glibc returned the pages by itself: the test shows nothing"
     assert after < held - 80
-    del pin
+    del pins
