@@ -1,0 +1,118 @@
+"""How much of the error table and of the MILP the exact pruning skips, on a real pair (issue 5).
+
+    python benchmarks/pruning.py [--pair minilm|smollm] [--blocks N] [--samples 32]
+
+For every calibrated linear (Grams from --samples windows of lee_background.cor): the full error
+table, and the pruned one at each ratio (allocate.error_table's max_kept; allocate.keep_threshold).
+Reported per ratio: the share of triplets measured, the seconds of both tables, the seconds of
+solve_allocation on the full table with and without its reduction, and the largest relative
+difference of the optimum (0: the pruning is exact). Writes benchmarks/results/pruning_<pair>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import csr_matrix
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from adamix.allocate import error_table, max_kept, solve_allocation, triplet_cost  # noqa: E402
+from adamix.calibrate import BlockRunner, default_calibration_file, read_text, token_windows  # noqa: E402
+from adamix.checkpoint import Checkpoint  # noqa: E402
+from adamix.linalg import svd  # noqa: E402
+from adamix.methods.adamix import budget_bits  # noqa: E402
+from adamix.methods.base import Settings  # noqa: E402
+from adamix.pipeline import delta_of  # noqa: E402
+
+RATIOS = ("1/8", "1/16", "1/32", "1/64")
+
+
+def plain_milp(errors: np.ndarray, costs: np.ndarray, budget: float) -> np.ndarray:
+    """solve_allocation's MILP without its reduction (the reference for time and optimum)."""
+    r, nb = errors.shape
+    scale = 1e-7 * errors.max() if errors.max() > 0 else 1.0
+    rows = np.repeat(np.arange(r), nb)
+    one_each = csr_matrix((np.ones(r * nb), (rows, np.arange(r * nb))), shape=(r, r * nb))
+    res = milp((errors / scale).reshape(-1), integrality=np.ones(r * nb), bounds=Bounds(0, 1),
+               constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(np.tile(costs, r)[None], -np.inf, budget)],
+               options={"mip_rel_gap": 0.0, "time_limit": 60.0})
+    return np.asarray(res.x).reshape(r, nb).argmax(axis=1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pair", default="minilm", choices=("minilm", "smollm"))
+    ap.add_argument("--blocks", type=int, default=0, help="only the first N blocks (0 = all)")
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args()
+    from transformers import AutoTokenizer
+    from peers import git_commit
+    if args.pair == "minilm":
+        from adamix.demo import PAIR, package_folder
+        base, ft = (package_folder(*p) for p in PAIR)
+    else:
+        from make_smollm_finetune import make_finetune
+        base, ft = make_finetune(log=print)
+    commit = git_commit()
+    base_ck, ft_ck = Checkpoint(base), Checkpoint(ft)
+    windows = token_windows(read_text(default_calibration_file()), AutoTokenizer.from_pretrained(ft), args.samples, 256)
+    s = Settings()
+    widths = list(s.widths)
+    stats = {a: {"measured": 0, "rows": 0, "pruned_s": 0.0, "milp_s": 0.0, "reduced_s": 0.0, "worst": 0.0} for a in RATIOS}
+    full_s, matrices = 0.0, 0
+    for i, infos, grams in BlockRunner(ft_ck, windows).run():
+        if args.blocks and i >= args.blocks:
+            break
+        for info in infos:
+            D = delta_of(base_ck, ft_ck, info.name)
+            D = D.T if info.transposed else D
+            H = grams[info.name]
+            m, n = D.shape
+            U, sv, V = svd(D)
+            costs = np.array([triplet_cost(m, n, b, s.group_size) for b in widths], dtype=np.float64)
+            t = time.perf_counter()
+            full = error_table(sv, U, V, H, widths, s.group_size).numpy()
+            full_s += time.perf_counter() - t
+            matrices += 1
+            for a in RATIOS:
+                budget = budget_bits(m, n, float(Fraction(a)))
+                st = stats[a]
+                t = time.perf_counter()
+                pruned = error_table(sv, U, V, H, widths, s.group_size, max_kept=max_kept(costs, budget)).numpy()
+                st["pruned_s"] += time.perf_counter() - t
+                st["measured"] += int((pruned[:, 1:] != pruned[:, :1]).any(axis=1).sum())
+                st["rows"] += len(sv)
+                t = time.perf_counter()
+                ref = plain_milp(full, costs, budget)
+                st["milp_s"] += time.perf_counter() - t
+                t = time.perf_counter()
+                got = solve_allocation(pruned, costs, budget)
+                st["reduced_s"] += time.perf_counter() - t
+                best, mine = (float(full[np.arange(len(sv)), c].sum()) for c in (ref, got))
+                st["worst"] = max(st["worst"], (mine - best) / best if best > 0 else 0.0)
+        print(f"block {i + 1} done", flush=True)
+    lines = [f"# Exact pruning of the error table and the MILP: {args.pair}", "",
+             f"Produced by `python benchmarks/pruning.py --pair {args.pair}"
+             + (f" --blocks {args.blocks}" if args.blocks else "") + f" --samples {args.samples}` at commit `{commit}`, CPU; "
+             f"{matrices} calibrated matrices; the full error table took {full_s:.1f} s in all.", "",
+             "| ratio | triplets measured | pruned table s | MILP s (full table) | MILP s (reduced) | optimum vs full, worst |",
+             "|---|---|---|---|---|---|"]
+    for a, st in stats.items():
+        lines.append(f"| {a} | {st['measured'] / st['rows']:.0%} | {st['pruned_s']:.1f} | {st['milp_s']:.1f} | "
+                     f"{st['reduced_s']:.1f} | {st['worst']:+.1e} |")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"pruning_{args.pair}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
