@@ -23,14 +23,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 
 from adamix.allocate import choose_widths  # noqa: E402
-from adamix.calibrate import BlockRunner, default_calibration_file, read_text, token_windows  # noqa: E402
-from adamix.checkpoint import Checkpoint  # noqa: E402
+from calibrated import calibrated_deltas, pair_paths  # noqa: E402
 from adamix.linalg import output_error, svd  # noqa: E402
 from adamix.methods.adamix import analyse, budget_bits, finish  # noqa: E402
 from adamix.methods.base import Settings  # noqa: E402
 from adamix.methods.deltacome import WIDTHS as DC_WIDTHS, schedule_widths  # noqa: E402
 from adamix.methods.factors import decode_factors  # noqa: E402
-from adamix.pipeline import delta_of  # noqa: E402
 
 # name: (widths, choice rule, target correction, group size, damp)
 VARIANTS = {
@@ -52,45 +50,32 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=0, help="only the first N blocks (0 = all)")
     args = ap.parse_args()
     alpha = float(Fraction(args.ratio))
-    from transformers import AutoTokenizer
-    if args.pair == "minilm":
-        from adamix.demo import PAIR, package_folder
-        base, ft = (package_folder(*p) for p in PAIR)
-    else:
-        from make_smollm_finetune import make_finetune
-        base, ft = make_finetune(log=print)
-    base_ck, ft_ck = Checkpoint(base), Checkpoint(ft)
-    windows = token_windows(read_text(default_calibration_file()), AutoTokenizer.from_pretrained(ft), 128, 256)
+    base, ft = pair_paths(args.pair)
     measured = {v: 0.0 for v in VARIANTS}
     predicted = {v: 0.0 for v in VARIANTS}
     energy = 0.0
-    for i, infos, grams in BlockRunner(ft_ck, windows).run():
-        if args.blocks and i >= args.blocks:
-            break
-        for info in infos:
-            D = delta_of(base_ck, ft_ck, info.name)
-            D = D.T if info.transposed else D
-            H = grams[info.name].double()
-            m, n = D.shape
-            fac = svd(D)
-            energy += output_error(None, D, H)
-            tables = {}
-            for v, (widths, rule, tc, g, damp) in VARIANTS.items():
-                s = Settings(alpha=alpha, widths=widths, group_size=g, damp=damp, correct_target=tc)
-                key = (widths, g)
-                if key not in tables:
-                    tables[key] = analyse(D, H, s, factors=fac)
-                a = dataclasses.replace(tables[key], budget=budget_bits(m, n, alpha))
-                if rule == "ilp":
-                    choice = choose_widths(a.table, a.costs, a.budget)
-                else:
-                    chosen = schedule_widths(len(a.s), dict(zip(widths, a.costs)), a.budget)
-                    choice = np.array([list(widths).index(b) for b in chosen])
-                enc = finish(a, choice, a.budget, s)
-                final = np.array([list(widths).index(b) for b in enc.detail["widths_by_index"]])
-                predicted[v] += float(a.table[np.arange(len(a.s)), final].sum())
-                measured[v] += output_error(decode_factors((m, n), enc.meta, enc.tensors), D, H)
-        print(f"block {i} done", flush=True)
+    for _, name, D, H in calibrated_deltas(base, ft, 128, args.blocks):
+        H = H.double()
+        m, n = D.shape
+        fac = svd(D)
+        energy += output_error(None, D, H)
+        tables = {}
+        for v, (widths, rule, tc, g, damp) in VARIANTS.items():
+            s = Settings(alpha=alpha, widths=widths, group_size=g, damp=damp, correct_target=tc)
+            key = (widths, g)
+            if key not in tables:
+                tables[key] = analyse(D, H, s, factors=fac)
+            a = dataclasses.replace(tables[key], budget=budget_bits(m, n, alpha))
+            if rule == "ilp":
+                choice = choose_widths(a.table, a.costs, a.budget)
+            else:
+                chosen = schedule_widths(len(a.s), dict(zip(widths, a.costs)), a.budget)
+                choice = np.array([list(widths).index(b) for b in chosen])
+            enc = finish(a, choice, a.budget, s)
+            final = np.array([list(widths).index(b) for b in enc.detail["widths_by_index"]])
+            predicted[v] += float(a.table[np.arange(len(a.s)), final].sum())
+            measured[v] += output_error(decode_factors((m, n), enc.meta, enc.tensors), D, H)
+        print(f"{name} done", flush=True)
     ref = measured["deltacome (schedule, no TC)"]
     print(f"\n{args.pair}, alpha {args.ratio}, calibration text\n")
     print("| variant | measured error | x deltacome | predicted by the ILP model |\n|---|---|---|---|")

@@ -24,12 +24,10 @@ from scipy.sparse import csr_matrix
 sys.path.insert(0, str(Path(__file__).parent))
 
 from adamix.allocate import error_table, max_kept, solve_allocation, triplet_cost  # noqa: E402
-from adamix.calibrate import BlockRunner, default_calibration_file, read_text, token_windows  # noqa: E402
-from adamix.checkpoint import Checkpoint  # noqa: E402
+from calibrated import calibrated_deltas, pair_paths  # noqa: E402
 from adamix.linalg import svd  # noqa: E402
 from adamix.methods.adamix import budget_bits  # noqa: E402
 from adamix.methods.base import Settings  # noqa: E402
-from adamix.pipeline import delta_of  # noqa: E402
 
 RATIOS = ("1/8", "1/16", "1/32", "1/64")
 
@@ -53,52 +51,38 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
-    from transformers import AutoTokenizer
     from peers import git_commit
-    if args.pair == "minilm":
-        from adamix.demo import PAIR, package_folder
-        base, ft = (package_folder(*p) for p in PAIR)
-    else:
-        from make_smollm_finetune import make_finetune
-        base, ft = make_finetune(log=print)
+    base, ft = pair_paths(args.pair)
     commit = git_commit()
-    base_ck, ft_ck = Checkpoint(base), Checkpoint(ft)
-    windows = token_windows(read_text(default_calibration_file()), AutoTokenizer.from_pretrained(ft), args.samples, 256)
     s = Settings()
     widths = list(s.widths)
     stats = {a: {"measured": 0, "rows": 0, "pruned_s": 0.0, "milp_s": 0.0, "reduced_s": 0.0, "worst": 0.0} for a in RATIOS}
     full_s, matrices = 0.0, 0
-    for i, infos, grams in BlockRunner(ft_ck, windows).run():
-        if args.blocks and i >= args.blocks:
-            break
-        for info in infos:
-            D = delta_of(base_ck, ft_ck, info.name)
-            D = D.T if info.transposed else D
-            H = grams[info.name]
-            m, n = D.shape
-            U, sv, V = svd(D)
-            costs = np.array([triplet_cost(m, n, b, s.group_size) for b in widths], dtype=np.float64)
+    for _, name, D, H in calibrated_deltas(base, ft, args.samples, args.blocks):
+        m, n = D.shape
+        U, sv, V = svd(D)
+        costs = np.array([triplet_cost(m, n, b, s.group_size) for b in widths], dtype=np.float64)
+        t = time.perf_counter()
+        full = error_table(sv, U, V, H, widths, s.group_size).numpy()
+        full_s += time.perf_counter() - t
+        matrices += 1
+        for a in RATIOS:
+            budget = budget_bits(m, n, float(Fraction(a)))
+            st = stats[a]
             t = time.perf_counter()
-            full = error_table(sv, U, V, H, widths, s.group_size).numpy()
-            full_s += time.perf_counter() - t
-            matrices += 1
-            for a in RATIOS:
-                budget = budget_bits(m, n, float(Fraction(a)))
-                st = stats[a]
-                t = time.perf_counter()
-                pruned = error_table(sv, U, V, H, widths, s.group_size, max_kept=max_kept(costs, budget)).numpy()
-                st["pruned_s"] += time.perf_counter() - t
-                st["measured"] += int((pruned[:, 1:] != pruned[:, :1]).any(axis=1).sum())
-                st["rows"] += len(sv)
-                t = time.perf_counter()
-                ref = plain_milp(full, costs, budget)
-                st["milp_s"] += time.perf_counter() - t
-                t = time.perf_counter()
-                got = solve_allocation(pruned, costs, budget)
-                st["reduced_s"] += time.perf_counter() - t
-                best, mine = (float(full[np.arange(len(sv)), c].sum()) for c in (ref, got))
-                st["worst"] = max(st["worst"], (mine - best) / best if best > 0 else 0.0)
-        print(f"block {i + 1} done", flush=True)
+            pruned = error_table(sv, U, V, H, widths, s.group_size, max_kept=max_kept(costs, budget)).numpy()
+            st["pruned_s"] += time.perf_counter() - t
+            st["measured"] += int((pruned[:, 1:] != pruned[:, :1]).any(axis=1).sum())
+            st["rows"] += len(sv)
+            t = time.perf_counter()
+            ref = plain_milp(full, costs, budget)
+            st["milp_s"] += time.perf_counter() - t
+            t = time.perf_counter()
+            got = solve_allocation(pruned, costs, budget)
+            st["reduced_s"] += time.perf_counter() - t
+            best, mine = (float(full[np.arange(len(sv)), c].sum()) for c in (ref, got))
+            st["worst"] = max(st["worst"], (mine - best) / best if best > 0 else 0.0)
+        print(f"{name} done", flush=True)
     lines = [f"# Exact pruning of the error table and the MILP: {args.pair}", "",
              f"Produced by `python benchmarks/pruning.py --pair {args.pair}"
              + (f" --blocks {args.blocks}" if args.blocks else "") + f" --samples {args.samples}` at commit `{commit}`, CPU; "

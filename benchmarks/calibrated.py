@@ -1,0 +1,34 @@
+"""The real pairs' calibrated deltas, one at a time, for the analysis benchmarks (ablation, pruning)."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from adamix.calibrate import BlockRunner, default_calibration_file, read_text, token_windows
+from adamix.checkpoint import Checkpoint
+from adamix.pipeline import delta_of
+
+
+def pair_paths(pair: str) -> tuple[str, str]:
+    """(base, fine-tune) folders of 'minilm' (the packaged pair) or 'smollm' (made and cached)."""
+    if pair == "minilm":
+        from adamix.demo import PAIR, package_folder
+        return tuple(package_folder(*p) for p in PAIR)
+    from make_smollm_finetune import make_finetune
+    return make_finetune(log=print)
+
+
+def calibrated_deltas(base: str, ft: str, samples: int, blocks: int = 0) -> Iterator[tuple[int, str, torch.Tensor, torch.Tensor]]:
+    """(block, name, D (m x n, oriented so that y = D x), float32 Gram H (n x n)) for every linear of
+    the first `blocks` blocks (0: all), Grams from `samples` windows of 256 tokens of lee_background.cor."""
+    from transformers import AutoTokenizer
+    base_ck, ft_ck = Checkpoint(base), Checkpoint(ft)
+    windows = token_windows(read_text(default_calibration_file()), AutoTokenizer.from_pretrained(ft), samples, 256)
+    for i, infos, grams in BlockRunner(ft_ck, windows).run():
+        if blocks and i >= blocks:
+            break
+        for info in infos:
+            D = delta_of(base_ck, ft_ck, info.name)
+            yield i, info.name, D.T if info.transposed else D, grams[info.name]
