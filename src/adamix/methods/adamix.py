@@ -150,22 +150,27 @@ def quantize_factors(D: torch.Tensor, H: torch.Tensor | None, U: torch.Tensor, s
         Vt = V.T.float().contiguous()
         vq = rtn(Vt, bits, min(g, n)) if H is None else gptq_rows(Vt, H, bits, g, damp=settings.damp)
         Vhat = vq["deq"].double()
+        HV = Vhat.T if H is None else matmul64(H, Vhat.T)  # (n, k), shared by both uses below
         if settings.correct_target:
-            Ustar = target_correction(D, H, Vhat, settings.fit_damp).float()
+            Ustar = target_correction(D, H, Vhat, settings.fit_damp, HV).float()
         else:  # Delta-CoMe: quantize U S itself, GPTQ on the quantized V's outputs compensating
             Ustar = (U * s).float()
         if H is None:
             uq = rtn_columns(Ustar, bits, g)
-        else:
-            uq = gptq_columns(Ustar, (Vhat @ matmul64(H, Vhat.T)).float(), bits, g, damp=settings.damp)
+        else:  # H_z = V^ H V^^T, the Gram of z = V^ x
+            uq = gptq_columns(Ustar, (Vhat @ HV).float(), bits, g, damp=settings.damp)
         enc = encode_factors((m, n), widths, g, vq, uq)
     enc.stats = {"rank_kept": len(widths), **error_stats(decode_factors((m, n), enc.meta, enc.tensors), D, H, predicted)}
     return enc
 
 
-def target_correction(D: torch.Tensor, H: torch.Tensor | None, Vhat: torch.Tensor, damp: float) -> torch.Tensor:
-    """U* = argmin_U ||U V^ X - D X||_F = D H V^^T (V^ H V^^T + damp * mean diag I)^-1, float64 (m, k)."""
-    HV = Vhat.T.double() if H is None else matmul64(H, Vhat.T)  # (n, k)
+def target_correction(D: torch.Tensor, H: torch.Tensor | None, Vhat: torch.Tensor, damp: float,
+                      HV: torch.Tensor | None = None) -> torch.Tensor:
+    """U* = argmin_U ||U V^ X - D X||_F = D H V^^T (V^ H V^^T + damp * mean diag I)^-1, float64 (m, k).
+
+    HV: H V^^T (n, k) if the caller already has it."""
+    if HV is None:
+        HV = Vhat.T.double() if H is None else matmul64(H, Vhat.T)  # (n, k)
     G = Vhat.double() @ HV  # (k, k)
     G = G + damp * torch.diagonal(G).mean().clamp_min(1e-30) * torch.eye(G.shape[0], dtype=G.dtype)
     rhs = matmul64(D, HV)  # (m, k)
