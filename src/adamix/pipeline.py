@@ -143,16 +143,16 @@ def encode_block(names: dict[str, tuple[torch.Tensor | None, bool]], load: Calla
     out = {}
     joint = []
     for name in list(names):
-        Hd, transposed = names.pop(name)  # float32: products with it run in float32, sums in float64
+        H, transposed = names.pop(name)  # float32: products with it run in float32, sums in float64
         D = load(name)
         if settings.budget_scope == "block" and settings.method == "adamix" and bool(D.any()) and is_svd_shape(tuple(D.shape)):
             Dl = D.T if transposed else D
-            joint.append((name, transposed, analyse(Dl, Hd, settings, overhead * D.numel())))
+            joint.append((name, transposed, analyse(Dl, H, settings, overhead * D.numel())))
             continue
-        enc = encode_tensor(D, Hd, transposed, settings, overhead)
+        enc = encode_tensor(D, H, transposed, settings, overhead)
         if enc is not None:
             out[name] = (enc, transposed)
-        del D, Hd
+        del D, H
         release_freed_memory()
     for (name, transposed, _), enc in zip(joint, compress_jointly([a for _, _, a in joint], settings)):
         out[name] = (enc, transposed)
