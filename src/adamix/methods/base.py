@@ -104,6 +104,39 @@ def low_rank_factors(kind: str, shape: tuple[int, ...], meta: dict,
     return fn(tuple(shape), meta, tensors)
 
 
+@dataclass(frozen=True)
+class QuantizedFactors:
+    """Low-bit factors of D^ = U^ V^ as stored, unpacked: V (k, n) and U^T (k, m) as dicts of codes
+    (k, L) uint8, scale and offset (k, ceil(L / g)) float32 with entry = offset + scale * code (groups of
+    gv entries along V's rows, gu along U^T's); bits (k,) the width of each triplet, non-increasing."""
+    bits: list[int]
+    gv: int
+    gu: int
+    V: dict[str, torch.Tensor]
+    U: dict[str, torch.Tensor]
+
+
+QUANTIZED: dict[str, Callable[[tuple[int, ...], dict, dict[str, torch.Tensor]], QuantizedFactors]] = {}
+
+
+def register_quantized_factors(kind: str):
+    """Declare that `kind` stores its factors as codes on per-group grids: fn(shape, meta, tensors) ->
+    QuantizedFactors. The runtime multiplies by such factors without expanding them (adamix.lowbit)."""
+    def wrap(fn):
+        QUANTIZED[kind] = fn
+        return fn
+    return wrap
+
+
+def quantized_factors(kind: str, shape: tuple[int, ...], meta: dict,
+                      tensors: dict[str, torch.Tensor]) -> QuantizedFactors | None:
+    """QuantizedFactors for kinds registered with register_quantized_factors; None for other kinds."""
+    fn = QUANTIZED.get(kind)
+    if fn is None or len(shape) != 2:
+        return None
+    return fn(tuple(shape), meta, tensors)
+
+
 MAX_COUNT = 2**31 - 1  # bound on group sizes and counts read from a manifest (no dimension is larger)
 
 

@@ -15,7 +15,8 @@ import torch
 from ..errors import AdamixError
 from ..quant.grid import dequantize, expand_groups, n_groups
 from ..quant.pack import pack, packed_nbytes, unpack
-from .base import Encoded, parse_width_meta, register_decoder, register_factors
+from .base import (Encoded, QuantizedFactors, parse_width_meta, register_decoder, register_factors,
+                   register_quantized_factors)
 
 
 def encode_factors(shape: tuple[int, int], widths: list[int], group_size: int,
@@ -54,9 +55,9 @@ def expected_sizes(shape: tuple[int, int], meta: dict) -> tuple[int, int]:
     return nbytes, nparams
 
 
-@register_factors("svd-mixed")
-def factors(shape: tuple[int, int], meta: dict, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode to (U^ (m, k), V^ (k, n)) float32."""
+@register_quantized_factors("svd-mixed")
+def svd_mixed_quantized(shape: tuple[int, int], meta: dict, tensors: dict[str, torch.Tensor]) -> QuantizedFactors:
+    """The stored codes and grids, unpacked: V^ (k, n) and U^T (k, m), rows widest first."""
     m, n = shape
     g, groups = parse_width_meta(meta, "svd-mixed")
     codes, params = tensors["codes"], tensors["params"]
@@ -65,7 +66,10 @@ def factors(shape: tuple[int, int], meta: dict, tensors: dict[str, torch.Tensor]
         raise AdamixError(f"stored factors have {codes.numel()} code bytes and {params.numel()} params, "
                           f"the manifest implies {nbytes} and {nparams}")
     gn, gm = min(g, n), min(g, m)
-    Us, Vs, cpos, ppos = [], [], 0, 0
+    Gn, Gm = n_groups(n, gn), n_groups(m, gm)
+    parts = {"vc": [torch.zeros(0, n, dtype=torch.uint8)], "uc": [torch.zeros(0, m, dtype=torch.uint8)],
+             "vs": [torch.zeros(0, Gn)], "vo": [torch.zeros(0, Gn)], "us": [torch.zeros(0, Gm)], "uo": [torch.zeros(0, Gm)]}
+    cpos, ppos = 0, 0
 
     def take_codes(count: int, length: int, b: int) -> torch.Tensor:
         nonlocal cpos
@@ -79,17 +83,27 @@ def factors(shape: tuple[int, int], meta: dict, tensors: dict[str, torch.Tensor]
         size = count * n_groups(length, g_)
         out = params[ppos:ppos + size].float().reshape(count, -1)
         ppos += size
-        return expand_groups(out, length, g_)
+        return out
 
     for b, count in groups:
-        vc, uc = take_codes(count, n, b), take_codes(count, m, b)
-        vs, vo = take_params(count, n, gn), take_params(count, n, gn)
-        us, uo = take_params(count, m, gm), take_params(count, m, gm)
-        Vs.append(dequantize(vc, vs, vo))
-        Us.append(dequantize(uc, us, uo).T)
-    if not Vs:
-        return torch.zeros(m, 0), torch.zeros(0, n)
-    return torch.cat(Us, dim=1), torch.cat(Vs, dim=0)
+        parts["vc"].append(take_codes(count, n, b))
+        parts["uc"].append(take_codes(count, m, b))
+        for key, length, g_ in (("vs", n, gn), ("vo", n, gn), ("us", m, gm), ("uo", m, gm)):
+            parts[key].append(take_params(count, length, g_))
+    cat = {key: torch.cat(v) for key, v in parts.items()}
+    bits = [b for b, count in groups for _ in range(count)]
+    return QuantizedFactors(bits, gn, gm, {"codes": cat["vc"], "scale": cat["vs"], "offset": cat["vo"]},
+                            {"codes": cat["uc"], "scale": cat["us"], "offset": cat["uo"]})
+
+
+@register_factors("svd-mixed")
+def factors(shape: tuple[int, int], meta: dict, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode to (U^ (m, k), V^ (k, n)) float32."""
+    m, n = shape
+    q = svd_mixed_quantized(shape, meta, tensors)
+    V = dequantize(q.V["codes"], expand_groups(q.V["scale"], n, q.gv), expand_groups(q.V["offset"], n, q.gv))
+    Ut = dequantize(q.U["codes"], expand_groups(q.U["scale"], m, q.gu), expand_groups(q.U["offset"], m, q.gu))
+    return Ut.T, V
 
 
 @register_decoder("svd-mixed", {"codes": "U8", "params": "F16"})
