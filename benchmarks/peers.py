@@ -484,6 +484,8 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS) + f",{DISTILLED}")
     ap.add_argument("--cli-methods", default="all", help="methods also timed as a real CLI run at 1/16 ('none' to skip)")
     ap.add_argument("--cli-only", action="store_true", help="only redo the CLI timings of an earlier run")
+    ap.add_argument("--reuse-cli", action="store_true", help="with --cli-only: take the timings saved by an earlier "
+                    "--cli-only run (cli-M/timing.json in WORK) instead of running again")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "adamix" / "bench" / "peers"))
     args = ap.parse_args()
@@ -493,21 +495,30 @@ def main() -> None:
     cli = [] if args.cli_methods == "none" else (methods if args.cli_methods == "all" else args.cli_methods.split(","))
     for pair in args.pairs.split(","):
         if args.cli_only:
-            rerun_cli(pair, cli, Path(args.work), Path(args.out))
+            rerun_cli(pair, cli, Path(args.work), Path(args.out), args.reuse_cli)
         else:
             run_pair(pair, methods, ratios, cli, Path(args.work), Path(args.out))
 
 
-def rerun_cli(pair: str, methods: list[str], work: Path, out: Path) -> None:
-    """Redo only the CLI timings of an earlier run (its artifacts in WORK) and rewrite that section."""
-    from adamix.demo import PAIR, package_folder
-    if pair != "minilm":
-        raise SystemExit("--cli-only is implemented for the minilm pair")
-    base, ft = (package_folder(*p) for p in PAIR)
+def rerun_cli(pair: str, methods: list[str], work: Path, out: Path, reuse: bool = False) -> None:
+    """Redo only the CLI timings of an earlier run (its artifacts in WORK) and rewrite that section.
+    Each run's timing is saved beside its artifact (cli-M/timing.json); reuse=True takes those."""
+    if pair == "minilm":
+        from adamix.demo import PAIR, package_folder
+        base, ft = (package_folder(*p) for p in PAIR)
+    else:
+        from make_smollm_finetune import gguf_location, make_finetune
+        folder, name = gguf_location()
+        base, ft = str(Path(folder) / name), make_finetune(log=print)[1]
     cli = {}
     for m in methods:
         if m != DISTILLED:
-            cli[m] = cli_run(base, ft, m, work / pair / f"cli-{m}")
+            saved = work / pair / f"cli-{m}" / "timing.json"
+            if reuse and saved.is_file():  # measured earlier (e.g. while the grid was still evaluating)
+                cli[m] = json.loads(saved.read_text())
+            else:
+                cli[m] = cli_run(base, ft, m, work / pair / f"cli-{m}")
+                saved.write_text(json.dumps(cli[m]))
             cli[m]["identical"] = cli[m]["sha"] == sha256(artifact_dir(work / pair, m, ONE_16) / "delta.safetensors")
             print(f"[{pair}] CLI {m} 1/16: {cli[m]}")
     data = json.loads((out / f"{pair}.json").read_text())
@@ -519,8 +530,11 @@ def rerun_cli(pair: str, methods: list[str], work: Path, out: Path) -> None:
              "| method | wall s | peak RSS MiB | artifact identical to the grid's |", "|---|---|---|---|"]
     table += [f"| {m} | {c['wall_s']:.1f} | {c['peak_rss_mib']:.0f} | {'yes' if c['identical'] else 'NO'} |" for m, c in cli.items()]
     text = (out / f"{pair}.md").read_text()
-    text = re.sub(r"## `adamix compress --ratio 1/16` in a child process\n.*?\n\n(?=Shared work)", "\n".join(table) + "\n\n",
-                  text, flags=re.S)
+    section = re.compile(r"## `adamix compress --ratio 1/16` in a child process\n.*?\n\n(?=Shared work)", re.S)
+    if section.search(text):
+        text = section.sub(lambda _: "\n".join(table) + "\n\n", text)
+    else:  # the grid ran with --cli-methods none: the section goes before "Shared work"
+        text = text.replace("Shared work", "\n".join(table) + "\n\nShared work", 1)
     (out / f"{pair}.md").write_text(text)
 
 

@@ -14,8 +14,8 @@ from adamix.runtime import resolve_factors
 needs_kernels = pytest.mark.skipif(not lowbit.available(), reason=f"no C kernels: {native.why_not('lowbit')}")
 
 
-def random_rows(k: int, L: int, g: int, k8: int, seed: int = 0) -> tuple[lowbit.LowBitRows, torch.Tensor]:
-    """LowBitRows with k8 8-bit rows then 2..4-bit rows, random grids; and its codes (k, L)."""
+def random_rows(k: int, L: int, g: int, k8: int, seed: int = 0, cols: bool = False):
+    """LowBitRows (LowBitCols if cols) with k8 8-bit rows then 2..4-bit rows, random grids; and its codes (k, L)."""
     gen = torch.Generator().manual_seed(seed)
     bits = [8] * k8 + sorted(torch.randint(2, 5, (k - k8,), generator=gen).tolist(), reverse=True)
     codes = torch.stack([torch.randint(0, 2 ** b, (L,), generator=gen) for b in bits]).to(torch.uint8) \
@@ -23,13 +23,14 @@ def random_rows(k: int, L: int, g: int, k8: int, seed: int = 0) -> tuple[lowbit.
     G = -(-L // g)
     scale = torch.rand(k, G, generator=gen) + 0.1
     offset = torch.randn(k, G, generator=gen)
-    return lowbit.from_codes(codes, bits, scale, offset, g), codes
+    make = lowbit.cols_from_codes if cols else lowbit.from_codes
+    return make(codes, bits, scale, offset, g), codes
 
 
 def dense64(F: lowbit.LowBitRows, codes: torch.Tensor) -> torch.Tensor:
     """Equation (1) in float64 from the codes and grids, entry by entry."""
     j = torch.arange(F.L)
-    return F.offset.double()[:, j // F.g] + F.scale.double()[:, j // F.g] * codes.double()
+    return F.offset.double().T[:, j // F.g] + F.scale.double().T[:, j // F.g] * codes.double()
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -39,25 +40,37 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 # (k, L, g, k8): the AVX2 paths (g = 128, L a multiple of 32 / of 16 only), odd g, a short last group,
 # all rows 8-bit, no 8-bit row, a single group
 SHAPES = [(37, 576, 128, 3), (20, 1536, 128, 0), (9, 37, 8, 9), (6, 33, 7, 2), (5, 100, 32, 1), (4, 48, 64, 0),
-          (3, 160, 32, 3)]
+          (3, 160, 32, 3), (7, 200, 64, 2), (5, 96, 96, 5)]
 
 
-def test_nibble_layout_by_hand():
-    # g = 4, h = 2: byte t of a group holds entries t (low nibble) and 2 + t (high nibble)
-    codes = torch.tensor([[1, 2, 3, 4, 5]], dtype=torch.uint8)
-    assert lowbit.nibbles(codes, 4).tolist() == [[1 | 3 << 4, 2 | 4 << 4, 5, 0]]
-    # odd g = 3, h = 2: entries 0, 1 low; entry 2 high of byte 0; byte 1's high nibble is padding
-    assert lowbit.nibbles(torch.tensor([[7, 8, 9]], dtype=torch.uint8), 3).tolist() == [[7 | 9 << 4, 8]]
+def test_block_layout_by_hand():
+    """32-bit word w of a block, shifted right by 4 u (8 u for 8-bit codes) and masked, is entry 8 u + w."""
+    import numpy as np
+    codes = torch.arange(64, dtype=torch.uint8).view(1, 64)
+    words8 = np.frombuffer(lowbit.pack8(codes).numpy().tobytes(), dtype="<u4")  # two blocks of 32 entries
+    assert [[(int(words8[8 * b + w]) >> 8 * u) & 255 for w in range(8)] for b in range(2) for u in range(4)] \
+        == [list(range(8 * r, 8 * r + 8)) for r in range(8)]
+    words4 = np.frombuffer(lowbit.pack4(codes % 16).numpy().tobytes(), dtype="<u4")  # one block of 64
+    assert [[(int(words4[w]) >> 4 * u) & 15 for w in range(8)] for u in range(8)] \
+        == [[(8 * u + w) % 16 for w in range(8)] for u in range(8)]
+    assert lowbit.pack4(torch.ones(2, 65, dtype=torch.uint8)).shape == (2, 64)  # padded to whole blocks
+    assert lowbit.pack8(torch.ones(2, 33, dtype=torch.uint8)).shape == (2, 64)
 
 
 @pytest.mark.parametrize("k,L,g,k8", SHAPES)
 def test_codes_round_trip_and_reference(k, L, g, k8):
     F, codes = random_rows(k, L, g, k8)
-    assert torch.equal(lowbit.codes_of(F), codes)
-    assert F.q8.shape == (k8, L) and F.q4.shape == (k - k8, -(-L // g) * ((g + 1) // 2))
+    C, _ = random_rows(k, L, g, k8, cols=True)
+    assert torch.equal(lowbit.codes_of(F), codes) and torch.equal(lowbit.codes_of(C), codes)
+    assert F.q8.shape == (k8, 32 * -(-L // 32)) and F.q4.shape == (k - k8, 32 * -(-L // 64))
+    assert C.q8.shape == (k8, 32 * -(-L // 32)) and C.q4t.shape == (L, 32 * -(-(k - k8) // 64))
     ref = dense64(F, codes)
-    assert rel(lowbit.reference(F), ref) < 1e-6
-    assert rel(lowbit.dequantize(F), ref) < 1e-6
+    for layout in (F, C):
+        assert rel(lowbit.reference(layout), ref) < 1e-6
+        assert rel(lowbit.dequantize(layout), ref) < 1e-6
+    flipped = lowbit.flipped(F)
+    assert isinstance(flipped, lowbit.LowBitCols) and all(torch.equal(a, b) for a, b in zip(flipped.tensors(), C.tensors()))
+    assert all(torch.equal(a, b) for a, b in zip(lowbit.flipped(C).tensors(), F.tensors()))
     ids = torch.tensor([0, L - 1, L // 2, min(g, L - 1)])
     assert rel(lowbit.columns(F, ids), ref[:, ids]) < 1e-6
 
@@ -75,11 +88,12 @@ def test_from_codes_refuses_bad_input():
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9])
 def test_products_match_float64(k, L, g, k8, M):
     F, codes = random_rows(k, L, g, k8, seed=M)
+    C, _ = random_rows(k, L, g, k8, seed=M, cols=True)
     D = dense64(F, codes)
     gen = torch.Generator().manual_seed(100 + M)
     # x with a row stride larger than L (a view of a wider matrix): the kernels take any row stride
     x = torch.randn(M, L + 5, generator=gen)[:, :L]
-    assert rel(lowbit.rowdot(F, x), x.double() @ D.T) < 1e-5
+    assert rel(lowbit.rowdot(C, x), x.double() @ D.T) < 1e-5
     t = torch.randn(M, k, generator=gen)
     y = torch.randn(M, L, generator=gen)
     want = y.double() + t.double() @ D
@@ -91,7 +105,7 @@ def test_products_match_float64(k, L, g, k8, M):
 @pytest.mark.parametrize("M", [1, 3, lowbit.DEQUANT_ROWS - 1, lowbit.DEQUANT_ROWS, 40])
 def test_lowrank_both_paths_match_float64(M):
     """y += (x V^T) U, below DEQUANT_ROWS through the fused kernel, from there on de-quantized + sgemm."""
-    V, vc = random_rows(24, 576, 128, 2, seed=1)
+    V, vc = random_rows(24, 576, 128, 2, seed=1, cols=True)
     U, uc = random_rows(24, 160, 32, 2, seed=2)
     x = torch.randn(M, 576, generator=torch.Generator().manual_seed(3))
     y = torch.randn(M, 160, generator=torch.Generator().manual_seed(4))
@@ -102,7 +116,7 @@ def test_lowrank_both_paths_match_float64(M):
 
 @needs_kernels
 def test_addmm_rows_applies_each_job_to_its_rows_only():
-    pairs = [lowbit.LowRankPair(random_rows(10, 64, 32, 1, seed=s)[0], random_rows(10, 96, 32, 0, seed=s + 9)[0])
+    pairs = [lowbit.LowRankPair(random_rows(10, 64, 32, 1, seed=s, cols=True)[0], random_rows(10, 96, 32, 0, seed=s + 9)[0])
              for s in range(2)]
     x = torch.randn(7, 64)
     y = torch.randn(7, 96)
@@ -117,7 +131,7 @@ def test_addmm_rows_applies_each_job_to_its_rows_only():
 
 @needs_kernels
 def test_threads_give_the_same_products():
-    F, _ = random_rows(33, 576, 128, 3)
+    F, _ = random_rows(130, 576, 128, 3, cols=True)  # two 64-column blocks of q4t: one per thread
     x = torch.randn(4, 576)
     before = torch.get_num_threads()
     try:
@@ -133,12 +147,17 @@ def test_threads_give_the_same_products():
 @needs_kernels
 def test_products_refuse_wrong_tensors():
     F, _ = random_rows(4, 64, 32, 0)
+    C, _ = random_rows(4, 64, 32, 0, cols=True)
     with pytest.raises(ValueError, match="float32 CPU"):
-        lowbit.rowdot(F, torch.randn(2, 64, dtype=torch.float64))
+        lowbit.rowdot(C, torch.randn(2, 64, dtype=torch.float64))
     with pytest.raises(ValueError, match="float32 CPU"):
-        lowbit.rowdot(F, torch.randn(64, 2).T)  # columns not contiguous
+        lowbit.rowdot(C, torch.randn(64, 2).T)  # columns not contiguous
     with pytest.raises(ValueError, match="t of shape"):
         lowbit.axpy(F, torch.randn(2, 5), torch.zeros(2, 64))
+    with pytest.raises(TypeError, match="by columns"):
+        lowbit.rowdot(F, torch.randn(2, 64))
+    with pytest.raises(TypeError, match="by rows"):
+        lowbit.axpy(C, torch.randn(2, 4), torch.zeros(2, 64))
 
 
 def test_no_compiler_falls_back_to_float(monkeypatch, tmp_path):

@@ -144,15 +144,27 @@ def test_generate_mixed_tenants_equals_merged_greedy(setup, float_mt):
         assert torch.equal(beams[2 * i:2 * i + 2], alone), (i, t)
 
 
-def codes_bytes(meta: dict, length: int) -> int:
-    """Bytes LowBitRows holds for the triplets of `meta` on one side of `length` entries: a byte per
-    code wider than 4 bits, half a byte (per group, rounded up) per narrower one, float32 grids."""
-    g = min(meta["group_size"], length)
-    groups = -(-length // g)
-    total = 0
-    for bits, count in meta["widths"]:
-        total += count * (length if bits > 4 else groups * ((g + 1) // 2)) + 2 * 4 * count * groups
-    return total
+def codes_bytes(e: dict, conv1d: bool) -> int:
+    """Bytes a LowBitDelta holds for svd-mixed entry e (adamix.lowbit): float32 grids on both sides;
+    output side by rows: 32 ceil(m / 32) bytes per 8-bit code row, 32 ceil(m / 64) per narrower one;
+    input side by columns: the 8-bit rows the same, the k4 narrower rows as n rows of 32 ceil(k4 / 64).
+    The input side is the weight's second dimension, its first for GPT-2's Conv1D (in, out)."""
+    shape, meta = e["shape"], e["meta"]
+    n_in, m_out = (shape[0], shape[1]) if conv1d else (shape[1], shape[0])
+    k8 = sum(c for b, c in meta["widths"] if b > 4)
+    k = sum(c for _, c in meta["widths"])
+    k4 = k - k8
+
+    def groups(length):
+        return -(-length // min(meta["group_size"], length))
+
+    rows = k8 * 32 * -(-m_out // 32) + k4 * 32 * -(-m_out // 64)
+    cols = k8 * 32 * -(-n_in // 32) + n_in * 32 * -(-k4 // 64)
+    return rows + cols + 2 * 4 * k * (groups(m_out) + groups(n_in))
+
+
+def is_conv1d_weight(name: str) -> bool:
+    return ".attn.c_" in name or ".mlp.c_" in name  # GPT-2's Conv1D layers
 
 
 def predicted_bytes(art, mode: str = "codes") -> tuple[int, int]:
@@ -161,14 +173,14 @@ def predicted_bytes(art, mode: str = "codes") -> tuple[int, int]:
     ("packed"); kept rows r (n + 2) (an int64 index and float32 values); every other tensor dense
     in float32."""
     held = dense = 0
-    for e in art.entries.values():
+    for name, e in art.entries.items():
         shape = e["shape"]
         numel = shape[0] * (shape[1] if len(shape) > 1 else 1)
         dense += 4 * numel
         count = sum(c for _, c in e.get("meta", {}).get("widths", []))
         if e["kind"] == "svd-mixed":
             held += {"packed": e["bytes"], "float": 4 * count * (shape[0] + shape[1]),
-                     "codes": codes_bytes(e["meta"], shape[0]) + codes_bytes(e["meta"], shape[1])}[mode]
+                     "codes": codes_bytes(e, is_conv1d_weight(name))}[mode]
         elif e["kind"] == "rows":
             held += count * (8 + 4 * shape[1])
         else:
@@ -177,16 +189,13 @@ def predicted_bytes(art, mode: str = "codes") -> tuple[int, int]:
 
 
 def test_memory_per_tenant(setup, float_mt):
-    """Bytes held are exactly as predicted from the manifest; far below a dense copy. Low-bit factors
-    held as codes take at most 2x their stored bytes (a 2-bit code in half a byte, fp16 grids in
-    float32), de-quantized ones at most 32 / 2 times (a b-bit code, b >= 2, becomes a 32-bit float)."""
+    """Bytes held are exactly as predicted from the manifest; far below a dense copy; factors
+    de-quantized take at most 32 / 2 times the bytes on disk (a b-bit code, b >= 2, becomes a 32-bit
+    float). (Codes padded to whole 64-entry blocks cost these tiny ranks more than real ones: the
+    SmolLM2 tenants hold 1.4x their bytes on disk, benchmarks/results/runtime.md.)"""
     arch, base, work, mt, _ = setup
     for t in ("a", "b"):
         art = adamix.load(work / t)
-        lowrank = [e for e in art.entries.values() if e["kind"] == "svd-mixed"]
-        stored = sum(e["bytes"] for e in lowrank)
-        as_codes = sum(codes_bytes(e["meta"], e["shape"][0]) + codes_bytes(e["meta"], e["shape"][1]) for e in lowrank)
-        assert stored < as_codes <= 2 * stored
         for mode, model in (("codes", mt), ("float", float_mt)):
             tenant = model.tenants[t]
             held, dense = predicted_bytes(art, mode)

@@ -3,19 +3,25 @@
 A factor F (k, L), each row i quantized at its own width b_i with per-group grids along the row
 (groups of g entries, G = ceil(L / g) per row):
 
-    F[i, j] = offset[i, j // g] + scale[i, j // g] * q[i, j]                       (1)
+    F[i, j] = offset[j // g, i] + scale[j // g, i] * q[i, j]                       (1)
 
-is held as `LowBitRows`: rows with b_i > 4 as one byte per code (q8 (k8, L)), rows with b_i <= 4 as two
-codes per byte (q4 (k - k8, G h), h = ceil(g / 2): byte t of group c holds code c g + t in its low nibble
-and code c g + h + t in its high one), scale and offset (k, G) float32. The rows with b_i > 4 must come
-first (the artifact's order: widest first). About 0.5-0.6 bytes per entry for ADAMIX's {2, 3, 4, 8}-bit
-widths, against 4 for a float32 copy.
+is held in one of two layouts, scale and offset (G, k) float32 in both (group-major: one group's
+grids for all rows side by side, as the kernels read them), the codes in blocks of 32 bytes,
+interleaved so that shifting and masking a block's eight 32-bit words gives eight consecutive
+entries (`pack8`, `pack4`; csrc/lowbit.c), which is what makes the kernels fast:
+  * `LowBitRows`, for y += t F (the output side, U^T): rows with b_i > 4 one byte per code
+    (q8 (k8, 32 ceil(L / 32))), rows with b_i <= 4 two codes per byte (q4 (k - k8, 32 ceil(L / 64)));
+  * `LowBitCols`, for t = x F^T (the input side, V^): the 8-bit rows as above, the narrower rows
+    transposed (q4t (L, 32 ceil((k - k8) / 64))), so that x F^T is also an accumulation of code rows
+    scaled by x_j, the form the kernels run fastest (twice the speed of per-row dot products here).
+Rows with b_i > 4 come first (the artifact's order: widest first). About 0.5-0.6 bytes per entry for
+ADAMIX's {2, 3, 4, 8}-bit widths, against 4 for float32.
 
-The products read the codes once per call through the C kernels of csrc/lowbit.c:
-    rowdot(F, x)      = x F^T                (x (M, L) -> (M, k))
-    axpy(F, t, y):      y += t F             (t (M, k), y (M, L))
-    lowrank(V, U, x, y): y += (x V^T) U      for D^ = U^ V^ stored as V^ (k, n) and U^T (k, m)
-`dequantize` is the float32 reference of (1).
+The products read the codes once per call through the C kernels:
+    rowdot(V, x)     = x V^T                 (V: LowBitCols (k, n), x (M, n) -> (M, k))
+    axpy(U, t, y):     y += t U              (U: LowBitRows (k, m), t (M, k), y (M, m))
+    LowRankPair(V, U).addmm(x, y): y += (x V^T) U, for D^ = U^ V^ stored as V^ (k, n) and U^T (k, m)
+`reference` is (1) in torch.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ from .quant.grid import n_groups
 
 @dataclasses.dataclass(frozen=True)
 class LowBitRows:
-    """F (k, L) as in (1): q8 (k8, L) uint8, q4 (k - k8, G h) uint8, scale and offset (k, G) float32."""
+    """F (k, L) as in (1): q8 (k8, 32 ceil(L / 32)) and q4 (k - k8, 32 ceil(L / 64)) uint8 (`pack8`,
+    `pack4`), scale and offset (G, k) float32."""
     L: int
     g: int
     q8: torch.Tensor
@@ -41,35 +48,78 @@ class LowBitRows:
 
     @property
     def k(self) -> int:
-        return self.scale.shape[0]
+        return self.scale.shape[1]
 
     @property
     def k8(self) -> int:
         return self.q8.shape[0]
 
-    @property
-    def half(self) -> int:
-        return (self.g + 1) // 2
-
     def tensors(self) -> list[torch.Tensor]:
         return [self.q8, self.q4, self.scale, self.offset]
 
 
-def nibbles(codes: torch.Tensor, g: int) -> torch.Tensor:
-    """Codes (k, L) uint8, all < 16 -> (k, G h) uint8, two per byte as in the module's docstring."""
+@dataclasses.dataclass(frozen=True)
+class LowBitCols:
+    """F (k, L) as in (1), by columns: q8 (k8, 32 ceil(L / 32)) the 8-bit rows (`pack8`), q4t
+    (L, 32 ceil((k - k8) / 64)) the narrower rows transposed (`pack4` of their codes^T), scale and
+    offset (G, k) float32."""
+    L: int
+    g: int
+    q8: torch.Tensor
+    q4t: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor
+
+    @property
+    def k(self) -> int:
+        return self.scale.shape[1]
+
+    @property
+    def k8(self) -> int:
+        return self.q8.shape[0]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.q8, self.q4t, self.scale, self.offset]
+
+
+def _blocks(codes: torch.Tensor, per_block: int) -> torch.Tensor:
+    """Codes (k, L) -> (k, nb, per_block / 8, 8) zero-padded: [row, block, u, w] = entry per_block b + 8 u + w."""
     k, L = codes.shape
-    G, h = n_groups(L, g), (g + 1) // 2
-    q = torch.zeros(k, G * g, dtype=torch.uint8)
+    nb = -(-L // per_block)
+    q = torch.zeros(k, nb * per_block, dtype=torch.uint8)
     q[:, :L] = codes
-    q = q.view(k, G, g)
-    if g % 2:
-        q = torch.cat([q, q.new_zeros(k, G, 1)], dim=2)
-    return (q[:, :, :h] | (q[:, :, h:] << 4)).reshape(k, G * h).contiguous()
+    return q.view(k, nb, per_block // 8, 8)
 
 
-def from_codes(codes: torch.Tensor, bits: list[int], scale: torch.Tensor, offset: torch.Tensor, g: int) -> LowBitRows:
-    """LowBitRows of codes (k, L) uint8 with per-row widths bits (k,) (wider than 4 bits first) and
-    grids scale, offset (k, G)."""
+def pack8(codes: torch.Tensor) -> torch.Tensor:
+    """Codes (k, L) uint8 -> (k, 32 ceil(L / 32)): byte u of 32-bit word w of block b = entry 32 b + 8 u + w."""
+    q = _blocks(codes, 32)
+    return q.transpose(2, 3).reshape(codes.shape[0], q.shape[1] * 32).contiguous()  # [block, w, u]
+
+
+def pack4(codes: torch.Tensor) -> torch.Tensor:
+    """Codes (k, L) uint8, all < 16 -> (k, 32 ceil(L / 64)): nibble u of 32-bit word w of block b (bits
+    4 u .. 4 u + 3, little-endian) = entry 64 b + 8 u + w."""
+    q = _blocks(codes, 64).transpose(2, 3)  # [row, block, w, u], u = 0..7
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).reshape(codes.shape[0], q.shape[1] * 32).contiguous()
+
+
+def unpack8(q8: torch.Tensor, L: int) -> torch.Tensor:
+    """The inverse of pack8: (k, 32 ceil(L / 32)) -> codes (k, L)."""
+    k, nb = q8.shape[0], q8.shape[1] // 32
+    return q8.view(k, nb, 8, 4).transpose(2, 3).reshape(k, nb * 32)[:, :L]
+
+
+def unpack4(q4: torch.Tensor, L: int) -> torch.Tensor:
+    """The inverse of pack4: (k, 32 ceil(L / 64)) -> codes (k, L)."""
+    k, nb = q4.shape[0], q4.shape[1] // 32
+    q = q4.view(k, nb, 8, 4)
+    both = torch.stack([q & 15, q >> 4], dim=-1).reshape(k, nb, 8, 8)  # [row, block, w, u]
+    return both.transpose(2, 3).reshape(k, nb * 64)[:, :L]
+
+
+def _split(codes: torch.Tensor, bits: list[int], scale: torch.Tensor, offset: torch.Tensor, g: int) -> int:
+    """Check codes (k, L), widths bits (k,) (wider than 4 bits first), grids (k, G); the count of 8-bit rows."""
     k, L = codes.shape
     k8 = sum(1 for b in bits if b > 4)
     if len(bits) != k or any(b > 4 for b in bits[k8:]):
@@ -77,43 +127,65 @@ def from_codes(codes: torch.Tensor, bits: list[int], scale: torch.Tensor, offset
     G = n_groups(L, g)
     if scale.shape != (k, G) or offset.shape != (k, G):
         raise ValueError(f"grids of shape {tuple(scale.shape)}, expected {(k, G)}")
-    return LowBitRows(L, g, codes[:k8].clone(), nibbles(codes[k8:], g),  # clone: no view of all the codes
-                      scale.float().clone(), offset.float().clone())
+    return k8
 
 
-def codes_of(F: LowBitRows) -> torch.Tensor:
-    """The codes q (k, L) uint8 of F (the inverse of the packing in `from_codes`)."""
-    k4, G, h = F.q4.shape[0], n_groups(F.L, F.g), F.half
-    q4 = F.q4.view(k4, G, h)
-    both = torch.cat([q4 & 15, q4 >> 4], dim=2)[:, :, :F.g].reshape(k4, G * F.g)[:, :F.L]
-    return torch.cat([F.q8, both])
+def from_codes(codes: torch.Tensor, bits: list[int], scale: torch.Tensor, offset: torch.Tensor, g: int) -> LowBitRows:
+    """LowBitRows of codes (k, L) uint8 with per-row widths bits (k,) (wider than 4 bits first) and
+    grids scale, offset (k, G) (as the artifact stores them; held transposed)."""
+    k8 = _split(codes, bits, scale, offset, g)
+    return LowBitRows(codes.shape[1], g, pack8(codes[:k8]), pack4(codes[k8:]), scale.float().T.contiguous(),
+                      offset.float().T.contiguous())
 
 
-def dequantize(F: LowBitRows) -> torch.Tensor:
-    """F (k, L) float32, equation (1) (the C kernel; `reference` where the kernels are not built)."""
+def cols_from_codes(codes: torch.Tensor, bits: list[int], scale: torch.Tensor, offset: torch.Tensor,
+                    g: int) -> LowBitCols:
+    """LowBitCols of the same arguments as `from_codes`."""
+    k8 = _split(codes, bits, scale, offset, g)
+    return LowBitCols(codes.shape[1], g, pack8(codes[:k8]), pack4(codes[k8:].T), scale.float().T.contiguous(),
+                      offset.float().T.contiguous())
+
+
+def codes_of(F: LowBitRows | LowBitCols) -> torch.Tensor:
+    """The codes q (k, L) uint8 of F."""
+    if isinstance(F, LowBitCols):
+        return torch.cat([unpack8(F.q8, F.L), unpack4(F.q4t, F.k - F.k8).T])
+    return torch.cat([unpack8(F.q8, F.L), unpack4(F.q4, F.L)])
+
+
+def flipped(F: LowBitRows | LowBitCols) -> LowBitRows | LowBitCols:
+    """The same factor in the other layout (LowBitRows <-> LowBitCols)."""
+    bits = [8] * F.k8 + [4] * (F.k - F.k8)  # only "wider than 4 bits or not" matters to the layout
+    make = from_codes if isinstance(F, LowBitCols) else cols_from_codes
+    return make(codes_of(F), bits, F.scale.T, F.offset.T, F.g)
+
+
+def dequantize(F: LowBitRows | LowBitCols) -> torch.Tensor:
+    """F (k, L) float32, equation (1) (the C kernels; `reference` where they are not built)."""
     lib = native.lowbit()
     if lib is None:
         return reference(F)
     out = torch.empty(F.k, F.L)
-    lib.lowbit_dequantize(F.k, F.L, *_args(F), out.data_ptr(), torch.get_num_threads())
+    fn = lib.lowbit_dequantize_cols if isinstance(F, LowBitCols) else lib.lowbit_dequantize
+    fn(F.k, F.L, *_args(F), out.data_ptr(), torch.get_num_threads())
     return out
 
 
-def reference(F: LowBitRows) -> torch.Tensor:
+def reference(F: LowBitRows | LowBitCols) -> torch.Tensor:
     """F (k, L) float32, equation (1), in torch."""
-    def per_entry(p):
-        return p.repeat_interleave(F.g, dim=1)[:, :F.L]
+    def per_entry(p):  # (G, k) -> (k, L)
+        return p.T.repeat_interleave(F.g, dim=1)[:, :F.L]
     return per_entry(F.offset) + per_entry(F.scale) * codes_of(F).float()
 
 
 def columns(F: LowBitRows, ids: torch.Tensor) -> torch.Tensor:
     """F[:, ids] (k, N) float32 for ids (N,) int64, reading only those entries."""
-    c, r = ids // F.g, ids % F.g
-    h = F.half
-    byte = c * h + r % h
-    q4 = (F.q4[:, byte] >> ((r >= h).to(torch.uint8) * 4)) & 15
-    q = torch.cat([F.q8[:, ids], q4])
-    return F.offset[:, c] + F.scale[:, c] * q.float()
+    r8, r4 = ids % 32, ids % 64
+    c8 = F.q8[:, (ids // 32) * 32 + (r8 % 8) * 4 + r8 // 8]
+    u = r4 // 8
+    c4 = (F.q4[:, (ids // 64) * 32 + (r4 % 8) * 4 + u // 2] >> ((u % 2) * 4).to(torch.uint8)) & 15
+    c = ids // F.g
+    return F.offset.T[:, c] + F.scale.T[:, c] * torch.cat([c8, c4]).float()
 
 
 def _check(x: torch.Tensor, L: int, what: str) -> None:
@@ -131,13 +203,16 @@ def _lib():
     return lib
 
 
-def _args(F: LowBitRows) -> list:
-    """(g, k8, q8, q4, scale, offset) as the kernels take them."""
-    return [F.g, F.k8, F.q8.data_ptr(), F.q4.data_ptr(), F.scale.data_ptr(), F.offset.data_ptr()]
+def _args(F: LowBitRows | LowBitCols) -> list:
+    """(g, k8, q8, q4 or q4t, scale, offset) as the kernels take them."""
+    q4 = F.q4t if isinstance(F, LowBitCols) else F.q4
+    return [F.g, F.k8, F.q8.data_ptr(), q4.data_ptr(), F.scale.data_ptr(), F.offset.data_ptr()]
 
 
-def rowdot(F: LowBitRows, x: torch.Tensor) -> torch.Tensor:
+def rowdot(F: LowBitCols, x: torch.Tensor) -> torch.Tensor:
     """x F^T: x (M, L) float32 -> (M, k)."""
+    if not isinstance(F, LowBitCols):
+        raise TypeError("rowdot takes a factor by columns (LowBitCols)")
     _check(x, F.L, "x")
     t = torch.empty(x.shape[0], F.k)
     _lib().lowbit_rowdot(x.shape[0], F.k, F.L, F.g, x.data_ptr(), x.stride(0), *_args(F)[1:], t.data_ptr(),
@@ -147,6 +222,8 @@ def rowdot(F: LowBitRows, x: torch.Tensor) -> torch.Tensor:
 
 def axpy(F: LowBitRows, t: torch.Tensor, y: torch.Tensor) -> None:
     """y += t F in place: t (M, k), y (M, L) float32."""
+    if not isinstance(F, LowBitRows):
+        raise TypeError("axpy takes a factor by rows (LowBitRows)")
     t = t.float().contiguous()
     _check(y, F.L, "y")
     if t.shape != (y.shape[0], F.k):
@@ -159,12 +236,14 @@ DEQUANT_ROWS = 12  # from this many rows on, de-quantizing both factors and one 
 
 
 class LowRankPair:
-    """D^ = U^ V^ with V (k, n) and U (k, m) = U^T as LowBitRows; `addmm(x, y)`: y += x D^T = (x V^T) U
+    """D^ = U^ V^ with V (k, n) as LowBitCols and U (k, m) = U^T as LowBitRows; `addmm(x, y)`: y += x D^T = (x V^T) U
     for x (M, n), y (M, m) float32 with contiguous rows. Holds the kernel's view of both factors.
     Below DEQUANT_ROWS rows the fused kernel reads the codes directly; from there on (prefill) the
     factors are de-quantized into temporaries for that call and multiplied by torch."""
 
-    def __init__(self, V: LowBitRows, U: LowBitRows):
+    def __init__(self, V: LowBitCols, U: LowBitRows):
+        if not (isinstance(V, LowBitCols) and isinstance(U, LowBitRows)):
+            raise TypeError("LowRankPair takes V by columns (LowBitCols) and U^T by rows (LowBitRows)")
         if V.k != U.k:
             raise ValueError(f"ranks {V.k} and {U.k} do not match")
         self.V, self.U = V, U
@@ -198,7 +277,7 @@ def addmm_rows(jobs: list[tuple[LowRankPair, int, int]], x: torch.Tensor, y: tor
                                         torch.get_num_threads())
 
 
-def lowrank(V: LowBitRows, U: LowBitRows, x: torch.Tensor, y: torch.Tensor) -> None:
+def lowrank(V: LowBitCols, U: LowBitRows, x: torch.Tensor, y: torch.Tensor) -> None:
     """y += (x V^T) U in place: V (k, n), U (k, m) (U^T of D^ = U^ V^), x (M, n), y (M, m) float32."""
     LowRankPair(V, U).addmm(x, y)
 

@@ -144,12 +144,13 @@ class PackedLowRankDelta(LowRankDelta):
 
 
 class LowBitDelta(MatrixDelta):
-    """D = U V held as its stored codes (adamix.lowbit.LowBitRows of V (k, n) and U^T (k, m): 4-bit
-    codes two per byte, 8-bit codes one per byte, float32 grids per group) and multiplied by the C
-    kernels of csrc/lowbit.c, which read each code once per call: y += (x V^T) U with no float copy
-    of the factors. About 0.6 bytes per factor entry held, against 4 for LowRankDelta. Float32 on CPU."""
+    """D = U V held as its stored codes and multiplied by the C kernels of csrc/lowbit.c, which read
+    each code once per call: y += (x V^T) U with no float copy of the factors. V (k, n) is held by
+    columns, U^T (k, m) by rows (adamix.lowbit.LowBitCols / LowBitRows: 4-bit codes two per byte,
+    8-bit codes one per byte, float32 grids per group). About 0.6 bytes per factor entry held,
+    against 4 for LowRankDelta. Float32 on CPU."""
 
-    def __init__(self, V: "lowbit.LowBitRows", Ut: "lowbit.LowBitRows"):
+    def __init__(self, V: "lowbit.LowBitCols", Ut: "lowbit.LowBitRows"):
         self.V, self.Ut = V, Ut
         self.shape = (Ut.L, V.L)
         self.pair = lowbit.LowRankPair(V, Ut)
@@ -158,13 +159,13 @@ class LowBitDelta(MatrixDelta):
         self.pair.addmm(x if x.is_contiguous() else x.contiguous(), y)
 
     def rows(self, ids):
-        flat = ids.reshape(-1)
-        out = torch.zeros(flat.numel(), self.shape[1])
-        lowbit.axpy(self.V, lowbit.columns(self.Ut, flat).T, out)  # D[ids] = U[ids] V
-        return out.view(*ids.shape, self.shape[1])
+        # D[ids] = U[ids] V: the looked-up columns of U^T, times V de-quantized for this call (an
+        # embedding lookup happens once per forward pass, its V is small: k x hidden)
+        return (lowbit.columns(self.Ut, ids.reshape(-1)).T @ lowbit.dequantize(self.V)).view(*ids.shape, self.shape[1])
 
     def t(self):
-        return LowBitDelta(self.Ut, self.V)  # D^T = V^T U^T: the two factors swap roles
+        # D^T = V^T U^T: the factors swap sides, each re-laid out for its new side
+        return LowBitDelta(lowbit.flipped(self.Ut), lowbit.flipped(self.V))
 
     def dense(self):
         return lowbit.dequantize(self.Ut).T @ lowbit.dequantize(self.V)
@@ -258,9 +259,10 @@ def matrix_delta(art: Artifact, name: str, dtype: torch.dtype, device: torch.dev
     if factors == "codes":
         q = quantized_factors(e["kind"], eshape, meta, stored)
         if q is not None:
-            D = LowBitDelta(lowbit.from_codes(q.V["codes"], q.bits, q.V["scale"], q.V["offset"], q.gv),
-                            lowbit.from_codes(q.U["codes"], q.bits, q.U["scale"], q.U["offset"], q.gu))
-            return D.t() if transposed else D
+            V, U = (q.V, q.gv), (q.U, q.gu)
+            inp, out = (U, V) if transposed else (V, U)  # transposed: D^T = V^T U^T, the sides swap
+            return LowBitDelta(lowbit.cols_from_codes(inp[0]["codes"], q.bits, inp[0]["scale"], inp[0]["offset"], inp[1]),
+                               lowbit.from_codes(out[0]["codes"], q.bits, out[0]["scale"], out[0]["offset"], out[1]))
     f = low_rank_factors(e["kind"], eshape, meta, stored)
     if f is not None and factors == "packed":
         return PackedLowRankDelta(e["kind"], eshape, meta, {k: v.to(device) for k, v in stored.items()}, transposed, dtype)
@@ -536,11 +538,13 @@ def is_conv1d(module: nn.Module) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 class Tenant:
-    """What one attached artifact holds: its deltas per module path, and their bytes."""
+    """What one attached artifact holds: its deltas per module path, and their bytes. The artifact's
+    file is not kept open (its mapped pages would count in the process's memory): `path` and
+    `manifest` say where it came from."""
 
     def __init__(self, name: str, artifact: Artifact, modules: dict[str, object], held_as: dict[str, str]):
-        self.name, self.artifact, self.modules = name, artifact, modules
-        self.held_as = held_as  # tensor name -> LowRankDelta / RowDelta / DenseDelta / bias / param
+        self.name, self.path, self.manifest, self.modules = name, artifact.path, artifact.manifest, modules
+        self.held_as = held_as  # tensor name -> LowBitDelta / LowRankDelta / RowDelta / DenseDelta / bias / param
 
     def held_tensors(self) -> list[torch.Tensor]:
         out = []
