@@ -130,18 +130,24 @@ def test_addmm_rows_applies_each_job_to_its_rows_only():
 
 
 @needs_kernels
-def test_threads_give_the_same_products():
+def test_threads_give_the_same_products(monkeypatch):
+    monkeypatch.setattr(lowbit, "PARALLEL_WORK", 0)  # small as it is, run it on two threads
     F, _ = random_rows(130, 576, 128, 3, cols=True)  # two 64-column blocks of q4t: one per thread
+    U, _ = random_rows(130, 576, 128, 3)
     x = torch.randn(4, 576)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         one = lowbit.rowdot(F, x)
+        y1 = torch.zeros(4, 576)
+        lowbit.axpy(U, one, y1)
         torch.set_num_threads(2)
         two = lowbit.rowdot(F, x)
+        y2 = torch.zeros(4, 576)
+        lowbit.axpy(U, one, y2)
     finally:
         torch.set_num_threads(before)
-    assert rel(two, one) < 1e-6
+    assert rel(two, one) < 1e-6 and rel(y2, y1) < 1e-6
 
 
 @needs_kernels

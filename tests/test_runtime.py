@@ -290,3 +290,18 @@ def test_affine_probe():
     assert TenantParams(torch.nn.LayerNorm(4, bias=False), router).is_affine()
     assert not TenantParams(Squared(), router).is_affine()
     assert not TenantParams(Extra(), router).is_affine()
+
+
+def test_reattaching_a_name_uses_the_new_delta(setup):
+    """What modules prepare per batch layout (fused kernel jobs, per-row norm deltas) is dropped when
+    tenants change: the same name and batch answered by another artifact gives that artifact's output."""
+    arch, base, work, _, merged = setup
+    mt = MultiTenantModel(base)
+    mt.attach("keep", work / "b")  # keeps every module wrapped (and its prepared state) across the detach
+    mt.attach("x", work / "a")
+    ids = ids_batch(2, seed=8)
+    with torch.no_grad():
+        assert rel(output(mt(input_ids=ids, tenants=["x", "x"])), output(merged["a"](input_ids=ids))) < 2e-6
+        mt.detach("x")
+        mt.attach("x", work / "b")
+        assert rel(output(mt(input_ids=ids, tenants=["x", "x"])), output(merged["b"](input_ids=ids))) < 2e-6

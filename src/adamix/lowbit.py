@@ -216,7 +216,7 @@ def rowdot(F: LowBitCols, x: torch.Tensor) -> torch.Tensor:
     _check(x, F.L, "x")
     t = torch.empty(x.shape[0], F.k)
     _lib().lowbit_rowdot(x.shape[0], F.k, F.L, F.g, x.data_ptr(), x.stride(0), *_args(F)[1:], t.data_ptr(),
-                         torch.get_num_threads())
+                         _threads(F.k * F.L * x.shape[0]))
     return t
 
 
@@ -229,10 +229,15 @@ def axpy(F: LowBitRows, t: torch.Tensor, y: torch.Tensor) -> None:
     if t.shape != (y.shape[0], F.k):
         raise ValueError(f"t of shape {tuple(t.shape)}, expected {(y.shape[0], F.k)}")
     _lib().lowbit_axpy(y.shape[0], F.k, F.L, F.g, t.data_ptr(), *_args(F)[1:], y.data_ptr(), y.stride(0),
-                       torch.get_num_threads())
+                       _threads(F.k * F.L * y.shape[0]))
 
 
 DEQUANT_ROWS = 12  # from this many rows on, de-quantizing both factors and one sgemm is faster (benchmarks/)
+PARALLEL_WORK = 1 << 20  # code entries x rows below which a call stays on one thread (a fork costs ~10 us)
+
+
+def _threads(work: int) -> int:
+    return torch.get_num_threads() if work >= PARALLEL_WORK else 1
 
 
 class LowRankPair:
@@ -251,6 +256,7 @@ class LowRankPair:
         self._pair = native.LowbitPair(V.k, V.L, U.L, V.g, V.k8, *_args(V)[2:], U.g, U.k8, *_args(U)[2:])
         self._ref = ctypes.byref(self._pair)
         self.ptr = ctypes.pointer(self._pair)
+        self.entries = V.k * (V.L + U.L)  # code entries read per row of x
 
     def addmm(self, x: torch.Tensor, y: torch.Tensor) -> None:
         if not (x.dtype == y.dtype == torch.float32 and x.dim() == y.dim() == 2 and x.shape[0] == y.shape[0]
@@ -263,18 +269,33 @@ class LowRankPair:
             y.addmm_(x @ dequantize(self.V).T, dequantize(self.U))
             return
         self._lib.lowbit_lowrank(x.shape[0], x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), self._ref,
-                                 torch.get_num_threads())
+                                 _threads(self.entries * x.shape[0]))
+
+
+class RowJobs:
+    """Several (pair, row0, rows) jobs for one module, prepared once: run(x, y) does, in one call of
+    the kernels, y[row0:row0 + rows] += x[row0:row0 + rows] D^T for each pair. x (N, n), y (N, m)
+    float32 contiguous; every job below DEQUANT_ROWS rows and inside 0..N-1 (the runtime builds them;
+    not checked per call)."""
+
+    def __init__(self, jobs: list[tuple[LowRankPair, int, int]]):
+        self.pairs = [p for p, _, _ in jobs]  # keeps the pairs (and their tensors) alive
+        self.n = len(jobs)
+        self.arr = (native.LowbitJob * self.n)(*[(p.ptr, r0, r) for p, r0, r in jobs])
+        self.work = min(p.entries * r for p, _, r in jobs)
+        self.lib = jobs[0][0]._lib
+
+    def run(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if not (x.dtype == y.dtype == torch.float32 and x.is_contiguous() and y.is_contiguous()
+                and x.dim() == y.dim() == 2):
+            raise ValueError("RowJobs.run takes contiguous float32 matrices")
+        self.lib.lowbit_lowrank_many(self.n, self.arr, x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0),
+                                     _threads(self.work))
 
 
 def addmm_rows(jobs: list[tuple[LowRankPair, int, int]], x: torch.Tensor, y: torch.Tensor) -> None:
-    """For each (pair, row0, rows): y[row0:row0 + rows] += x[row0:row0 + rows] D^T of that pair, in one
-    call of the kernels (the tenants of one module). x (N, n), y (N, m) float32 contiguous; every job
-    below DEQUANT_ROWS rows and inside 0..N-1 (not checked: the runtime builds them)."""
-    if not (x.dtype == y.dtype == torch.float32 and x.is_contiguous() and y.is_contiguous() and x.dim() == y.dim() == 2):
-        raise ValueError("addmm_rows takes contiguous float32 matrices")
-    arr = (native.LowbitJob * len(jobs))(*[(p.ptr, r0, r) for p, r0, r in jobs])
-    jobs[0][0]._lib.lowbit_lowrank_many(len(jobs), arr, x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0),
-                                        torch.get_num_threads())
+    """RowJobs(jobs).run(x, y)."""
+    RowJobs(jobs).run(x, y)
 
 
 def lowrank(V: LowBitCols, U: LowBitRows, x: torch.Tensor, y: torch.Tensor) -> None:

@@ -303,10 +303,12 @@ class Router:
 
     def __init__(self):
         self.names: list[str] | None = None
+        self.key: tuple | None = None  # the names as a tuple: modules key what they prepare per batch on it
         self._groups: dict[tuple[int, str], list] = {}
 
     def set(self, names: list[str] | None) -> None:
         self.names, self._groups = names, {}
+        self.key = tuple(names) if names else None
 
     def groups(self, b: int, device: torch.device) -> list[tuple[str, slice | torch.Tensor]]:
         names = self.names
@@ -346,6 +348,20 @@ class TenantModule(nn.Module):
         self.base = base
         self.router = router  # plain attribute: not a module
         self.deltas: dict[str, object] = {}
+        self._prepared: dict = {}  # per batch layout (router.key, rows, ...): what forward() set up for it
+
+    def changed(self) -> None:
+        """Tenants were attached or detached: drop what was prepared for earlier batches."""
+        self._prepared.clear()
+
+    def prepared(self, key, build):
+        """build() once per key (a few batch layouts kept)."""
+        got = self._prepared.get(key)
+        if got is None:
+            if len(self._prepared) >= 8:
+                self._prepared.clear()
+            got = self._prepared[key] = build()
+        return got
 
     def __getattr__(self, name):
         try:
@@ -401,16 +417,21 @@ class TenantLinear(TenantModule):
         """Apply the LowBitDelta tenants whose rows are a slice (and fewer than lowbit.DEQUANT_ROWS) in
         one call of the kernels; return the groups left to do."""
         per_row = x.numel() // (x.shape[0] * x.shape[-1])  # sequence positions per batch row
-        jobs, rest = [], []
-        for t, rows in groups:
-            D, db = self.deltas[t]
-            if (isinstance(D, LowBitDelta) and db is None and isinstance(rows, slice)
-                    and (rows.stop - rows.start) * per_row < lowbit.DEQUANT_ROWS):
-                jobs.append((D.pair, rows.start * per_row, (rows.stop - rows.start) * per_row))
-            else:
-                rest.append((t, rows))
-        if jobs:
-            lowbit.addmm_rows(jobs, x.view(-1, x.shape[-1]), y.view(-1, y.shape[-1]))
+
+        def build():
+            jobs, rest = [], []
+            for t, rows in groups:
+                D, db = self.deltas[t]
+                if (isinstance(D, LowBitDelta) and db is None and isinstance(rows, slice)
+                        and (rows.stop - rows.start) * per_row < lowbit.DEQUANT_ROWS):
+                    jobs.append((D.pair, rows.start * per_row, (rows.stop - rows.start) * per_row))
+                else:
+                    rest.append((t, rows))
+            return (lowbit.RowJobs(jobs) if jobs else None), rest
+
+        jobs, rest = self.prepared(("fused", self.router.key, x.shape[0], per_row), build)
+        if jobs is not None:
+            jobs.run(x.view(-1, x.shape[-1]), y.view(-1, y.shape[-1]))
         return rest
 
 
@@ -495,6 +516,23 @@ class TenantParams(TenantModule):
             return ()
         return unit, (None if not bool(c0.any()) else zeros)
 
+    def _row_deltas(self, groups: list, b: int, ndim: int) -> tuple:
+        """(w_t - w, b_t - b) of every row's tenant, zero on other rows, shaped (b, 1, ..., *w.shape) to
+        broadcast against an output of ndim dimensions; None where no tenant changes that parameter."""
+        own = self.base._parameters
+        out = []
+        for name in ("weight", "bias"):
+            if not any(name in self.deltas[t] for t, _ in groups):
+                out.append(None)
+                continue
+            p = own[name]
+            full = torch.zeros((b,) + tuple(p.shape), dtype=p.dtype, device=p.device)
+            for t, rows in groups:
+                if name in self.deltas[t]:
+                    full[rows] = self.deltas[t][name] - p
+            out.append(full.view((b,) + (1,) * (ndim - 1 - p.dim()) + tuple(p.shape)))
+        return tuple(out)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base(x, *args, **kwargs)
         b = x.shape[0]
@@ -510,16 +548,11 @@ class TenantParams(TenantModule):
             A = self._run_with(unit, x, *args, **kwargs)
             if zeros is not None:
                 A = A - self._run_with(zeros, x, *args, **kwargs)
-            own = self.base._parameters
-            for t, rows in groups:
-                d = self.deltas[t]
-                upd = A[rows] * (d["weight"] - own["weight"]) if "weight" in d else torch.zeros_like(y[rows])
-                if "bias" in d:
-                    upd += d["bias"] - own["bias"]
-                if isinstance(rows, slice):
-                    y[rows] += upd
-                else:
-                    y.index_add_(0, rows, upd)
+            dw, db = self.prepared(("affine", self.router.key, b), lambda: self._row_deltas(groups, b, y.dim()))
+            if dw is not None:
+                y.addcmul_(A, dw)
+            if db is not None:
+                y += db
             return y
         for t, rows in groups:
             if isinstance(rows, slice):
@@ -681,7 +714,9 @@ class MultiTenantModel:
                     modules.setdefault(mpath, {})[attr] = nn.Parameter(merged, requires_grad=False)
                 notes[tname] = type(mdelta).__name__ if kind in ("linear", "embedding") else kind
         for mpath, payload in modules.items():
-            self._wrap(mpath).deltas[name] = payload
+            w = self._wrap(mpath)
+            w.deltas[name] = payload
+            w.changed()
         tenant = Tenant(name, art, modules, notes)
         self.tenants[name] = tenant
         return tenant
@@ -693,6 +728,7 @@ class MultiTenantModel:
         for mpath in self.tenants.pop(name).modules:
             w = self._wrappers[mpath]
             w.deltas.pop(name, None)
+            w.changed()
             if not w.deltas:
                 self._set_module(mpath, w.base)
                 del self._wrappers[mpath]
