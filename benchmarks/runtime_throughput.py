@@ -134,8 +134,8 @@ def factor_storage_microbench(art_path: Path, repeats: int = 3) -> list[str]:
         q = quantized_factors(e["kind"], tuple(e["shape"]), e["meta"], art.tensors(n))
         mats.append({"U": U.contiguous(), "V": V.contiguous(), "Vt": V.T.contiguous(), "Ut": U.T.contiguous(),
                      "stored": (e["kind"], tuple(e["shape"]), e["meta"], art.tensors(n)),
-                     "lowbit": [lowbit.from_codes(f["codes"], q.bits, f["scale"], f["offset"], g_)
-                                for f, g_ in ((q.V, q.gv), (q.U, q.gu))]})
+                     "lowbit": lowbit.LowRankPair(lowbit.cols_from_codes(q.V["codes"], q.bits, q.V["scale"], q.V["offset"], q.gv),
+                                                  lowbit.from_codes(q.U["codes"], q.bits, q.U["scale"], q.U["offset"], q.gu))})
     g = 128
 
     def as_codes(F):  # (k, L) float -> uint8 codes of a per-group grid padded to whole groups, scale, offset
@@ -154,7 +154,7 @@ def factor_storage_microbench(art_path: Path, repeats: int = 3) -> list[str]:
         return torch.addcmul(o, codes.float(), s).view(codes.shape[0], -1)[:, :L]
 
     ways = {
-        "codes, C kernels (runtime, default)": lambda d, x, y: lowbit.lowrank(*d["lowbit"], x, y),
+        "codes, C kernels (runtime, default)": lambda d, x, y: d["lowbit"].addmm(x, y),
         "float32 V^T, U^T (runtime, factors='float')": lambda d, x, y: y.addmm_(x @ d["Vt"], d["Ut"]),
         "float32 U, V, transposed views": lambda d, x, y: y.addmm_(x @ d["V"].T, d["U"].T),
         "uint8 codes, de-quantized per call": lambda d, x, y: y.addmm_(x @ deq(d["Vc"]).T, deq(d["Uc"])),
@@ -169,7 +169,8 @@ def factor_storage_microbench(art_path: Path, repeats: int = 3) -> list[str]:
              "| held as | bytes per rank-1 pair | M=1 | M=4 | M=16 |", "|---|---|---|---|---|"]
     ranks = sum(d["V"].shape[0] for d in mats)
     per_pair = {"codes, C kernels (runtime, default)":
-                sum(t.numel() * t.element_size() for d in mats for F in d["lowbit"] for t in F.tensors()) / ranks,
+                sum(t.numel() * t.element_size() for d in mats for F in (d["lowbit"].V, d["lowbit"].U)
+                    for t in F.tensors()) / ranks,
                 "float32 V^T, U^T (runtime, factors='float')": 4 * (m + n), "float32 U, V, transposed views": 4 * (m + n),
                 "uint8 codes, de-quantized per call": (m + n) + 8 * (n_groups(m, g) + n_groups(n, g)),
                 "packed artifact, unpacked per call": sum(e["bytes"] for e in [art.entries[x] for x in names])

@@ -63,7 +63,7 @@ def test_codes_round_trip_and_reference(k, L, g, k8):
     C, _ = random_rows(k, L, g, k8, cols=True)
     assert torch.equal(lowbit.codes_of(F), codes) and torch.equal(lowbit.codes_of(C), codes)
     assert F.q8.shape == (k8, 32 * -(-L // 32)) and F.q4.shape == (k - k8, 32 * -(-L // 64))
-    assert C.q8.shape == (k8, 32 * -(-L // 32)) and C.q4t.shape == (L, 32 * -(-(k - k8) // 64))
+    assert C.q8.shape == (k8, 32 * -(-L // 32)) and C.q4.shape == (L, 32 * -(-(k - k8) // 64))
     ref = dense64(F, codes)
     for layout in (F, C):
         assert rel(lowbit.reference(layout), ref) < 1e-6

@@ -12,7 +12,7 @@ entries (`pack8`, `pack4`; csrc/lowbit.c), which is what makes the kernels fast:
   * `LowBitRows`, for y += t F (the output side, U^T): rows with b_i > 4 one byte per code
     (q8 (k8, 32 ceil(L / 32))), rows with b_i <= 4 two codes per byte (q4 (k - k8, 32 ceil(L / 64)));
   * `LowBitCols`, for t = x F^T (the input side, V^): the 8-bit rows as above, the narrower rows
-    transposed (q4t (L, 32 ceil((k - k8) / 64))), so that x F^T is also an accumulation of code rows
+    transposed (q4 (L, 32 ceil((k - k8) / 64))), so that x F^T is also an accumulation of code rows
     scaled by x_j, the form the kernels run fastest (twice the speed of per-row dot products here).
 Rows with b_i > 4 come first (the artifact's order: widest first). About 0.5-0.6 bytes per entry for
 ADAMIX's {2, 3, 4, 8}-bit widths, against 4 for float32.
@@ -36,9 +36,9 @@ from .quant.grid import n_groups
 
 
 @dataclasses.dataclass(frozen=True)
-class LowBitRows:
-    """F (k, L) as in (1): q8 (k8, 32 ceil(L / 32)) and q4 (k - k8, 32 ceil(L / 64)) uint8 (`pack8`,
-    `pack4`), scale and offset (G, k) float32."""
+class LowBitFactor:
+    """F (k, L) as in (1): q8 (k8, 32 ceil(L / 32)) the rows wider than 4 bits (`pack8`), q4 the
+    narrower rows in the layout of the subclass, scale and offset (G, k) float32."""
     L: int
     g: int
     q8: torch.Tensor
@@ -58,28 +58,13 @@ class LowBitRows:
         return [self.q8, self.q4, self.scale, self.offset]
 
 
-@dataclasses.dataclass(frozen=True)
-class LowBitCols:
-    """F (k, L) as in (1), by columns: q8 (k8, 32 ceil(L / 32)) the 8-bit rows (`pack8`), q4t
-    (L, 32 ceil((k - k8) / 64)) the narrower rows transposed (`pack4` of their codes^T), scale and
-    offset (G, k) float32."""
-    L: int
-    g: int
-    q8: torch.Tensor
-    q4t: torch.Tensor
-    scale: torch.Tensor
-    offset: torch.Tensor
+class LowBitRows(LowBitFactor):
+    """By rows (for y += t F): q4 (k - k8, 32 ceil(L / 64)), `pack4` of the narrower rows."""
 
-    @property
-    def k(self) -> int:
-        return self.scale.shape[1]
 
-    @property
-    def k8(self) -> int:
-        return self.q8.shape[0]
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.q8, self.q4t, self.scale, self.offset]
+class LowBitCols(LowBitFactor):
+    """By columns (for x F^T): q4 (L, 32 ceil((k - k8) / 64)), `pack4` of the narrower rows' codes
+    transposed: row j holds entry j of every narrower row."""
 
 
 def _blocks(codes: torch.Tensor, per_block: int) -> torch.Tensor:
@@ -149,7 +134,7 @@ def cols_from_codes(codes: torch.Tensor, bits: list[int], scale: torch.Tensor, o
 def codes_of(F: LowBitRows | LowBitCols) -> torch.Tensor:
     """The codes q (k, L) uint8 of F."""
     if isinstance(F, LowBitCols):
-        return torch.cat([unpack8(F.q8, F.L), unpack4(F.q4t, F.k - F.k8).T])
+        return torch.cat([unpack8(F.q8, F.L), unpack4(F.q4, F.k - F.k8).T])
     return torch.cat([unpack8(F.q8, F.L), unpack4(F.q4, F.L)])
 
 
@@ -204,9 +189,8 @@ def _lib():
 
 
 def _args(F: LowBitRows | LowBitCols) -> list:
-    """(g, k8, q8, q4 or q4t, scale, offset) as the kernels take them."""
-    q4 = F.q4t if isinstance(F, LowBitCols) else F.q4
-    return [F.g, F.k8, F.q8.data_ptr(), q4.data_ptr(), F.scale.data_ptr(), F.offset.data_ptr()]
+    """(g, k8, q8, q4, scale, offset) as the kernels take them."""
+    return [F.g, F.k8, F.q8.data_ptr(), F.q4.data_ptr(), F.scale.data_ptr(), F.offset.data_ptr()]
 
 
 def rowdot(F: LowBitCols, x: torch.Tensor) -> torch.Tensor:
