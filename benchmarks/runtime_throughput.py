@@ -216,8 +216,8 @@ def main() -> None:
     plain, tok = load_model(base_folder)
     plain.eval()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE, capture_output=True,
-                           text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results"], cwd=HERE.parent,
+                           capture_output=True, text=True).stdout.strip()  # code changes; results files don't count
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), commit {commit}{' (dirty)' if dirty else ''}")
 
     grid = [(4, 4)] if args.quick else [(1, 1), (4, 1), (4, 4), (16, 1), (16, 4), (16, 16)]
