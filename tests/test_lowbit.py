@@ -40,7 +40,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 # (k, L, g, k8): the AVX2 paths (g = 128, L a multiple of 32 / of 16 only), odd g, a short last group,
 # all rows 8-bit, no 8-bit row, a single group
 SHAPES = [(37, 576, 128, 3), (20, 1536, 128, 0), (9, 37, 8, 9), (6, 33, 7, 2), (5, 100, 32, 1), (4, 48, 64, 0),
-          (3, 160, 32, 3), (7, 200, 64, 2), (5, 96, 96, 5)]
+          (3, 160, 32, 3), (7, 200, 64, 2), (5, 96, 96, 5), (70, 256, 128, 3)]
 
 
 def test_block_layout_by_hand():

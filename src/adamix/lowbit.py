@@ -146,13 +146,25 @@ def flipped(F: LowBitRows | LowBitCols) -> LowBitRows | LowBitCols:
 
 
 def dequantize(F: LowBitRows | LowBitCols) -> torch.Tensor:
-    """F (k, L) float32, equation (1) (the C kernels; `reference` where they are not built)."""
+    """F (k, L) float32, equation (1) (the C kernels; `reference` where they are not built). For
+    LowBitCols a transposed view of `dequantize_t`."""
+    if isinstance(F, LowBitCols):
+        return dequantize_t(F).T
     lib = native.lowbit()
     if lib is None:
         return reference(F)
     out = torch.empty(F.k, F.L)
-    fn = lib.lowbit_dequantize_cols if isinstance(F, LowBitCols) else lib.lowbit_dequantize
-    fn(F.k, F.L, *_args(F), out.data_ptr(), torch.get_num_threads())
+    lib.lowbit_dequantize(F.k, F.L, *_args(F), out.data_ptr(), _threads(F.k * F.L))
+    return out
+
+
+def dequantize_t(F: LowBitCols) -> torch.Tensor:
+    """F^T (L, k) float32, contiguous: what x F^T = x @ F^T multiplies by."""
+    lib = native.lowbit()
+    if lib is None:
+        return reference(F).T.contiguous()
+    out = torch.empty(F.L, F.k)
+    lib.lowbit_dequantize_cols_t(F.k, F.L, *_args(F), out.data_ptr(), _threads(F.k * F.L))
     return out
 
 
@@ -216,7 +228,7 @@ def axpy(F: LowBitRows, t: torch.Tensor, y: torch.Tensor) -> None:
                        _threads(F.k * F.L * y.shape[0]))
 
 
-DEQUANT_ROWS = 12  # from this many rows on, de-quantizing both factors and one sgemm is faster (benchmarks/)
+DEQUANT_ROWS = 32  # from about this many rows on, de-quantizing both factors + one sgemm is faster (measured)
 PARALLEL_WORK = 1 << 20  # code entries x rows below which a call stays on one thread (a fork costs ~10 us)
 
 
@@ -250,7 +262,7 @@ class LowRankPair:
             _check(y, self.U.L, "y")
             raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} have different numbers of rows")
         if x.shape[0] >= DEQUANT_ROWS:
-            y.addmm_(x @ dequantize(self.V).T, dequantize(self.U))
+            y.addmm_(x @ dequantize_t(self.V), dequantize(self.U))
             return
         self._lib.lowbit_lowrank(x.shape[0], x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), self._ref,
                                  _threads(self.entries * x.shape[0]))

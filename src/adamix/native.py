@@ -119,10 +119,10 @@ def lowbit() -> ctypes.CDLL | None:
         lib.lowbit_axpy.argtypes = [I64, I64, I64, I64, PTR, I64, PTR, PTR, PTR, PTR, PTR, I64, I64]
         lib.lowbit_lowrank.argtypes = [I64, PTR, I64, PTR, I64, ctypes.POINTER(LowbitPair), I64]
         lib.lowbit_dequantize.argtypes = [I64, I64, I64, I64, PTR, PTR, PTR, PTR, PTR, I64]
-        lib.lowbit_dequantize_cols.argtypes = lib.lowbit_dequantize.argtypes
+        lib.lowbit_dequantize_cols_t.argtypes = lib.lowbit_dequantize.argtypes
         lib.lowbit_lowrank_many.argtypes = [I64, ctypes.POINTER(LowbitJob), PTR, I64, PTR, I64, I64]
         for f in (lib.lowbit_rowdot, lib.lowbit_axpy, lib.lowbit_lowrank, lib.lowbit_dequantize,
-                  lib.lowbit_dequantize_cols, lib.lowbit_lowrank_many):
+                  lib.lowbit_dequantize_cols_t, lib.lowbit_lowrank_many):
             f.restype = None
         lib._adamix_typed = True
     return lib

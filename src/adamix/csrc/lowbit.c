@@ -320,7 +320,24 @@ static void dequantize_rows(int64_t k, int64_t L, int64_t g, int64_t k8, const u
                 const int64_t j0 = c * g, len = j0 + g <= L ? g : L - j0;
                 const float sc = scale[c * ldg + i], of = offset[c * ldg + i];
                 float *o = out + i * L + j0;
-                decode_range(row_of(q8, q4, i, k8, L), i < k8, j0, len, buf);
+                const uint8_t *row = row_of(q8, q4, i, k8, L);
+#ifdef LOWBIT_AVX2
+                if (fast_group(i < k8, j0, len)) {
+                    const __m256 vs = _mm256_set1_ps(sc), vo = _mm256_set1_ps(of);
+                    if (i < k8)
+                        for (int64_t j = 0; j < len; j += 32) {
+                            const __m256i raw = _mm256_loadu_si256((const __m256i *)(row + j0 + j));
+                            for (int u = 0; u < 4; u++) _mm256_storeu_ps(o + j + 8 * u, _mm256_fmadd_ps(unit8(raw, u), vs, vo));
+                        }
+                    else
+                        for (int64_t j = 0; j < len; j += 64) {
+                            const __m256i raw = _mm256_loadu_si256((const __m256i *)(row + (j0 + j) / 2));
+                            for (int u = 0; u < 8; u++) _mm256_storeu_ps(o + j + 8 * u, _mm256_fmadd_ps(unit4(raw, u), vs, vo));
+                        }
+                    continue;
+                }
+#endif
+                decode_range(row, i < k8, j0, len, buf);
                 for (int64_t j = 0; j < len; j++) o[j] = of + sc * buf[j];
             }
         free(buf);
@@ -333,16 +350,27 @@ void lowbit_dequantize(int64_t k, int64_t L, int64_t g, int64_t k8, const uint8_
     dequantize_rows(k, L, g, k8, q8, q4, scale, offset, k, out, threads);
 }
 
-/* out (k, L) = F for F held by columns, as lowbit_rowdot takes it. */
-void lowbit_dequantize_cols(int64_t k, int64_t L, int64_t g, int64_t k8, const uint8_t *q8, const uint8_t *q4t,
-                            const float *scale, const float *offset, float *out, int64_t threads) {
-    dequantize_rows(k8, L, g, k8, q8, NULL, scale, offset, k, out, threads);  /* the 8-bit rows */
-    const int64_t k4 = k - k8, r4 = row_bytes4(k4);
+/* out (L, k) = F^T for F held by columns, as lowbit_rowdot takes it: x F^T = x @ out. */
+void lowbit_dequantize_cols_t(int64_t k, int64_t L, int64_t g, int64_t k8, const uint8_t *q8, const uint8_t *q4t,
+                              const float *scale, const float *offset, float *out, int64_t threads) {
+    const int64_t k4 = k - k8, r8 = row_bytes8(L), r4 = row_bytes4(k4);
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
     for (int64_t j = 0; j < L; j++) {
+        const float *sc = scale + (j / g) * k, *of = offset + (j / g) * k;
+        float *o = out + j * k;
+        for (int64_t i = 0; i < k8; i++) o[i] = of[i] + sc[i] * (float)code8(q8 + i * r8, j);
         const uint8_t *row = q4t + j * r4;
-        const int64_t c = j / g;
-        for (int64_t ii = 0; ii < k4; ii++)
-            out[(k8 + ii) * L + j] = offset[c * k + k8 + ii] + scale[c * k + k8 + ii] * (float)code4(row, ii);
+        int64_t i0 = 0;
+#ifdef LOWBIT_AVX2
+        for (; i0 + 64 <= k4; i0 += 64) {  /* whole blocks; the tail below */
+            const __m256i raw = _mm256_loadu_si256((const __m256i *)(row + i0 / 2));
+            for (int u = 0; u < 8; u++) {
+                const int64_t i = k8 + i0 + 8 * u;
+                _mm256_storeu_ps(o + i, _mm256_fmadd_ps(unit4(raw, u), _mm256_loadu_ps(sc + i), _mm256_loadu_ps(of + i)));
+            }
+        }
+#endif
+        for (int64_t ii = i0; ii < k4; ii++) o[k8 + ii] = of[k8 + ii] + sc[k8 + ii] * (float)code4(row, ii);
     }
 }
 
