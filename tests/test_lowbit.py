@@ -125,6 +125,8 @@ def test_addmm_rows_applies_each_job_to_its_rows_only():
         p.addmm(x[r0:r0 + r], want[r0:r0 + r])
     got = y.clone()
     lowbit.addmm_rows([(pairs[0], 0, 2), (pairs[1], 4, 3)], x, got)
+    with pytest.raises(ValueError, match="RowJobs.run takes"):  # fewer rows than the jobs reach
+        lowbit.addmm_rows([(pairs[1], 4, 3)], x[:6], got[:6])
     assert torch.equal(got[2:4], y[2:4])  # rows of no job: untouched
     assert rel(got, want) < 1e-6
 

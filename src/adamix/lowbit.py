@@ -271,8 +271,7 @@ class LowRankPair:
 class RowJobs:
     """Several (pair, row0, rows) jobs for one module, prepared once: run(x, y) does, in one call of
     the kernels, y[row0:row0 + rows] += x[row0:row0 + rows] D^T for each pair. x (N, n), y (N, m)
-    float32 contiguous; every job below DEQUANT_ROWS rows and inside 0..N-1 (the runtime builds them;
-    not checked per call)."""
+    float32 contiguous; every job below DEQUANT_ROWS rows (the runtime builds them so)."""
 
     def __init__(self, jobs: list[tuple[LowRankPair, int, int]]):
         self.pairs = [p for p, _, _ in jobs]  # keeps the pairs (and their tensors) alive
@@ -280,11 +279,16 @@ class RowJobs:
         self.arr = (native.LowbitJob * self.n)(*[(p.ptr, r0, r) for p, r0, r in jobs])
         self.work = min(p.entries * r for p, _, r in jobs)
         self.lib = jobs[0][0]._lib
+        self.shape = (max(r0 + r for _, r0, r in jobs), jobs[0][0].V.L, jobs[0][0].U.L)  # rows needed, n, m
+        if any((p.V.L, p.U.L) != self.shape[1:] for p in self.pairs):
+            raise ValueError("the jobs of one RowJobs must share the shapes of x and y")
 
     def run(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        rows, n, m = self.shape
         if not (x.dtype == y.dtype == torch.float32 and x.is_contiguous() and y.is_contiguous()
-                and x.dim() == y.dim() == 2):
-            raise ValueError("RowJobs.run takes contiguous float32 matrices")
+                and x.dim() == y.dim() == 2 and x.shape[0] == y.shape[0] >= rows and x.shape[1] == n and y.shape[1] == m):
+            raise ValueError(f"RowJobs.run takes contiguous float32 x (>= {rows}, {n}) and y (same rows, {m}); "
+                             f"got {tuple(x.shape)} and {tuple(y.shape)}")
         self.lib.lowbit_lowrank_many(self.n, self.arr, x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0),
                                      _threads(self.work))
 
