@@ -217,3 +217,27 @@ def test_factor_modes():
         resolve_factors("fast", torch.float32, cpu)
     if lowbit.available():
         assert resolve_factors("auto", torch.float32, cpu) == "codes"
+
+
+@needs_kernels
+def test_plain_c_loops_without_avx2(monkeypatch, tmp_path):
+    """The kernels built for a baseline x86-64 (no AVX2 / FMA: the plain C loops) give the same products."""
+    import platform
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the baseline build flag is x86-64's")
+    monkeypatch.setenv("ADAMIX_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "FLAGS", [f if f != "-march=native" else "-march=x86-64" for f in native.FLAGS])
+    native.load.cache_clear()
+    try:
+        assert native.lowbit() is not None and list(tmp_path.rglob("lowbit.so"))
+        for k, L, g, k8 in [(70, 256, 128, 3), (6, 33, 7, 2)]:
+            F, codes = random_rows(k, L, g, k8)
+            C, _ = random_rows(k, L, g, k8, cols=True)
+            D = dense64(F, codes)
+            x, t = torch.randn(3, L), torch.randn(3, k)
+            y = torch.zeros(3, L)
+            lowbit.axpy(F, t, y)
+            assert rel(lowbit.rowdot(C, x), x.double() @ D.T) < 1e-5 and rel(y, t.double() @ D) < 1e-5
+            assert rel(lowbit.dequantize(F), D) < 1e-6 and rel(lowbit.dequantize(C), D) < 1e-6
+    finally:
+        native.load.cache_clear()
