@@ -15,7 +15,7 @@ What each stored tensor becomes (per tenant, per parameter of the base):
   * kinds registered with `methods.base.register_factors` (svd-mixed, ...): applied as in (1); for
     an embedding the looked-up rows are U^[ids] V^. By default (float32 on CPU) the codes of the
     quantized kinds are held as they are, two 4-bit codes per byte, and multiplied by the C kernels of
-    `adamix.lowbit`, which read every code once per call (LowBitDelta, about 1.2x the artifact's
+    `adamix.lowbit`, which read every code once per call (LowBitDelta, about 1.4x the artifact's
     bytes); otherwise (GPU, other dtypes, no C compiler, or factors="float") the factors are
     de-quantized once at `attach` into the model's dtype (LowRankDelta, 4 bytes per entry in float32).
   * any other kind (rows, raw, future kinds such as bitdelta): the dense D^ (`Artifact.delta`).
@@ -411,7 +411,6 @@ class TenantLinear(TenantModule):
                     upd += db
                 y.index_add_(0, rows, upd)
         return y
-
 
     def _fused(self, groups: list, x: torch.Tensor, y: torch.Tensor) -> list:
         """Apply the LowBitDelta tenants whose rows are a slice (and fewer than lowbit.DEQUANT_ROWS) in
