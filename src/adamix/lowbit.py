@@ -32,6 +32,7 @@ import dataclasses
 import torch
 
 from . import native
+from .quant import grid
 from .quant.grid import n_groups
 
 
@@ -169,10 +170,8 @@ def dequantize_t(F: LowBitCols) -> torch.Tensor:
 
 
 def reference(F: LowBitRows | LowBitCols) -> torch.Tensor:
-    """F (k, L) float32, equation (1), in torch."""
-    def per_entry(p):  # (G, k) -> (k, L)
-        return p.T.repeat_interleave(F.g, dim=1)[:, :F.L]
-    return per_entry(F.offset) + per_entry(F.scale) * codes_of(F).float()
+    """F (k, L) float32, equation (1), in torch (quant.grid's de-quantization of the codes)."""
+    return grid.dequantize(codes_of(F), grid.expand_groups(F.scale.T, F.L, F.g), grid.expand_groups(F.offset.T, F.L, F.g))
 
 
 def columns(F: LowBitRows, ids: torch.Tensor) -> torch.Tensor:
