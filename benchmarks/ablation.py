@@ -22,13 +22,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from adamix.allocate import choose_widths  # noqa: E402
+from adamix.methods.allocate import choose_widths  # noqa: E402
 from calibrated import calibrated_deltas, pair_paths  # noqa: E402
-from adamix.linalg import output_error, svd  # noqa: E402
+from adamix.quant.linalg import output_error, svd  # noqa: E402
 from adamix.methods.adamix import analyse, budget_bits, finish  # noqa: E402
-from adamix.methods.base import Settings  # noqa: E402
+from adamix.methods import Settings  # noqa: E402
 from adamix.methods.deltacome import WIDTHS as DC_WIDTHS, schedule_widths  # noqa: E402
-from adamix.methods.factors import decode_factors  # noqa: E402
+from adamix.methods.svd_mixed import decode_factors  # noqa: E402
 
 # name: (widths, choice rule, target correction, group size, damp)
 VARIANTS = {

@@ -1,7 +1,7 @@
 """Peak memory does not grow with depth; where the time of a block goes (issue 5).
 
     OMP_NUM_THREADS=1 python benchmarks/bounded_memory.py [--blocks 2,4] [--samples 32] [--seqlen 256] [--parallel]
-                                                          [--work DIR] [--out benchmarks/results]
+                                                          [--work DIR] [--out docs/results]
 
 Writes synthetic Llama-shaped pairs (hidden 4096, intermediate 11008, 32 heads, bf16, sharded
 safetensors of <= 1 GB with an index, vocabulary 8192 from a word-level tokenizer trained on the
@@ -10,8 +10,8 @@ D = A diag(s) B^T + N with s_i ~ (1 + i)^-0.7 over rank 512, ||N|| = 0.3 ||A S B
 ||W_base||; norms get small raw deltas; embeddings and head are unchanged (a typical fine-tune
 without new vocabulary). Then `adamix.compress` runs in a child process per model, with calibration,
 and reports peak RSS (VmHWM), wall time and seconds by phase. Per-block figures are the deepest
-run's totals divided by its depth (its fixed costs are a few seconds). In the same run, a bare `adamix.linalg.svd` of one block's 7 deltas gives the
-yardstick: whole per-block time / bare SVD time. Results: benchmarks/results/bounded_memory[_<hidden>].md/.json.
+run's totals divided by its depth (its fixed costs are a few seconds). In the same run, a bare `adamix.quant.linalg.svd` of one block's 7 deltas gives the
+yardstick: whole per-block time / bare SVD time. Results: docs/results/bounded_memory[_<hidden>].md/.json.
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ def vm_hwm_mib(pid: int) -> float | None:
 def watch(procs: dict[int, subprocess.Popen], work: Path, out: Path, every: float = 10.0) -> None:
     """While the children run: their peak RSS so far and the time each block's chunk appeared, saved
     to OUT/bounded_memory_progress.json (so that a run stopped early still says what it saw)."""
-    from adamix.partial import partial_dir
+    from adamix.compression.partial import partial_dir
     t0 = time.time()
     seen: dict[int, dict] = {nb: {"peak_rss_mib": 0.0, "block_done_s": {}} for nb in procs}
     while any(p.poll() is None for p in procs.values()):
@@ -169,9 +169,9 @@ def watch(procs: dict[int, subprocess.Popen], work: Path, out: Path, every: floa
 
 
 def bare_svd_seconds(base: Path, ft: Path) -> float:
-    from adamix.checkpoint import Checkpoint
-    from adamix.linalg import svd
-    from adamix.pipeline import delta_of
+    from adamix.io.checkpoint import Checkpoint
+    from adamix.quant.linalg import svd
+    from adamix.compression.plan import delta_of
     b, f = Checkpoint(base), Checkpoint(ft)
     total = 0.0
     for name in LINEARS:
@@ -193,12 +193,12 @@ def main() -> None:
     ap.add_argument("--parallel", action="store_true",
                     help="run the compressions at the same time (one core each): faster, per-block times contended")
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "adamix" / "bench" / "bounded"))
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--out", default=str(Path(__file__).parent.parent / "docs" / "results"))
     args = ap.parse_args()
     set_shape(args.hidden, args.intermediate, args.heads)
     sys.path.insert(0, str(Path(__file__).parent))
     from peers import git_commit
-    from adamix.calibrate import default_calibration_file
+    from adamix.io.text import default_calibration_file
     commit = git_commit()
     calib = default_calibration_file()
     work, out = Path(args.work), Path(args.out)

@@ -6,15 +6,16 @@ from typing import Iterator
 
 import torch
 
-from adamix.calibrate import BlockRunner, default_calibration_file, read_text, token_windows
-from adamix.checkpoint import Checkpoint
-from adamix.pipeline import delta_of
+from adamix.compression.calibrate import BlockRunner, token_windows
+from adamix.io.text import default_calibration_file, read_text
+from adamix.io.checkpoint import Checkpoint
+from adamix.compression.plan import delta_of
 
 
 def pair_paths(pair: str) -> tuple[str, str]:
     """(base, fine-tune) folders of 'minilm' (the packaged pair) or 'smollm' (made and cached)."""
     if pair == "minilm":
-        from adamix.demo import PAIR, package_folder
+        from adamix.eval.demo import PAIR, package_folder
         return tuple(package_folder(*p) for p in PAIR)
     from make_smollm_finetune import make_finetune
     return make_finetune(log=print)

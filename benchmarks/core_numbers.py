@@ -43,8 +43,8 @@ def main() -> None:
     import torch
 
     from adamix import merge
-    from adamix.demo import PAIR, package_folder
-    from adamix.evaluate import embedding_cosine, gensim_data, heldout_corpora, heldout_texts, mean_pooled, relative_output_error
+    from adamix.eval.demo import PAIR, package_folder
+    from adamix.eval.heldout import embedding_cosine, gensim_data, heldout_corpora, heldout_texts, mean_pooled, relative_output_error
     from make_smollm_finetune import exact_match, gguf_location, load_model, make_finetune, task_examples
 
     work = Path(args.out or tempfile.mkdtemp(prefix="adamix-core-"))

@@ -298,7 +298,7 @@ def load_model(folder: str | os.PathLike):
 def ensure_base(cache_dir: str | os.PathLike | None = None, log: Callable = print) -> str:
     """The de-quantized base folder: adamix's own GGUF reader converts the file once and caches it
     (under $ADAMIX_CACHE/gguf/), so the benchmark's base is exactly what `adamix compress` reads."""
-    from adamix.checkpoint import Checkpoint
+    from adamix.io.checkpoint import Checkpoint
 
     folder, name = gguf_location()
     log(f"base: {name} (de-quantized to float32 once, then cached)")

@@ -27,8 +27,8 @@ def main() -> None:
     ap.add_argument("--ratio", default="1/16")
     args = ap.parse_args()
     from adamix import compress, merge
-    from adamix.demo import PAIR, package_folder
-    from adamix.evaluate import embedding_cosine, heldout_corpora, heldout_texts, mean_pooled, relative_output_error
+    from adamix.eval.demo import PAIR, package_folder
+    from adamix.eval.heldout import embedding_cosine, heldout_corpora, heldout_texts, mean_pooled, relative_output_error
 
     base, ft = (package_folder(*p) for p in PAIR)
     texts = heldout_texts()

@@ -2,7 +2,7 @@
 
     python benchmarks/peers.py [--pairs minilm,smollm] [--ratios 1/8,1/16,1/32,1/64]
                                [--methods adamix,deltacome,lowrank,bitdelta,rtn,gptq]
-                               [--cli-methods all] [--out benchmarks/results] [--work DIR]
+                               [--cli-methods all] [--out docs/results] [--work DIR]
 
 For each pair, one calibration pass (the CLI's defaults: 128 windows of <= 256 tokens of gensim's
 lee_background.cor) feeds every method at every ratio: each delta's SVD and error tables are computed
@@ -18,7 +18,7 @@ once and shared, so the artifacts are exactly those `adamix compress --method M 
 - bytes on disk, achieved alpha; compute seconds (calibration + SVD + the method's own work, as a
   standalone run would spend them); and for the methods in --cli-methods a real `adamix compress`
   at 1/16 in a child process: its wall time and peak RSS.
-Writes benchmarks/results/<pair>.md and PNG plots (error vs ratio, widths heat map, spectra,
+Writes docs/results/<pair>.md and PNG plots (error vs ratio, widths heat map, spectra,
 predicted vs measured error); names the commit of the code inside.
 """
 
@@ -42,21 +42,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from adamix.artifact import AtomicFolder, Artifact, write_artifact  # noqa: E402
-from adamix.calibrate import BlockRunner, default_calibration_file, read_text, token_windows  # noqa: E402
-from adamix.checkpoint import Checkpoint, config_fingerprint  # noqa: E402
-from adamix.evaluate import (embedding_cosine, error_on_grams, gensim_data, heldout_corpora, heldout_grams,  # noqa: E402
+from adamix.io.artifact import AtomicFolder, Artifact, write_artifact  # noqa: E402
+from adamix.compression.calibrate import BlockRunner, token_windows  # noqa: E402
+from adamix.io.text import default_calibration_file, read_text  # noqa: E402
+from adamix.io.checkpoint import Checkpoint, config_fingerprint  # noqa: E402
+from adamix.eval.heldout import (embedding_cosine, error_on_grams, gensim_data, heldout_corpora, heldout_grams,  # noqa: E402
                              mean_pooled, polarity_labelled)
-from adamix.linalg import svd  # noqa: E402
-from adamix.merge import merged_state  # noqa: E402
-from adamix.methods import METHODS  # noqa: E402
+from adamix.quant.linalg import svd  # noqa: E402
+from adamix.export.merge import merged_state  # noqa: E402
+from adamix.methods import ModelContext, names  # noqa: E402
 from adamix.methods.adamix import analyse  # noqa: E402
-from adamix.methods.base import Settings  # noqa: E402
+from adamix.methods import Settings  # noqa: E402
 from adamix.methods.bitdelta import BITDELTA_ALPHA  # noqa: E402
 from adamix.methods.deltacome import deltacome_settings  # noqa: E402
-from adamix.models import build_model  # noqa: E402
-from adamix.pipeline import (build_manifest, delta_of, encode_tensor, encoded_entries, is_svd_shape, overhead_per_element,  # noqa: E402
-                             pair_tensors, row_sparse)
+from adamix.io.hf import build_model, state_name_map  # noqa: E402
+from adamix.io.manifest import build_manifest, encoded_entries  # noqa: E402
+from adamix.compression.encode import encode_tensor, row_sparse  # noqa: E402
+from adamix.compression.plan import delta_of, is_svd_shape, overhead_per_element, pair_tensors  # noqa: E402
 
 SVD_METHODS = {"adamix", "deltacome", "lowrank"}
 DISTILLED = "bitdelta+distill"
@@ -145,12 +147,16 @@ def compress_grid(base: str, ft: str, methods: list[str], ratios: list[float], w
         encode_all(name, delta_of(base_ck, ft_ck, name), None, False)
 
     if DISTILLED in methods:
-        from adamix.distill import distill_scales
+        from adamix.methods.bitdelta import sign_matrix
+        from adamix.methods.distill import distill_scales
         plain = encoded[("bitdelta", BITDELTA_ALPHA)]
         copy = {n: (dataclasses.replace(e, tensors=dict(e.tensors), stats=dict(e.stats)), tr) for n, (e, tr) in plain.items()}
         t = time.time()
         torch.manual_seed(0)
-        distill_info = distill_scales(base_ck, ft_ck, copy, windows, DISTILL_STEPS, progress=False)
+        ctx = ModelContext(teacher=lambda: build_model(ft_ck), student=lambda tensor: build_model(base_ck, tensor),
+                           base_tensor=base_ck.get, param_names=lambda model: state_name_map(model, base_ck.keys()),
+                           windows=windows, progress=False)
+        distill_info = distill_scales(copy, ctx, DISTILL_STEPS, "bitdelta", sign_matrix)
         for a in ratios:
             if fits(DISTILLED, a):
                 encoded[(DISTILLED, a)] = copy
@@ -164,7 +170,7 @@ def compress_grid(base: str, ft: str, methods: list[str], ratios: list[float], w
         extra = {"calibration": "lee_background.cor", "samples": 128, "seqlen": 256, "device": "cpu", "seed": 0}
         if m == DISTILLED:
             extra.update({"distill_steps": DISTILL_STEPS, "distill": distill_info})
-        entries, tensors = encoded_entries(base_ck, enc)
+        entries, tensors = encoded_entries(enc, lambda n: base_ck.slice_info(n)[1])
         manifest = build_manifest(base_fp, ft_config_fp, entries, dropped, settings, extra)
         out = work / f"{m}-{ratio_name(a).replace('/', '_')}"
         with AtomicFolder(out, overwrite=True) as tmp:
@@ -378,7 +384,7 @@ def git_commit() -> str:
 # ---------------------------------------------------------------------------------------------
 
 def run_pair(pair: str, methods: list[str], ratios: list[float], cli_methods: list[str], work: Path, out: Path) -> None:
-    from adamix.demo import PAIR, package_folder
+    from adamix.eval.demo import PAIR, package_folder
     if pair == "minilm":
         base, ft = (package_folder(*p) for p in PAIR)
         base_for_cli = base
@@ -481,12 +487,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pairs", default="minilm,smollm")
     ap.add_argument("--ratios", default="1/8,1/16,1/32,1/64")
-    ap.add_argument("--methods", default=",".join(METHODS) + f",{DISTILLED}")
+    ap.add_argument("--methods", default=",".join(names()) + f",{DISTILLED}")
     ap.add_argument("--cli-methods", default="all", help="methods also timed as a real CLI run at 1/16 ('none' to skip)")
     ap.add_argument("--cli-only", action="store_true", help="only redo the CLI timings of an earlier run")
     ap.add_argument("--reuse-cli", action="store_true", help="with --cli-only: take the timings saved by an earlier "
                     "--cli-only run (cli-M/timing.json in WORK) instead of running again")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--out", default=str(Path(__file__).parent.parent / "docs" / "results"))
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "adamix" / "bench" / "peers"))
     args = ap.parse_args()
     git_commit()
@@ -504,7 +510,7 @@ def rerun_cli(pair: str, methods: list[str], work: Path, out: Path, reuse: bool 
     """Redo only the CLI timings of an earlier run (its artifacts in WORK) and rewrite that section.
     Each run's timing is saved beside its artifact (cli-M/timing.json); reuse=True takes those."""
     if pair == "minilm":
-        from adamix.demo import PAIR, package_folder
+        from adamix.eval.demo import PAIR, package_folder
         base, ft = (package_folder(*p) for p in PAIR)
     else:
         from make_smollm_finetune import gguf_location, make_finetune

@@ -6,7 +6,7 @@ For every calibrated linear (Grams from --samples windows of lee_background.cor)
 table, and the pruned one at each ratio (allocate.error_table's max_kept; allocate.keep_threshold).
 Reported per ratio: the share of triplets measured, the seconds of both tables, the seconds of
 solve_allocation on the full table with and without its reduction, and the largest relative
-difference of the optimum (0: the pruning is exact). Writes benchmarks/results/pruning_<pair>.md.
+difference of the optimum (0: the pruning is exact). Writes docs/results/pruning_<pair>.md.
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ from scipy.sparse import csr_matrix
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from adamix.allocate import error_table, max_kept, solve_allocation, triplet_cost  # noqa: E402
+from adamix.methods.allocate import error_table, max_kept, solve_allocation
+from adamix.methods.svd_mixed import triplet_bits as triplet_cost  # noqa: E402
 from calibrated import calibrated_deltas, pair_paths  # noqa: E402
-from adamix.linalg import svd  # noqa: E402
+from adamix.quant.linalg import svd  # noqa: E402
 from adamix.methods.adamix import budget_bits  # noqa: E402
-from adamix.methods.base import Settings  # noqa: E402
+from adamix.methods import Settings  # noqa: E402
 
 RATIOS = ("1/8", "1/16", "1/32", "1/64")
 
@@ -49,7 +50,7 @@ def main() -> None:
     ap.add_argument("--pair", default="minilm", choices=("minilm", "smollm"))
     ap.add_argument("--blocks", type=int, default=0, help="only the first N blocks (0 = all)")
     ap.add_argument("--samples", type=int, default=32)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--out", default=str(Path(__file__).parent.parent / "docs" / "results"))
     args = ap.parse_args()
     from peers import git_commit
     base, ft = pair_paths(args.pair)

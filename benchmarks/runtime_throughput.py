@@ -1,4 +1,4 @@
-"""Multi-tenant serving on CPU: decode and prefill throughput of adamix.runtime on the SmolLM2 pair.
+"""Multi-tenant serving on CPU: decode and prefill throughput of adamix.MultiTenantModel on the SmolLM2 pair.
 
     OMP_NUM_THREADS=1 python benchmarks/runtime_throughput.py [--steps 16] [--prompt 64] [--repeats 3]
 
@@ -21,7 +21,7 @@ machine is shared):
   * the alternatives the runtime does not use: factors de-quantized on every call (packed), and a
     batch whose tenants' rows are interleaved (index_select / index_add instead of row slices).
 Memory: bytes of the tensors each tenant holds, the growth of the process RSS per attached tenant,
-and the artifact's size on disk. Writes the markdown table to benchmarks/results/runtime.md.
+and the artifact's size on disk. Writes the markdown table to docs/results/runtime.md.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def rss_bytes() -> int:
 
 
 def ensure_artifacts(gguf: Path, ft: str) -> dict[str, Path]:
-    from adamix.checkpoint import cache_dir
+    from adamix.io.cache import cache_dir
     out = {}
     for name, extra in ARTIFACTS.items():
         path = cache_dir() / "bench" / f"smollm2-1of16{'' if name == 'calib' else '-' + name}"
@@ -121,9 +121,9 @@ def factor_storage_microbench(art_path: Path, repeats: int = 3) -> list[str]:
     memory, larger than the caches) held five ways: the stored codes, 4-bit ones two per byte,
     through the C kernels (the runtime's default); float32 (V^T, U^T) (factors="float"); float32
     (U, V) read through transposed views; uint8 codes + per-group scale/offset, de-quantized by torch
-    on every call; the packed artifact tensors, unpacked on every call (methods.factors)."""
+    on every call; the packed artifact tensors, unpacked on every call (methods.svd_mixed)."""
     from adamix import load, lowbit
-    from adamix.methods.base import low_rank_factors, quantized_factors
+    from adamix.methods.kinds import low_rank_factors, quantized_factors
     from adamix.quant.grid import n_groups
     art = load(art_path)
     names = [n for n in art.entries if n.endswith("mlp.up_proj.weight")]
@@ -204,8 +204,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="only B = T = 4 (a smoke run)")
     args = ap.parse_args()
 
-    from adamix.checkpoint import Checkpoint
-    from adamix.runtime import MultiTenantModel
+    from adamix.io.checkpoint import Checkpoint
+    from adamix.serve import MultiTenantModel
     from make_smollm_finetune import gguf_location, load_model, make_finetune
 
     folder, name = gguf_location()
@@ -216,7 +216,7 @@ def main() -> None:
     plain, tok = load_model(base_folder)
     plain.eval()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results"], cwd=HERE.parent,
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs/results"], cwd=HERE.parent,
                            capture_output=True, text=True).stdout.strip()  # code changes; results files don't count
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), commit {commit}{' (dirty)' if dirty else ''}")
 
@@ -360,8 +360,8 @@ def main() -> None:
               "", *micro]
     table = "\n".join(lines)
     print(table)
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "runtime.md").write_text(table + "\n")
+    (HERE.parent / "docs" / "results").mkdir(exist_ok=True)
+    (HERE.parent / "docs" / "results" / "runtime.md").write_text(table + "\n")
 
 
 if __name__ == "__main__":

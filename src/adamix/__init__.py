@@ -3,13 +3,20 @@
     adamix.compress(base, finetuned, out, ratio="1/16")   # -> manifest dict; writes the delta folder
     adamix.merge(base, delta, out)                         # -> restored Hugging Face checkpoint
     adamix.load(delta)                                     # -> Artifact (manifest, per-tensor D^)
+    adamix.MultiTenantModel(base).attach("alice", delta)   # serve many deltas on one base
+    adamix.export_peft(base, delta, out)                   # -> PEFT LoRA adapter folder
+
+The packages follow the data flow: compression/ (the pipeline) -> methods/ (the Method registry) ->
+quant/ (grids, GPTQ, packing); io/ reads and writes every file; serve/ and export/ use what
+compress wrote. docs/architecture.md draws it.
 """
 
-__version__ = "0.1.0"
+from .version import __version__
+from .errors import AdamixError
+from .io.artifact import Artifact, load
+from .compression import Options, compress
+from .export import export_peft, merge
+from .serve import MultiTenantModel
 
-from .errors import AdamixError  # noqa: E402
-from .artifact import Artifact, load  # noqa: E402
-from .merge import merge  # noqa: E402
-from .pipeline import compress  # noqa: E402
-
-__all__ = ["AdamixError", "Artifact", "compress", "merge", "load", "__version__"]
+__all__ = ["AdamixError", "Artifact", "MultiTenantModel", "Options", "compress", "export_peft", "load", "merge",
+           "__version__"]

@@ -6,17 +6,56 @@ import argparse
 import json
 import sys
 
-from . import __version__
-from .errors import AdamixError
-from .methods import METHODS
+from dataclasses import fields
 
-CALIB_HELP = ("calibration text file; 'default' uses gensim's lee_background.cor (ships with gensim, "
-              "a few hundred news paragraphs); 'none' = data-free (H = I, RTN)")
+from .compression.options import CALIB_HELP, Options, flag
+from .errors import AdamixError
+from .methods import get, names
+from .methods.registry import accepting
+from .version import __version__
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line, like every other error (no usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"adamix: error: {message}\n")
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per field of compression.options.Options, with its default and help."""
+    for f in fields(Options):
+        meta = dict(f.metadata)
+        kw: dict = {"dest": f.name, "default": f.default, "help": meta["help"]}
+        if meta.get("negate"):
+            kw["action"] = "store_false"
+        elif isinstance(f.default, bool):
+            kw["action"] = "store_true"
+        else:
+            if meta.get("type"):
+                kw["type"] = meta["type"]
+            if meta.get("choices"):
+                kw["choices"] = meta["choices"]()
+        if f.name == "method":
+            kw["help"] += ": " + "; ".join(get(n).help for n in names())
+        if meta.get("method_specific"):
+            kw["help"] += f" (--method {' / '.join(accepting(f.name))} only)"
+        parser.add_argument(*([meta["short"]] if meta.get("short") else []), flag(f), **kw)
+
+
+def options_from(args: argparse.Namespace) -> dict:
+    """The Options fields from parsed arguments (the CLI's spellings mapped to the API's values)."""
+    out = {}
+    for f in fields(Options):
+        value = getattr(args, f.name)
+        convert = f.metadata.get("cli_value")
+        out[f.name] = convert(value) if convert and isinstance(value, str) else value
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="adamix", description="Store a fine-tune as a tiny mixed-precision delta "
-                                "against its base (ADAMIX), and restore it.")
+    p = Parser(prog="adamix", description="Store a fine-tune as a tiny mixed-precision delta "
+               "against its base (ADAMIX), and restore it.")
     p.add_argument("--version", action="version", version=f"adamix {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -24,32 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("base", help="base model: Hugging Face folder (config.json + safetensors) or .gguf file")
     c.add_argument("finetuned", help="fine-tuned model, same forms as BASE")
     c.add_argument("-o", "--out", required=True, help="output delta folder (must not exist)")
-    c.add_argument("--method", default="adamix", choices=METHODS,
-                   help="adamix (default) or a peer at the same size: deltacome (fixed 8/3/2-bit schedule), "
-                        "lowrank (fp16 truncated SVD), bitdelta (sign + scale, 1 bit per weight), "
-                        "rtn / gptq (the delta quantized directly)")
-    c.add_argument("--ratio", default="1/16", help="alpha = compressed bits / fp16 bits of the delta (default 1/16)")
-    c.add_argument("--calib", default="default", help=CALIB_HELP)
-    c.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
-    c.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window (default 256)")
-    c.add_argument("--bits", default="0,2,3,4,8", help="allowed bit-widths per singular vector (default 0,2,3,4,8)")
-    c.add_argument("--group-size", type=int, default=128, help="entries per quantization group (default 128)")
-    c.add_argument("--device", default="cpu", help="cpu or cuda[:N] for the calibration passes (default cpu)")
-    c.add_argument("--whiten", action="store_true",
-                   help="SVD of D H^1/2 instead of D: truncation optimal in the output error (see README)")
-    c.add_argument("--budget-scope", choices=("tensor", "block"), default="tensor",
-                   help="tensor: every matrix gets alpha of its own size; block: one ILP per transformer "
-                        "block shares the block's budget among its linears (default tensor)")
-    c.add_argument("--distill-steps", type=int, default=0,
-                   help="bitdelta only: train the per-matrix scales this many steps to match the fine-tune's "
-                        "hidden states on the calibration text (holds both models in memory; default 0)")
-    c.add_argument("--seed", type=int, default=0, help="seed, recorded in the manifest (the method is deterministic)")
-    c.add_argument("--overwrite", action="store_true",
-                   help="replace OUT if it exists, and discard the work an interrupted run left")
-    c.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from the blocks it finished (same inputs and options; "
-                        "the result is byte-identical to an uninterrupted run)")
-    c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    add_options(c)
 
     m = sub.add_parser("merge", help="restore the fine-tune: BASE + DELTA -> Hugging Face checkpoint")
     m.add_argument("base")
@@ -77,20 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="compress the all-MiniLM-L6-v2 -> sre-embedding-model pair, merge and evaluate")
     d.add_argument("-o", "--out", default="adamix-demo", help="working folder (default ./adamix-demo)")
-    d.add_argument("--ratio", default="1/16")
-    d.add_argument("--calib", default="default", help=CALIB_HELP)
+    d.add_argument("--ratio", default=Options.ratio, help=f"as for compress (default {Options.ratio})")
+    d.add_argument("--calib", default=Options.calib, help=CALIB_HELP)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from .report import print_summary
+    from .eval.report import print_summary
     if args.command == "compress":
-        from .pipeline import compress
-        manifest = compress(args.base, args.finetuned, args.out, method=args.method, ratio=args.ratio,
-                            calib=None if args.calib == "none" else args.calib, samples=args.samples,
-                            seqlen=args.seqlen, bits=args.bits, group_size=args.group_size, device=args.device,
-                            seed=args.seed, whiten=args.whiten, distill_steps=args.distill_steps, budget_scope=args.budget_scope,
-                            overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
+        from .compression import compress
+        manifest = compress(args.base, args.finetuned, args.out, **options_from(args))
         s = manifest["sizes"]
         resumed = f" (resumed: {manifest['resumed_chunks']} chunks were already done)" if manifest["resumed_chunks"] else ""
         if not manifest["tensors"]:  # every float tensor is bit-for-bit the base's
@@ -101,11 +111,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.out} in {s['wall_seconds']:.1f} s{resumed}, peak RSS {s['peak_rss_mib']:.0f} MiB")
         print("time by phase: " + ", ".join(f"{k} {v:.1f} s" for k, v in manifest["seconds_by_phase"].items()))
     elif args.command == "merge":
-        from .merge import merge
+        from .export.merge import merge
         out = merge(args.base, args.delta, args.out, overwrite=args.overwrite, progress=not args.quiet)
         print(f"wrote {out}")
     elif args.command == "export-peft":
-        from .peft import export_peft
+        from .export.peft import export_peft
         s = export_peft(args.base, args.delta, args.out, lora_only=args.lora_only, uniform_rank=args.uniform_rank,
                         dtype=args.dtype, overwrite=args.overwrite)
         kept = {"lora_bias": len(s["lora_bias"]), "trainable_token_indices": len(s["trainable_tokens"]),
@@ -115,20 +125,29 @@ def run(args: argparse.Namespace) -> int:
               + ("dropped (--lora-only)" if s["lora_only"] else ", ".join(f"{v} as {k}" for k, v in kept.items() if v))
               + f"; see {args.out}/adamix_export.json")
     elif args.command == "inspect":
-        from .artifact import Artifact
+        from .io.artifact import Artifact
         art = Artifact(args.delta)
         if args.json:
             print(json.dumps(art.manifest, indent=2))
         else:
             print_summary(art.manifest, per_tensor=True)
     elif args.command == "demo":
-        from .demo import demo
+        from .eval.demo import demo
         demo(args.out, ratio=args.ratio, calib=None if args.calib == "none" else args.calib)
     return 0
 
 
+def quiet_transformers() -> None:
+    """The command shows one progress bar per step of its own: transformers' bars for every model
+    it loads or saves ("Loading weights", "Writing model shards") and its warnings are turned off."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_transformers()
     try:
         return run(args)
     except AdamixError as e:

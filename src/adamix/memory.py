@@ -1,10 +1,10 @@
 """Handing freed memory back to the operating system between tensors.
 
 A compression allocates and frees tensors of every size, tensor after tensor. glibc keeps freed
-blocks below its mmap threshold in the heap, and the holes they leave add up over blocks: on the
-1024-wide Llama-shaped benchmark the peak RSS of a 4-block run was 970 MiB against 826 for 2 blocks.
-`malloc_trim(0)` after each tensor returns those pages (a few milliseconds), and the two runs then
-peak within 5% of each other (846 vs 808 MiB). Elsewhere (macOS, musl, Windows) this does nothing.
+blocks below its mmap threshold in the heap, and the holes they leave add up over blocks, so that
+the peak memory would grow with the model's depth. `malloc_trim(0)` after each tensor returns those
+pages (benchmarks/bounded_memory.py measures the peak against the depth; docs/results/). Elsewhere
+(macOS, musl, Windows) this does nothing.
 """
 
 from __future__ import annotations

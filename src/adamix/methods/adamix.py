@@ -20,20 +20,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..allocate import choose_widths, error_table, max_kept, triplet_cost
-from ..linalg import error_stats, matmul64, svd
+from .allocate import choose_widths, error_table, max_kept, shrink_to_fit
 from ..quant.gptq import gptq_columns, gptq_rows, rtn_columns
 from ..quant.grid import rtn
-from .base import Encoded, Settings
-from .factors import decode_factors, encode_factors, expected_sizes
-
-
-PACK_PAD_BITS = 14  # per width and tensor: the byte padding of its two packed code streams (2 x 7 bits)
-
-
-def budget_bits(m: int, n: int, alpha: float, overhead_bits: float = 0.0) -> float:
-    """Bits this tensor's codes and grids may take: alpha * 16 * m * n less its share of the overhead."""
-    return alpha * 16 * m * n - overhead_bits
+from ..quant.linalg import error_stats, matmul64, svd
+from .kinds import Encoded
+from .registry import Method, Settings, budget_bits, register
+from .svd_mixed import PACK_PAD_BITS, decode_factors, encode_factors, stored_bits, triplet_bits
 
 
 @dataclass
@@ -59,7 +52,7 @@ def analyse(D: torch.Tensor, H: torch.Tensor | None, settings: Settings, overhea
     m, n = D.shape
     g = settings.group_size
     U, s, V = factors if factors is not None else svd(D, H, settings.whiten)
-    costs = np.array([triplet_cost(m, n, b, g) for b in settings.widths], dtype=np.float64)
+    costs = np.array([triplet_bits(m, n, b, g) for b in settings.widths], dtype=np.float64)
     budget = budget_bits(m, n, settings.alpha, overhead_bits)
     kept = max_kept(costs, budget) if prune and (costs > 0).any() else None
     table = error_table(s, U, V, H, list(settings.widths), g, max_kept=kept).numpy()
@@ -84,24 +77,30 @@ def compress_matrix(D: torch.Tensor, H: torch.Tensor | None, settings: Settings,
     return finish(a, choose_widths(a.table, a.costs, a.budget), a.budget, settings)
 
 
+def joint_reserve_bits(settings: Settings) -> int:
+    """Bits each tensor of a shared allocation sets aside: the byte padding of its two packed code
+    streams per width (svd_mixed.PACK_PAD_BITS each)."""
+    return PACK_PAD_BITS * sum(1 for b in settings.widths if b > 0)
+
+
 def compress_jointly(analyses: list[Analysis], settings: Settings) -> list[Encoded]:
     """One ILP over the triplets of several deltas (e.g. the linears of a block) under the sum of their
     budgets: bits go where they remove the most output error, sum_l ||(D^_l - D_l) X_l||^2.
 
-    Each tensor reserves 14 bits per width for the byte padding of its two packed streams.
+    Each tensor reserves joint_reserve_bits for the byte padding of its packed streams.
     """
     if not analyses:
         return []
-    nw = sum(1 for b in settings.widths if b > 0)
+    reserve = joint_reserve_bits(settings)
     table = np.concatenate([a.table for a in analyses])
     costs = np.concatenate([np.broadcast_to(a.costs, a.table.shape) for a in analyses])
-    budget = sum(a.budget - PACK_PAD_BITS * nw for a in analyses)
+    budget = sum(a.budget - reserve for a in analyses)
     choice = choose_widths(table, costs, budget)
     out, start = [], 0
     for a in analyses:
         c = choice[start:start + len(a.s)]
         start += len(a.s)
-        out.append(finish(a, c, float(a.costs[c].sum()) + PACK_PAD_BITS * nw, settings))
+        out.append(finish(a, c, float(a.costs[c].sum()) + reserve, settings))
     return out
 
 
@@ -122,20 +121,12 @@ def fit_packed_size(choice: np.ndarray, table: np.ndarray, widths: list[int], sh
                     group_size: int, budget: float) -> np.ndarray:
     """The ILP counts b (m + n) bits per triplet; packing pads each width's two code streams to whole
     bytes. Drop the kept triplet that costs least error until the exact stored size fits the budget."""
-    choice = choice.copy()
-    zero = widths.index(0)
+    def fits(c: np.ndarray) -> bool:
+        counts = np.bincount(c, minlength=len(widths))
+        meta = {"group_size": group_size, "widths": [[b, int(k)] for b, k in zip(widths, counts) if b > 0 and k > 0]}
+        return stored_bits(shape, meta) <= max(budget, 0.0)
 
-    def stored_bits() -> int:
-        counts = np.bincount(choice, minlength=len(widths))
-        meta = {"group_size": group_size, "widths": [[b, int(c)] for b, c in zip(widths, counts) if b > 0 and c > 0]}
-        nbytes, nparams = expected_sizes(shape, meta)
-        return 8 * nbytes + 16 * nparams
-
-    while stored_bits() > max(budget, 0.0):
-        kept = np.flatnonzero(choice != zero)
-        loss = table[kept, zero] - table[kept, choice[kept]]
-        choice[kept[np.argmin(loss)]] = zero
-    return choice
+    return shrink_to_fit(choice, table, widths.index(0), fits)
 
 
 def quantize_factors(D: torch.Tensor, H: torch.Tensor | None, U: torch.Tensor, s: torch.Tensor, V: torch.Tensor,
@@ -175,3 +166,32 @@ def target_correction(D: torch.Tensor, H: torch.Tensor | None, Vhat: torch.Tenso
     G = G + damp * torch.diagonal(G).mean().clamp_min(1e-30) * torch.eye(G.shape[0], dtype=G.dtype)
     rhs = matmul64(D, HV)  # (m, k)
     return torch.linalg.solve(G, rhs.T).T  # G symmetric: U* G = rhs
+
+
+class Adamix(Method):
+    """ADAMIX: widths per singular triplet from the exact ILP, GPTQ, reconstruction target correction."""
+    name = "adamix"
+    help = "adamix (default): ADAMIX, per-triplet widths from an exact ILP on the measured error, GPTQ, target correction"
+    unit = "singular triplet or row"
+    options = frozenset({"whiten", "budget_scope"})
+    kinds = ("svd-mixed",)
+    joint = True
+
+    def item_bits(self, m, n, settings):
+        b = min(w for w in settings.widths if w > 0)
+        return stored_bits((m, n), {"group_size": settings.group_size, "widths": [[b, 1]]})
+
+    def compress(self, D, H, settings, overhead_bits=0.0, factors=None, analysis=None):
+        return compress_matrix(D, H, settings, overhead_bits, analysis)
+
+    def analyse(self, D, H, settings, overhead_bits=0.0):
+        return analyse(D, H, settings, overhead_bits)
+
+    def compress_joint(self, analyses, settings):
+        return compress_jointly(analyses, settings)
+
+    def joint_reserve_bits(self, settings):
+        return joint_reserve_bits(settings)
+
+
+register(Adamix())

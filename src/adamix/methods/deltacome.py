@@ -15,8 +15,10 @@ import dataclasses
 import numpy as np
 import torch
 
-from .adamix import Analysis, analyse, budget_bits, finish
-from .base import Encoded, Settings
+from .adamix import Analysis, analyse, finish
+from .kinds import Encoded
+from .registry import Method, Settings, budget_bits, register
+from .svd_mixed import stored_bits
 
 SCHEDULE = ((8, 2), (3, 32), (2, None))  # (bits, number of triplets); None: all the rest
 WIDTHS = (0, 2, 3, 8)
@@ -57,3 +59,20 @@ def compress_deltacome(D: torch.Tensor, H: torch.Tensor | None, settings: Settin
     chosen = schedule_widths(len(a.s), dict(zip(widths, a.costs)), a.budget)
     choice = np.array([widths.index(b) for b in chosen], dtype=np.int64)
     return finish(a, choice, a.budget, s)
+
+
+class DeltaCoMe(Method):
+    name = "deltacome"
+    help = "deltacome: Delta-CoMe, the same SVD and GPTQ, widths by a fixed 8/3/2-bit schedule, no target correction"
+    unit = "singular triplet or row"
+    kinds = ("svd-mixed",)
+
+    def item_bits(self, m, n, settings):
+        b = min(w for w in WIDTHS if w > 0)
+        return stored_bits((m, n), {"group_size": settings.group_size, "widths": [[b, 1]]})
+
+    def compress(self, D, H, settings, overhead_bits=0.0, factors=None, analysis=None):
+        return compress_deltacome(D, H, settings, overhead_bits, analysis)
+
+
+register(DeltaCoMe())

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import torch
 
-from ..linalg import error_stats, gram_rows
 from ..quant.gptq import gptq_rows
 from ..quant.grid import rtn
-from .base import Encoded, Settings
+from ..quant.linalg import error_stats, gram_rows
+from .kinds import Encoded
+from .registry import Method, Settings, budget_bits, register
 from .rows import decode_rows, encode_rows, stored_bits
 
 GROUP_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -49,3 +50,31 @@ def compress_direct(D: torch.Tensor, H: torch.Tensor | None, settings: Settings,
         enc = encode_rows((m, n), g, [(b, rows, q)])
     enc.stats = {"rows_kept": len(rows), "bits": b, **error_stats(decode_rows((m, n), enc.meta, enc.tensors), D, H)}
     return enc
+
+
+class Direct(Method):
+    """The delta quantized directly, row by row: round-to-nearest, or GPTQ on H."""
+    unit = "row"
+    kinds = ("rows",)
+    use_gptq = False
+
+    def item_bits(self, m, n, settings):
+        return min(stored_bits(n, [[1, 1]], n), stored_bits(m, [[1, 1]], m))
+
+    def compress(self, D, H, settings, overhead_bits=0.0, factors=None, analysis=None):
+        return compress_direct(D, H, settings, budget_bits(*D.shape, settings.alpha, overhead_bits), self.use_gptq)
+
+
+class RTN(Direct):
+    name = "rtn"
+    help = "rtn: the delta quantized directly, round to nearest, at the widest width that fits"
+
+
+class GPTQ(Direct):
+    name = "gptq"
+    help = "gptq: the delta quantized directly with GPTQ on H, at the widest width that fits"
+    use_gptq = True
+
+
+register(RTN())
+register(GPTQ())

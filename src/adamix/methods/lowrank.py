@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 from ..errors import AdamixError
-from ..linalg import error_stats, svd
-from .base import Encoded, Settings, register_decoder, register_factors
+from ..quant.linalg import error_stats, svd
+from .kinds import Encoded, register_decoder, register_factors
+from .registry import Method, Settings, budget_bits, register
 
 
 def lowrank_rank(m: int, n: int, budget: float) -> int:
@@ -47,3 +48,19 @@ def lowrank_factors(shape: tuple[int, ...], meta: dict, tensors: dict[str, torch
     """(U (m, k), V (k, n)) float32, validated like the decoder."""
     decode_lowrank(shape, meta, tensors)
     return tensors["U"].float(), tensors["V"].float()
+
+
+class LowRank(Method):
+    name = "lowrank"
+    help = "lowrank: the truncated SVD with fp16 factors at the largest rank that fits"
+    unit = "rank-1 factor pair or row"
+    kinds = ("lowrank",)
+
+    def item_bits(self, m, n, settings):
+        return 16 * (m + n)
+
+    def compress(self, D, H, settings, overhead_bits=0.0, factors=None, analysis=None):
+        return compress_lowrank(D, H, settings, budget_bits(*D.shape, settings.alpha, overhead_bits), factors)
+
+
+register(LowRank())

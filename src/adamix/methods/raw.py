@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import AdamixError
-from .base import Encoded, register_decoder
+from .kinds import Encoded, register_decoder
 
 
 def encode_raw(D: torch.Tensor) -> Encoded:
@@ -13,7 +13,7 @@ def encode_raw(D: torch.Tensor) -> Encoded:
     return Encoded("raw", tuple(D.shape), {}, {"delta": D.to(torch.float16).contiguous()})
 
 
-@register_decoder("raw", {"delta": "F16"})
+@register_decoder("raw", {"delta": "F16"}, raw=True)
 def decode_raw(shape: tuple[int, ...], meta: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     d = tensors["delta"]
     if tuple(d.shape) != tuple(shape) or d.dtype != torch.float16:

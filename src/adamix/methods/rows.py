@@ -1,8 +1,7 @@
 """Row-sparse storage, kind "rows": the rows of D that carry its energy, each at its own width.
 
-Fine-tuning moves the embedding rows of the tokens it saw and barely touches the rest (on the MiniLM
-pair 10% of the word-embedding rows hold 99.9% of the delta's energy), a structure that a low-rank
-factorisation cannot use. Each row r is an item of the same multiple-choice knapsack as the singular
+Fine-tuning moves the embedding rows of the tokens it saw and barely touches the rest (most of the
+delta's energy sits in a few rows), a structure that a low-rank factorisation cannot use. Each row r is an item of the same multiple-choice knapsack as the singular
 triplets: e_r(0) = |d_r|^2, e_r(b) = |rtn_b(d_r) - d_r|^2, cost_b = b n + 32 ceil(n/g) + 32 (the
 row index), solved under the tensor's budget by the LP greedy (allocate.greedy_allocation).
 Stored: `idx` (int32, kept rows, widest first), `codes` (uint8, one packed stream per width),
@@ -14,13 +13,21 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..allocate import PARAM_BITS, choose_widths, greedy_allocation
 from ..errors import AdamixError
-from ..quant.grid import dequantize, expand_groups, n_groups, rtn
+from ..quant.grid import PARAM_BITS, dequantize, expand_groups, n_groups, rtn
 from ..quant.pack import pack, packed_nbytes, unpack
-from .base import Encoded, parse_width_meta, register_decoder
+from .allocate import choose_widths, greedy_allocation, shrink_to_fit
+from .kinds import Encoded, parse_width_meta, register_decoder
 
 INDEX_BITS = 32
+SPARSE_MAX_FRACTION = 0.5  # a dense delta with at most this fraction of non-zero rows is held as its rows
+
+
+def nonzero_rows(D: torch.Tensor, max_fraction: float = SPARSE_MAX_FRACTION) -> torch.Tensor | None:
+    """The indices (r,) int64 of D's (m, n) non-zero rows when r <= max_fraction * m, else None: the
+    test by which the runtime holds a delta as its rows and export-peft keeps embedding rows as tokens."""
+    rows = torch.nonzero(D.ne(0).any(dim=1)).flatten()
+    return rows if rows.numel() <= max_fraction * D.shape[0] else None
 
 
 def row_cost(n: int, width: int, group_size: int) -> int:
@@ -48,17 +55,17 @@ def compress_rows(D: torch.Tensor, widths: tuple[int, ...], group_size: int, bud
         table.append(((deq[b]["deq"].double() - D.double()) ** 2).sum(1))
     table = torch.stack(table, 1).numpy()
     costs = np.array([row_cost(n, b, g) for b in widths], dtype=np.float64)
-    zero = widths.index(0)
     # tens of thousands of rows: the exact MILP takes minutes, the LP greedy seconds (and is
     # within one row of the LP optimum)
     choice = choose_widths(table, costs, budget, solver=greedy_allocation)
-    while True:  # byte padding of the packed streams: drop the least valuable row until it fits
-        counts = np.bincount(choice, minlength=len(widths))
-        groups = [[b, int(c)] for b, c in zip(widths, counts) if b > 0 and c > 0][::-1]  # widest first
-        if stored_bits(n, groups, g) <= max(budget, 0):
-            break
-        kept = np.flatnonzero(choice != zero)
-        choice[kept[np.argmin(table[kept, zero] - table[kept, choice[kept]])]] = zero
+
+    def kept_groups(c: np.ndarray) -> list[list[int]]:
+        counts = np.bincount(c, minlength=len(widths))
+        return [[b, int(k)] for b, k in zip(widths, counts) if b > 0 and k > 0][::-1]  # widest first
+
+    # byte padding of the packed streams: drop the least valuable row until it fits
+    choice = shrink_to_fit(choice, table, widths.index(0), lambda c: stored_bits(n, kept_groups(c), g) <= max(budget, 0))
+    groups = kept_groups(choice)
     chosen = np.array(widths)[choice]
     parts = []
     for b, _ in groups:

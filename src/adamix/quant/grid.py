@@ -16,6 +16,7 @@ import math
 import torch
 
 SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
+PARAM_BITS = 32  # what one group's grid takes on disk: an fp16 scale and an fp16 offset
 
 
 def n_groups(length: int, group_size: int) -> int:

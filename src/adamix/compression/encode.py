@@ -1,0 +1,71 @@
+"""Encoding the deltas: one transformer block's linears (each alone, or in one shared allocation),
+or one tensor, by the registered method; data-free matrices also try the row-sparse form."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..memory import release_freed_memory
+from ..methods import Encoded, Settings, budget_bits, compress_with, get
+from ..methods.raw import encode_raw
+from ..methods.rows import compress_rows
+from .plan import is_svd_shape
+
+
+def encode_block(names: dict[str, tuple[torch.Tensor | None, bool]], load: Callable[[str], torch.Tensor],
+                 settings: Settings, overhead: float) -> dict[str, tuple[Encoded, bool]]:
+    """Encode the deltas of one block {name: (H float32 or None, transposed)}; load(name) gives D.
+
+    One tensor at a time: entries are popped from `names` as they are encoded, so a Gram is freed once
+    the last linear sharing it is done, and a D lives only while it is encoded. The Gram stays float32
+    (never a float64 copy: 1 GB at width 11008); linalg.gram_rows / matmul64 say how it is used. With
+    budget_scope "block" the matrices of a method that can join a shared allocation (Method.joint) share
+    one allocation (Method.compress_joint)."""
+    method = get(settings.method)
+    shared = settings.budget_scope == "block" and method.joint
+    out = {}
+    joint = []
+    for name in list(names):
+        H, transposed = names.pop(name)  # float32: products with it run in float32, sums in float64
+        D = load(name)
+        if shared and bool(D.any()) and is_svd_shape(tuple(D.shape)):
+            Dl = D.T if transposed else D
+            joint.append((name, transposed, method.analyse(Dl, H, settings, overhead * D.numel())))
+            continue
+        enc = encode_tensor(D, H, transposed, settings, overhead)
+        if enc is not None:
+            out[name] = (enc, transposed)
+        del D, H
+        release_freed_memory()
+    if joint:
+        for (name, transposed, _), enc in zip(joint, method.compress_joint([a for _, _, a in joint], settings)):
+            out[name] = (enc, transposed)
+    return out
+
+
+def encode_tensor(D: torch.Tensor, H: torch.Tensor | None, transposed: bool, settings: Settings,
+                  overhead: float = 0.0, **shared) -> Encoded | None:
+    """The stored form of one delta (None if it is exactly zero); overhead: bits per element reserved.
+
+    shared: precomputed pieces (factors, analysis: see methods.compress_with; rows: the row-sparse
+    alternative of a data-free matrix at this budget)."""
+    if not bool(D.any()):
+        return None
+    if is_svd_shape(tuple(D.shape)):
+        enc = compress_with(D.T if transposed else D, H, settings, overhead * D.numel(),
+                            shared.get("factors"), shared.get("analysis"))
+        if H is None:  # data-free matrices (embeddings, heads): keep the better of the method and row-sparse
+            alt = shared.get("rows") or row_sparse(D, settings, overhead)
+            if alt.stats["error_measured"] < enc.stats["error_measured"]:
+                return alt
+        return enc
+    return encode_raw(D)
+
+
+def row_sparse(D: torch.Tensor, settings: Settings, overhead: float) -> Encoded:
+    """The row-sparse encoding of a data-free matrix D (m x n) at the method's budget."""
+    alpha = get(settings.method).stored_alpha(settings)
+    return compress_rows(D, settings.widths, settings.group_size,
+                         budget_bits(D.shape[0], D.shape[1], alpha, overhead * D.numel()))

@@ -1,0 +1,144 @@
+"""Every compression option in one place: its default, its help text and its checks.
+
+`Options` is what `adamix.compress(..., **options)` takes and what `adamix compress` parses (cli.py
+builds its flags from the fields below). The defaults of what the methods see (ratio, widths, group
+size, ...) are those of methods.Settings, written once there. `Options.settings()` checks
+everything that can be checked without reading a model, and returns the methods' Settings.
+
+Method-specific options (metadata `method_specific`) are accepted only by the methods that list
+them in their `options` (methods.registry); another method refuses them in one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from fractions import Fraction
+from typing import Any
+
+import torch
+
+from ..errors import AdamixError
+from ..methods import Settings, registry
+
+_DEFAULT = Settings()
+SCOPES = ("tensor", "block")
+
+
+def option(default: Any, help: str, **meta: Any):
+    """A field of Options with its help text and CLI metadata: flag (default --<name>), short,
+    type, choices (a callable for choices known at run time), metavar, method_specific,
+    needs_calibration, cli_value (a function mapping the CLI string to the API value), negate
+    (a store_false flag whose presence sets the field to False)."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
+def parse_ratio(value: str | float) -> float:
+    """'1/16', '0.0625' or a float -> alpha in (0, 1]."""
+    try:
+        alpha = float(Fraction(value)) if isinstance(value, str) else float(value)
+    except (ValueError, ZeroDivisionError):
+        raise AdamixError(f"--ratio {value!r} is not a number or fraction such as 1/16") from None
+    if not 0 < alpha <= 1:
+        raise AdamixError(f"--ratio must be in (0, 1], got {value}")
+    return alpha
+
+
+def parse_widths(value: str | tuple | list) -> tuple[int, ...]:
+    """'0,2,3,4,8' -> (0, 2, 3, 4, 8); 0 (dropping a triplet) is always allowed."""
+    try:
+        widths = sorted({int(b) for b in (value.split(",") if isinstance(value, str) else value)} | {0})
+    except ValueError:
+        raise AdamixError(f"--bits {value!r} must be comma-separated integers such as 0,2,3,4,8") from None
+    if any(not 0 <= b <= 8 for b in widths) or len(widths) < 2:
+        raise AdamixError(f"--bits must list widths between 1 and 8 (0 is implied), got {value!r}")
+    return tuple(widths)
+
+
+CALIB_HELP = ("calibration text file; 'default' uses gensim's lee_background.cor (ships with gensim, "
+              "a few hundred news paragraphs); 'none' = data-free (H = I, RTN)")
+
+
+@dataclass(frozen=True)
+class Options:
+    """The options of a compression (see the module doc); field help is the CLI's."""
+    method: str = option(_DEFAULT.method, "compression method; the peers compress to the same size and format",
+                         choices=registry.names)
+    ratio: str | float = option(str(Fraction(_DEFAULT.alpha)), "alpha = compressed bits / fp16 bits of the delta "
+                                f"(default {Fraction(_DEFAULT.alpha)})")
+    calib: str | None = option("default", CALIB_HELP, cli_value=lambda v: None if v == "none" else v)
+    samples: int = option(128, "calibration windows (default 128)", type=int)
+    seqlen: int = option(256, "tokens per calibration window (default 256)", type=int)
+    bits: str | tuple = option(",".join(map(str, _DEFAULT.widths)), "allowed bit-widths per singular vector "
+                               f"(default {','.join(map(str, _DEFAULT.widths))})")
+    group_size: int = option(_DEFAULT.group_size, f"entries per quantization group (default {_DEFAULT.group_size})",
+                             type=int)
+    device: str = option("cpu", "cpu or cuda[:N] for the calibration passes (default cpu)")
+    seed: int = option(0, "seed, recorded in the manifest (the method is deterministic)", type=int)
+    whiten: bool = option(_DEFAULT.whiten, "SVD of D H^1/2 instead of D: truncation optimal in the output error",
+                          method_specific=True)
+    budget_scope: str = option(_DEFAULT.budget_scope, "tensor: every matrix gets alpha of its own size; block: one "
+                               "ILP per transformer block shares the block's budget among its linears (default tensor)",
+                               choices=lambda: SCOPES, method_specific=True)
+    distill_steps: int = option(0, "train the per-matrix scales this many steps to match the fine-tune's hidden "
+                                "states on the calibration text (holds both models in memory; default 0)",
+                                type=int, method_specific=True, needs_calibration=True)
+    overwrite: bool = option(False, "replace OUT if it exists, and discard the work an interrupted run left")
+    resume: bool = option(False, "continue an interrupted run from the blocks it finished (same inputs and "
+                          "options; the result is byte-identical to an uninterrupted run)")
+    progress: bool = option(True, "no progress bars", flag="--quiet", short="-q", negate=True)
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict) -> "Options":
+        """Options(**kwargs), refusing an unknown name in one line."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise AdamixError(f"unknown compression option {unknown[0]!r} (options: {', '.join(sorted(known))})")
+        return cls(**kwargs)
+
+    def settings(self) -> Settings:
+        """Check the options (one AdamixError for the first problem) and return what the methods see."""
+        alpha = parse_ratio(self.ratio)
+        widths = parse_widths(self.bits)
+        if self.group_size < 1 or self.samples < 1 or self.seqlen < 4:
+            raise AdamixError("--group-size and --samples must be >= 1 and --seqlen >= 4")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise AdamixError(f"--device {self.device}: no CUDA device is available")
+        if self.budget_scope not in SCOPES:
+            raise AdamixError(f"--budget-scope must be 'tensor' or 'block', got {self.budget_scope!r}")
+        if self.distill_steps < 0:
+            raise AdamixError(f"--distill-steps must be >= 0, got {self.distill_steps}")
+        method = registry.get(self.method)
+        settings = Settings(method=self.method, alpha=alpha, widths=widths, group_size=self.group_size,
+                            whiten=self.whiten, budget_scope=self.budget_scope)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value == f.default:
+                continue
+            if f.metadata.get("method_specific") and f.name not in method.options:
+                shown = "" if isinstance(value, bool) else f" {value}"
+                raise AdamixError(f"{flag(f)}{shown} applies to --method {' / '.join(registry.accepting(f.name))} "
+                                  f"only, not {self.method}")
+            if f.metadata.get("needs_calibration") and self.calib is None:
+                raise AdamixError(f"{flag(f)} needs calibration text (not --calib none)")
+        if method.needs_calibration and self.calib is None:
+            raise AdamixError(f"--method {self.method} needs calibration text (not --calib none)")
+        method.check(settings)
+        return settings
+
+    def run_record(self) -> dict:
+        """The options, other than the methods' Settings, that the result depends on (recorded in the
+        manifest and the work folder's key); calibration is filled in by the pipeline."""
+        record = {"samples": self.samples, "seqlen": self.seqlen, "device": self.device, "seed": self.seed}
+        if self.distill_steps:
+            record["distill_steps"] = self.distill_steps
+        return record
+
+    def replace(self, **changes) -> "Options":
+        return dataclasses.replace(self, **changes)
+
+
+def flag(f: dataclasses.Field) -> str:
+    """The CLI flag of an Options field: --group-size for group_size."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")

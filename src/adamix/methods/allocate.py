@@ -1,0 +1,253 @@
+"""Bit allocation over singular triplets: the measured error table and the exact 0/1 ILP.
+
+For D = U S V^T (m x n) and an input Gram H (n x n; None means H = I, the data-free mode), the error
+of keeping triplet i at width b (u_i, v_i rounded to their b-bit grids, u^_i, v^_i) is
+
+    e_i(b) = s_i^2 ( |u|^2 v^T H v - 2 (u . u^)(v^T H v^) + |u^|^2 v^^T H v^ ),   e_i(0) = s_i^2 v^T H v,
+
+which is exactly ||s_i (u v^T - u^ v^^T) X||_F^2 for the rank-1 term (cross terms neglected); it is
+computed in the equivalent form of error_table's docstring.
+The choice x_ib in {0, 1} solves the multiple-choice knapsack
+
+    min sum_ib e_i(b) x_ib   s.t.  sum_b x_ib = 1 (each i),  sum_ib cost_b x_ib <= budget
+
+exactly with scipy.optimize.milp (HiGHS branch and bound).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+import numpy as np
+import torch
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import csr_matrix
+
+from typing import Callable
+
+from ..quant.grid import rtn
+from ..quant.linalg import gram_rows
+from ..timing import timed
+
+
+def max_kept(costs: np.ndarray, budget: float) -> int:
+    """How many triplets can be kept at most: floor(budget / cheapest non-zero cost)."""
+    costs = np.asarray(costs, dtype=np.float64)
+    return int(max(budget, 0.0) // costs[costs > 0].min())
+
+
+def keep_threshold(table: np.ndarray | torch.Tensor, zero: int, kept: int) -> float:
+    """T such that some optimal choice drops every triplet with e_i(0) < T (costs equal for all rows).
+
+    g_i = e_i(0) - max_{b>0} e_i(b) is the least error that keeping triplet i removes, at any width;
+    T is the `kept`-th largest g_i (-inf if there are fewer rows). Swap argument: at most `kept`
+    triplets fit, so if j with e_j(0) < T is kept at width b, one of the `kept` rows with g_i >= T is
+    not; keeping i at width b instead costs the same bits and changes the error by
+    gain_j(b) - gain_i(b) <= e_j(0) - g_i < 0. Rows whose widths were not measured (error_table's
+    max_kept) hold e_i(b) = e_i(0), g_i = 0, and are below T whenever T > 0.
+    """
+    table = np.asarray(table, dtype=np.float64)
+    if kept <= 0 or kept > table.shape[0]:
+        return -np.inf if kept > table.shape[0] else np.inf
+    others = np.delete(table, zero, axis=1)
+    g = table[:, zero] - others.max(axis=1) if others.shape[1] else np.zeros(table.shape[0])
+    return float(np.partition(g, -kept)[-kept])
+
+
+@timed("error table")
+def error_table(s: torch.Tensor, U: torch.Tensor, V: torch.Tensor, H: torch.Tensor | None,
+                widths: list[int], group_size: int, chunk: int = 64, max_kept: int | None = None) -> torch.Tensor:
+    """e_i(b) for every triplet i and width b. s: (r,), U: (m, r), V: (n, r). Returns (r, len(widths)) float64.
+
+    With the rounding errors du = u^ - u, dv = v^ - v, the residual is u v^T - u^ v^^T = -(u dv^T + du v^^T), so
+
+        e_i(b) / s_i^2 = |u|^2 dv^T H dv + 2 (u . du) dv^T H v^ + |du|^2 v^^T H v^,
+
+    a sum of small terms, not a difference of large ones: exact enough with H's float32 products
+    (linalg.gram_rows). One product with H per triplet and width (dv H) plus one (v H). Triplets in
+    chunks of `chunk`: the work memory is a few chunk x n blocks, whatever the rank.
+
+    max_kept (at most that many triplets fit the budget, all at the same cost per width): triplets
+    are measured in order of decreasing e_i(0) until the next one's e_i(0) is below
+    keep_threshold: no optimal choice needs the rest, whose non-zero widths are set to e_i(0) (no
+    gain) unmeasured. One extra pass (v H for all) gives the order. The smaller the ratio and the
+    steeper the spectrum, the fewer rows are measured (benchmarks/pruning.py; docs/results/); a flat
+    spectrum (noise) needs nearly all. The measured rows are
+    the same, bit for bit, whatever max_kept (the same chunks of the same order).
+    """
+    r, zero = len(s), widths.index(0) if 0 in widths else None
+    s2 = s.double() ** 2
+    if max_kept is None or zero is None:
+        return _table_rows(s2, U, V, H, widths, group_size, torch.arange(r), chunk)
+    e0 = torch.cat([s2[i:i + chunk] * gram_rows(V[:, i:i + chunk].T, V[:, i:i + chunk].T, H) for i in range(0, r, chunk)])
+    order = torch.argsort(e0, descending=True, stable=True)
+    table = e0[:, None].repeat(1, len(widths))
+    done = 0
+    while done < r and (done < max_kept or float(e0[order[done]]) >= keep_threshold(table[order[:done]], zero, max_kept)):
+        rows = order[done:done + chunk]
+        table[rows] = _table_rows(s2, U, V, H, widths, group_size, rows, chunk)
+        done += len(rows)
+    return table
+
+
+def _table_rows(s2: torch.Tensor, U: torch.Tensor, V: torch.Tensor, H: torch.Tensor | None, widths: list[int],
+                group_size: int, rows: torch.Tensor, chunk: int) -> torch.Tensor:
+    """error_table's rows `rows` (in that order), `chunk` triplets at a time; (len(rows), len(widths))."""
+    gu, gv = min(group_size, U.shape[0]), min(group_size, V.shape[0])
+    dtype = H.dtype if H is not None else torch.float64
+    out = torch.zeros(len(rows), len(widths), dtype=torch.float64)
+    for i in range(0, len(rows), chunk):
+        idx = rows[i:i + chunk]
+        u, v = U[:, idx].T.double(), V[:, idx].T.double()  # (c, m), (c, n)
+        vH = (v.to(dtype) if H is None else v.to(dtype) @ H).double()
+        vHv = (vH * v).sum(1)
+        uu = (u * u).sum(1)
+        for j, b in enumerate(widths):
+            if b == 0:
+                out[i:i + chunk, j] = s2[idx] * vHv
+                continue
+            full = torch.full((len(idx),), b)
+            du = rtn(u, full, gu)["deq"].double() - u
+            dv = rtn(v, full, gv)["deq"].double() - v
+            dHd, dHv = gram_rows(dv, dv, H), (vH * dv).sum(1)
+            e = uu * dHd + 2 * (u * du).sum(1) * (dHv + dHd) + (du * du).sum(1) * (vHv + 2 * dHv + dHd)
+            out[i:i + chunk, j] = s2[idx] * e.clamp_min(0)
+    return out
+
+
+def solve_allocation(errors: np.ndarray, costs: np.ndarray, budget: float,
+                     time_limit: float = 60.0) -> np.ndarray:
+    """Exact multiple-choice knapsack by MILP. errors: (r, B); costs: (B,) or (r, B), a zero cost in
+    every row (width 0).
+
+    Returns the chosen column index per row (r,) int. The budget is never exceeded.
+    """
+    errors = np.asarray(errors, dtype=np.float64)
+    r, nb = errors.shape
+    costs = np.broadcast_to(np.asarray(costs, dtype=np.float64), (r, nb))
+    if r == 0:
+        return np.zeros(0, dtype=np.int64)
+    if costs.min(axis=1).sum() > budget:
+        raise ValueError("no width fits the budget, not even width 0")
+    zero = np.flatnonzero(costs[0] == 0)
+    if len(zero) and (costs == costs[0]).all() and (costs[0] > 0).any():
+        # exact reduction (keep_threshold): triplets that no optimal choice needs stay at width 0
+        live = errors[:, zero[0]] >= keep_threshold(errors, int(zero[0]), max_kept(costs[0], budget))
+        if not live.all():
+            choice = np.full(r, int(zero[0]))
+            if live.any():
+                choice[live] = solve_allocation(errors[live], costs[0], budget, time_limit)
+            return choice
+    # HiGHS stops within an absolute gap of 1e-6 that milp cannot change: scale the objective up so
+    # that gap is negligible (1e-13 of the largest error) and the answer exact for practical purposes.
+    scale = 1e-7 * errors.max() if errors.max() > 0 else 1.0
+    c = (errors / scale).reshape(-1)
+    rows = np.repeat(np.arange(r), nb)
+    one_each = csr_matrix((np.ones(r * nb), (rows, np.arange(r * nb))), shape=(r, r * nb))
+    cost_row = costs.reshape(1, -1)
+    with native_stdout_silenced():
+        res = milp(
+            c,
+            constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(cost_row, -np.inf, budget)],
+            integrality=np.ones(r * nb),
+            bounds=Bounds(0, 1),
+            options={"mip_rel_gap": 0.0, "time_limit": time_limit},
+        )
+    if res.x is None:
+        raise RuntimeError(f"bit allocation MILP failed: {res.message}")
+    choice = np.asarray(res.x).reshape(r, nb).argmax(axis=1)
+    # Guard against solver tolerance: drop the least valuable kept triplets until the budget holds.
+    return shrink_to_fit(choice, errors, costs.argmin(axis=1),
+                         lambda c: costs[np.arange(r), c].sum() <= budget)
+
+
+@contextlib.contextmanager
+def native_stdout_silenced():
+    """File descriptor 1 pointed at /dev/null for the block: HiGHS (inside scipy's milp) prints debug
+    lines such as "HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();" from
+    C++ straight to it, whatever milp's `disp` says. Python's own stdout is flushed first."""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):  # no file descriptor 1 to silence
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
+def shrink_to_fit(choice: np.ndarray, errors: np.ndarray, floor: int | np.ndarray,
+                  fits: Callable[[np.ndarray], bool]) -> np.ndarray:
+    """Move the kept item that costs least error, errors[i, floor_i] - errors[i, choice_i], down to
+    its floor width (floor: a width index, or one per item) until fits(choice); a new array."""
+    choice = np.array(choice, copy=True)
+    floor = np.broadcast_to(np.asarray(floor), choice.shape)
+    while not fits(choice):
+        kept = np.flatnonzero(choice != floor)
+        i = kept[np.argmin(errors[kept, floor[kept]] - errors[kept, choice[kept]])]
+        choice[i] = floor[i]
+    return choice
+
+
+def greedy_allocation(errors: np.ndarray, costs: np.ndarray, budget: float) -> np.ndarray:
+    """Multiple-choice knapsack by the LP-relaxation greedy (Sinha & Zoltners): for instances with tens
+    of thousands of items, where the exact MILP takes minutes. Deterministic.
+
+    Each item's widths on the lower convex hull of (cost, error) give upgrade steps of decreasing
+    efficiency (error removed per bit); steps of all items are taken in order of efficiency while
+    they fit. The LP optimum differs from this in at most one item. errors (r, B); costs (B,).
+    """
+    errors = np.asarray(errors, dtype=np.float64)
+    costs = np.asarray(costs, dtype=np.float64)
+    r, nb = errors.shape
+    order = np.argsort(costs, kind="stable")
+    choice = np.full(r, order[0])
+    steps = []  # (efficiency, item, step number, width index, extra cost)
+    for i in range(r):
+        hull = [order[0]]
+        for b in order[1:]:
+            if errors[i, b] >= errors[i, hull[-1]]:
+                continue
+            while len(hull) >= 2:
+                a, c = hull[-2], hull[-1]
+                # c is not on the lower hull if the slope a->b is at least as steep as a->c
+                if (errors[i, a] - errors[i, b]) * (costs[c] - costs[a]) >= (errors[i, a] - errors[i, c]) * (costs[b] - costs[a]):
+                    hull.pop()
+                else:
+                    break
+            hull.append(b)
+        for k in range(1, len(hull)):
+            dc = costs[hull[k]] - costs[hull[k - 1]]
+            steps.append(((errors[i, hull[k - 1]] - errors[i, hull[k]]) / dc, i, k, hull[k], dc))
+    steps.sort(key=lambda s: (-s[0], s[1], s[2]))
+    spent = costs[order[0]] * r
+    blocked = np.zeros(r, dtype=bool)
+    for _, i, _, b, dc in steps:
+        if blocked[i]:
+            continue
+        if spent + dc <= budget:
+            choice[i] = b
+            spent += dc
+        else:
+            blocked[i] = True  # later steps of this item would skip one: stop upgrading it
+    return choice
+
+
+@timed("ilp")
+def choose_widths(errors: np.ndarray, costs: np.ndarray, budget: float, solver=solve_allocation) -> np.ndarray:
+    """`solver`'s choice, or width 0 for every item when not even the cheapest non-zero width fits.
+
+    costs: (B,) or (r, B), with cost 0 at the width-0 column.
+    """
+    costs = np.asarray(costs, dtype=np.float64)
+    if budget < costs[costs > 0].min():
+        return np.broadcast_to(costs, np.shape(errors)).argmin(axis=1)
+    return solver(errors, costs, budget)

@@ -1,0 +1,129 @@
+"""adamix export-peft: the adapter loaded by the `peft` library reproduces the merged fine-tune."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from tenants import model_class, two_artifacts
+
+import adamix
+from adamix.cli import main
+from adamix.export.peft import export_peft
+
+peft = pytest.importorskip("peft")
+
+pytestmark = [pytest.mark.usefixtures("single_thread"),
+              pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
+
+
+@pytest.fixture(scope="module", params=["bert", "llama", "gpt2"])
+def setup(request, calib_file, tmp_path_factory):
+    """base and two artifacts: a (calibrated: low-rank matrices, raw 1-D deltas) and b (data-free,
+    with a row-sparse token embedding: kind rows), and the merged models."""
+    arch = request.param
+    work = tmp_path_factory.mktemp(f"peft-{arch}")
+    base = two_artifacts(arch, request, calib_file, work)
+    merged = {}
+    for t in ("a", "b"):
+        adamix.merge(base, work / t, work / f"merged-{t}", progress=False)
+        merged[t] = model_class(base).from_pretrained(work / f"merged-{t}").eval()
+    return arch, base, work, merged
+
+
+def run(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+def with_adapter(base, adapter):
+    from peft import PeftModel
+    return PeftModel.from_pretrained(model_class(base).from_pretrained(base), adapter).eval()
+
+
+def rel(a, b) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+IDS = torch.randint(4, 60, (3, 9), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("tenant", ["a", "b"])
+def test_peft_adapter_equals_merged_model(setup, tenant, tmp_path):
+    arch, base, work, merged = setup
+    summary = export_peft(base, work / tenant, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["lora_alpha"] == config["r"]
+    assert all(config["alpha_pattern"][m] == k for m, k in config["rank_pattern"].items())  # scaling 1
+    assert json.loads((tmp_path / "adapter" / "adamix_export.json").read_text())["lora"] == summary["lora"]
+    assert summary["lora"] and summary["not_lora"]  # both parts are exercised
+    kinds = {e["kind"] for e in adamix.load(work / tenant).entries.values()}
+    if tenant == "b":
+        assert "rows" in kinds
+        if arch != "gpt2":  # the row-sparse embedding is kept as its new rows; the LM head follows if tied
+            assert summary["trainable_tokens"]
+    got = run(with_adapter(base, tmp_path / "adapter"), IDS)
+    assert rel(got, run(merged[tenant], IDS)) < 2e-6
+
+
+def test_lora_only_adapter_is_the_low_rank_part(setup, tmp_path):
+    """--lora-only: lora_A / lora_B only; the model equals base + the deltas that became LoRA."""
+    arch, base, work, merged = setup
+    summary = export_peft(base, work / "b", tmp_path / "adapter", lora_only=True)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] is None and config["trainable_token_indices"] is None
+    assert config["lora_bias"] is False
+    with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        assert all(".lora_A." in k or ".lora_B." in k or ".lora_embedding_" in k for k in f.keys())
+    art = adamix.load(work / "b")
+    assert set(summary["dropped"]) == set(summary["not_lora"]) and summary["dropped"]
+    ref = model_class(base).from_pretrained(base).eval()
+    params = dict(ref.named_parameters())
+    with torch.no_grad():
+        for name in art.entries:
+            if name not in summary["dropped"]:
+                params[name].add_(art.delta(name))
+    assert rel(run(with_adapter(base, tmp_path / "adapter"), IDS), run(ref, IDS)) < 2e-6
+
+
+def test_uniform_rank_pads_with_zeros(setup, tmp_path):
+    arch, base, work, merged = setup
+    summary = export_peft(base, work / "a", tmp_path / "adapter", uniform_rank=True)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["rank_pattern"] == {} and len(set(summary["lora"].values())) > 1
+    with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        for k in f.keys():
+            if k.endswith("lora_A.weight"):
+                assert f.get_slice(k).get_shape()[0] == config["r"]
+    assert rel(run(with_adapter(base, tmp_path / "adapter"), IDS), run(merged["a"], IDS)) < 2e-6
+
+
+def test_half_precision_adapter(setup, tmp_path):
+    """--dtype float16: half the bytes of the LoRA tensors, factors rounded to fp16 (close, not exact)."""
+    arch, base, work, merged = setup
+    full = export_peft(base, work / "a", tmp_path / "f32")
+    half = export_peft(base, work / "a", tmp_path / "f16", dtype="float16")
+    with safe_open(str(tmp_path / "f16" / "adapter_model.safetensors"), "pt") as f:
+        assert all(f.get_slice(k).get_dtype() == "F16" for k in f.keys() if ".lora_" in k)
+    assert half["bytes"] < 0.75 * full["bytes"]
+    assert rel(run(with_adapter(base, tmp_path / "f16"), IDS), run(merged["a"], IDS)) < 2e-3
+
+
+@pytest.mark.parametrize("setup", ["llama"], indirect=True)
+def test_cli_export_peft(setup, tmp_path, capsys):
+    arch, base, work, _ = setup
+    assert main(["export-peft", str(base), str(work / "a"), "-o", str(tmp_path / "ad")]) == 0
+    assert "LoRA modules" in capsys.readouterr().out
+    assert main(["export-peft", str(base), str(work / "a"), "-o", str(tmp_path / "ad")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["export-peft", str(base), str(work / "a"), "-o", str(tmp_path / "ad2"), "--lora-only",
+                 "--uniform-rank", "--dtype", "bfloat16"]) == 0
+    assert "dropped (--lora-only)" in capsys.readouterr().out
+    # a model of the same shapes that is not the base (the second fine-tune) is refused, nothing written
+    assert main(["export-peft", str(work / "ft-b"), str(work / "a"), "-o", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("adamix: error: wrong base") and err.count("\n") == 1
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,386 @@
+"""Mixed-precision GPTQ (quant.gptq) and the ADAMIX per-matrix pipeline (methods.adamix)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import adamix.methods.adamix as adamix_method
+from adamix.methods.svd_mixed import triplet_bits as triplet_cost
+from adamix.quant.linalg import output_error
+from adamix.methods.adamix import Settings, budget_bits, compress_matrix, target_correction
+from adamix.methods.svd_mixed import decode_factors, expected_sizes, factors
+from adamix.quant import grid
+from adamix.quant.gptq import gptq_columns, gptq_rows, rtn_columns
+
+WIDTHS = torch.tensor([2, 3, 4, 8])
+
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def correlated_inputs(n: int, T: int, gen: torch.Generator, outliers: int = 3) -> torch.Tensor:
+    """X = A Z (n x T): neighbouring inputs strongly correlated (AR(0.9) mixing times a random
+    perturbation), so H = X X^T is far from diagonal, plus a few large outlier input dimensions."""
+    idx = torch.arange(n, dtype=torch.float64)
+    L = torch.linalg.cholesky(0.9 ** (idx[:, None] - idx[None, :]).abs())
+    A = L @ (torch.eye(n, dtype=torch.float64) + 0.3 * torch.randn(n, n, generator=gen, dtype=torch.float64) / n ** 0.5)
+    X = A @ torch.randn(n, T, generator=gen, dtype=torch.float64)
+    X[torch.randperm(n, generator=gen)[:outliers]] *= 8.0
+    return X
+
+
+def h_error(Q: torch.Tensor, W: torch.Tensor, X: torch.Tensor) -> float:
+    """||(Q - W) X||_F^2 in float64, from the explicit inputs (= tr((Q - W) H (Q - W)^T))."""
+    return float((((Q.double() - W.double()) @ X) ** 2).sum())
+
+
+def random_widths(count: int, gen: torch.Generator) -> torch.Tensor:
+    return WIDTHS[torch.randint(0, len(WIDTHS), (count,), generator=gen)]
+
+
+def reference_gptq(W: torch.Tensor, H: torch.Tensor, quantize_column, damp: float = 0.01) -> torch.Tensor:
+    """Textbook OBS/GPTQ in float64 (numpy), one column at a time, no lazy blocks: after quantizing
+    column j, W[:, j+1:] -= (w_j - q_j) / Hinv_jj * Hinv_j,j+1: and Hinv loses row/column j (Schur
+    downdate). quantize_column(j, W) gets the current W (torch, float64) and returns column j quantized."""
+    W = W.double().numpy().copy()
+    n = W.shape[1]
+    H = H.double().numpy().copy()
+    dead = np.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H += damp * np.diagonal(H).mean() * np.eye(n)
+    Hinv = np.linalg.inv(H)
+    Q = np.zeros_like(W)
+    for j in range(n):
+        Q[:, j] = quantize_column(j, torch.from_numpy(W)).double().numpy()
+        err = (W[:, j] - Q[:, j]) / Hinv[j, j]
+        W[:, j + 1:] -= np.outer(err, Hinv[j, j + 1:])
+        Hinv -= np.outer(Hinv[:, j], Hinv[j, :]) / Hinv[j, j]
+    return torch.from_numpy(Q)
+
+
+# ------------------------------------------------------------------------------- GPTQ vs RTN
+
+
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_gptq_rows_beats_rtn(group_size):
+    ratios = []
+    for seed in range(5):
+        gen = torch.Generator().manual_seed(seed)
+        k, n = 12, 96
+        X = correlated_inputs(n, 300, gen)
+        W = torch.randn(k, n, generator=gen)
+        bits = random_widths(k, gen)
+        q = gptq_rows(W, X @ X.T, bits, group_size)
+        r = grid.rtn(W, bits, min(group_size, n))
+        e_gptq, e_rtn = h_error(q["deq"], W, X), h_error(r["deq"], W, X)
+        assert e_gptq <= e_rtn, f"seed {seed}: GPTQ {e_gptq:.4g} > RTN {e_rtn:.4g}"
+        ratios.append(e_gptq / e_rtn)
+    assert np.mean(ratios) < 0.7
+
+
+def test_gptq_columns_beats_rtn_columns():
+    ratios = []
+    for seed in range(5):
+        gen = torch.Generator().manual_seed(100 + seed)
+        m, k = 96, 24
+        X = correlated_inputs(k, 300, gen)
+        W = torch.randn(m, k, generator=gen)
+        bits = random_widths(k, gen)
+        q = gptq_columns(W, X @ X.T, bits, 32)
+        r = rtn_columns(W, bits, 32)
+        e_gptq, e_rtn = h_error(q["deq"], W, X), h_error(r["deq"], W, X)
+        assert e_gptq <= e_rtn, f"seed {seed}: GPTQ {e_gptq:.4g} > RTN {e_rtn:.4g}"
+        ratios.append(e_gptq / e_rtn)
+    assert np.mean(ratios) < 0.8
+
+
+def test_gptq_with_identity_gram_is_rtn():
+    # H = I: no error is pushed onto other columns, so GPTQ reduces to RTN exactly.
+    gen = torch.Generator().manual_seed(7)
+    W = torch.randn(6, 50, generator=gen)
+    bits = random_widths(6, gen)
+    q = gptq_rows(W, torch.eye(50), bits, 16)
+    r = grid.rtn(W, bits, 16)
+    for key in ("codes", "scale", "offset", "deq"):
+        assert torch.equal(q[key], r[key]), key
+    Wc = torch.randn(40, 5, generator=gen)
+    bc = random_widths(5, gen)
+    qc, rc = gptq_columns(Wc, torch.eye(5), bc, 16), rtn_columns(Wc, bc, 16)
+    for key in ("codes", "scale", "offset", "deq"):
+        assert torch.equal(qc[key], rc[key]), key
+
+
+# ------------------------------------------------------------------ GPTQ vs a textbook reference
+
+
+def test_gptq_rows_matches_textbook_obs():
+    # n = 300, g = 32: several lazy-update blocks of 128 columns and a short last group (12 columns),
+    # plus one input that never fires (H_jj = 0).
+    gen = torch.Generator().manual_seed(3)
+    k, n, g = 7, 300, 32
+    X = correlated_inputs(n, 500, gen)
+    X[17] = 0.0
+    H = X @ X.T
+    W = torch.randn(k, n, generator=gen)
+    bits = random_widths(k, gen)
+    grids = {}
+
+    def quantize_column(j, Wcur):
+        grp = j // g
+        if grp not in grids:
+            grids[grp] = grid.fit_grid(Wcur[:, grp * g:(grp + 1) * g], bits, g)
+        s, o = grids[grp]
+        return grid.dequantize(grid.quantize(Wcur[:, j:j + 1], s, o, bits), s, o)[:, 0]
+
+    ref = reference_gptq(W, H, quantize_column)
+    q = gptq_rows(W, H, bits, g)
+    # float32 vs float64 arithmetic may flip an occasional rounding decision; nothing more
+    assert (q["deq"].double() == ref).float().mean() > 0.97
+    assert h_error(q["deq"], W, X) == pytest.approx(h_error(ref, W, X), rel=1e-3)
+    assert bool((q["deq"][:, 17] == ref[:, 17]).all())
+
+
+def test_gptq_columns_matches_textbook_obs():
+    gen = torch.Generator().manual_seed(4)
+    m, k, g = 70, 20, 32
+    X = correlated_inputs(k, 200, gen)
+    H = X @ X.T
+    W = torch.randn(m, k, generator=gen)
+    bits = random_widths(k, gen)
+
+    def quantize_column(j, Wcur):
+        return grid.rtn(Wcur[:, j][None].float(), bits[j:j + 1], g)["deq"][0]
+
+    ref = reference_gptq(W, H, quantize_column)
+    q = gptq_columns(W, H, bits, g)
+    assert (q["deq"].double() == ref).float().mean() > 0.97
+    assert h_error(q["deq"], W, X) == pytest.approx(h_error(ref, W, X), rel=1e-3)
+
+
+# ------------------------------------------------------------------- codes reproduce deq exactly
+
+
+@pytest.mark.parametrize("n, group_size", [(96, 32), (100, 32), (50, 128)])
+def test_gptq_rows_codes_reproduce_deq(n, group_size):
+    gen = torch.Generator().manual_seed(n)
+    k = 9
+    X = correlated_inputs(n, 200, gen)
+    W = torch.randn(k, n, generator=gen)
+    bits = random_widths(k, gen)
+    q = gptq_rows(W, X @ X.T, bits, group_size)
+    g = min(group_size, n)
+    G = math.ceil(n / g)
+    assert q["codes"].shape == (k, n) and q["codes"].dtype == torch.uint8
+    assert q["scale"].shape == q["offset"].shape == (k, G)
+    assert bool((q["codes"].long() <= (2 ** bits[:, None] - 1)).all())
+    for t in (q["scale"], q["offset"]):  # what is stored is fp16: nothing is lost by storing it
+        assert torch.equal(t.half().float(), t)
+    s = grid.expand_groups(q["scale"].half().float(), n, g)
+    o = grid.expand_groups(q["offset"].half().float(), n, g)
+    assert torch.equal(grid.dequantize(q["codes"], s, o), q["deq"])
+
+
+@pytest.mark.parametrize("m, group_size", [(96, 32), (70, 32), (40, 128)])
+def test_gptq_columns_codes_reproduce_deq(m, group_size):
+    gen = torch.Generator().manual_seed(m)
+    k = 10
+    X = correlated_inputs(k, 100, gen)
+    W = torch.randn(m, k, generator=gen)
+    bits = random_widths(k, gen)
+    q = gptq_columns(W, X @ X.T, bits, group_size)
+    g = min(group_size, m)
+    assert q["codes"].shape == (k, m) and q["deq"].shape == (m, k)
+    assert q["scale"].shape == (k, math.ceil(m / g))
+    for t in (q["scale"], q["offset"]):
+        assert torch.equal(t.half().float(), t)
+    s = grid.expand_groups(q["scale"].half().float(), m, g)
+    o = grid.expand_groups(q["offset"].half().float(), m, g)
+    assert torch.equal(grid.dequantize(q["codes"], s, o).T, q["deq"])
+
+
+# -------------------------------------------------------------------------- compress_matrix
+
+
+def low_rank_delta(m: int, n: int, rank: int, gen: torch.Generator, noise: float = 0.0) -> torch.Tensor:
+    D = torch.randn(m, rank, generator=gen, dtype=torch.float64) @ torch.randn(rank, n, generator=gen, dtype=torch.float64)
+    return (D + noise * torch.randn(m, n, generator=gen, dtype=torch.float64)).float()
+
+
+def relative_error(Dhat: torch.Tensor, D: torch.Tensor, X: torch.Tensor | None) -> float:
+    """||(D^ - D) X|| / ||D X|| in float64 from explicit inputs (X None: Frobenius)."""
+    E, D = Dhat.double() - D.double(), D.double()
+    if X is not None:
+        E, D = E @ X, D @ X
+    return math.sqrt(float((E ** 2).sum()) / float((D ** 2).sum()))
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """Record the in-memory quantized factors that compress_matrix hands to the encoder."""
+    calls = []
+    real = adamix_method.encode_factors
+
+    def spy(shape, widths, group_size, V, U, stats=None):
+        calls.append({"widths": list(widths), "V": V, "U": U})
+        return real(shape, widths, group_size, V, U, stats)
+
+    monkeypatch.setattr(adamix_method, "encode_factors", spy)
+    return calls
+
+
+@pytest.mark.parametrize("m, n, alpha, overhead, data", [
+    (64, 96, 1 / 16, 0.0, False),
+    (64, 96, 1 / 4, 4096.0, True),
+    (128, 192, 1 / 32, 0.0, True),
+    (72, 40, 1 / 2, 1000.0, True),
+    (48, 200, 1 / 8, 0.0, False),
+])
+def test_compress_matrix_within_budget_and_decodes_to_memory(m, n, alpha, overhead, data, captured):
+    gen = torch.Generator().manual_seed(m * n)
+    D = low_rank_delta(m, n, 8, gen, noise=0.05)
+    X = correlated_inputs(n, 2 * n, gen) if data else None
+    H = None if X is None else X @ X.T
+    settings = Settings(alpha=alpha, group_size=32)
+    enc = compress_matrix(D, H, settings, overhead)
+    assert enc.kind == "svd-mixed" and tuple(enc.shape) == (m, n)
+
+    budget = budget_bits(m, n, alpha, overhead)
+    assert budget == alpha * 16 * m * n - overhead
+    assert enc.nbytes * 8 <= budget
+    kept = [b for b, c in enc.meta["widths"] for _ in range(c)]
+    assert len(kept) == enc.stats["rank_kept"] > 0
+    assert kept == sorted(kept, reverse=True) and all(b in settings.widths for b in kept)
+    assert sum(triplet_cost(m, n, b, 32) for b in kept) <= budget
+    nbytes, nparams = expected_sizes((m, n), enc.meta)
+    assert enc.tensors["codes"].numel() == nbytes and enc.tensors["params"].numel() == nparams
+
+    # the stored form decodes bit for bit to the factors optimised in memory
+    (call,) = captured
+    assert call["widths"] == kept
+    U, V = factors((m, n), enc.meta, enc.tensors)
+    assert torch.equal(V, call["V"]["deq"].float())
+    assert torch.equal(U, call["U"]["deq"].float())
+    Dhat = decode_factors((m, n), enc.meta, enc.tensors)
+    assert torch.equal(Dhat, U @ V)
+
+    # step 5 as documented: U* refitted to the quantized V^, then quantized with GPTQ on
+    # H_z = V^ H V^^T (RTN without data) at the same widths
+    Vhat = call["V"]["deq"].double()
+    Ustar = target_correction(D, H, Vhat, settings.fit_damp).float()
+    bits = torch.tensor(kept)
+    if H is None:
+        expect = rtn_columns(Ustar, bits, 32)
+    else:
+        expect = gptq_columns(Ustar, (Vhat @ H.double() @ Vhat.T).float(), bits, 32, damp=settings.damp)
+    assert torch.equal(U, expect["deq"])
+
+    # stats: measured error from an independent float64 computation on the decoded D^
+    assert enc.stats["error_measured"] == pytest.approx(relative_error(Dhat, D, X), rel=1e-9)
+    assert enc.stats["energy"] == pytest.approx(output_error(torch.zeros_like(D), D, H), rel=1e-12)
+    assert enc.stats["error_measured"] == pytest.approx(
+        math.sqrt(output_error(Dhat, D, H) / output_error(torch.zeros_like(D), D, H)), rel=1e-12)
+    # a real compression: far better than dropping D, the noise floor aside
+    assert enc.stats["error_measured"] < 0.5
+
+
+@pytest.mark.parametrize("data", [False, True])
+def test_compress_matrix_exact_low_rank_at_8_bits(data):
+    gen = torch.Generator().manual_seed(11 + data)
+    m, n = 48, 80
+    D = low_rank_delta(m, n, 3, gen)
+    X = correlated_inputs(n, 160, gen) if data else None
+    H = None if X is None else X @ X.T
+    enc = compress_matrix(D, H, Settings(alpha=1.0, widths=(0, 8), group_size=32))
+    assert enc.nbytes * 8 <= budget_bits(m, n, 1.0)
+    assert enc.stats["rank_kept"] >= 3
+    err = relative_error(decode_factors((m, n), enc.meta, enc.tensors), D, X)
+    assert err < 1e-2
+    assert enc.stats["error_measured"] == pytest.approx(err, rel=1e-9)
+    # the allocation's prediction is of the same order as what was measured
+    assert enc.stats["error_predicted"] < 1e-2
+
+
+def test_compress_matrix_more_budget_less_error():
+    gen = torch.Generator().manual_seed(5)
+    m, n = 64, 96
+    D = low_rank_delta(m, n, 12, gen, noise=0.02)
+    X = correlated_inputs(n, 200, gen)
+    H = X @ X.T
+    errs = [compress_matrix(D, H, Settings(alpha=a, group_size=32)).stats["error_measured"] for a in (1 / 8, 1 / 4, 1 / 2)]
+    assert errs[0] > errs[1] > errs[2]
+
+
+def test_compress_matrix_budget_counts_packing_padding():
+    m, n = 33, 35  # odd sizes: 3-bit streams do not end on byte boundaries
+    c3 = triplet_cost(m, n, 3, 128)
+    alpha = 3 * c3 / (16 * m * n)  # room for exactly 3 triplets
+    D = low_rank_delta(m, n, 6, torch.Generator().manual_seed(0))
+    enc = compress_matrix(D, None, Settings(alpha=alpha, widths=(0, 3)))
+    # three triplets fit the linear count but not once each stream is padded to whole bytes
+    assert enc.meta["widths"] == [[3, 2]]
+    assert enc.nbytes * 8 <= budget_bits(m, n, alpha)
+
+
+@pytest.mark.parametrize("data", [False, True])
+def test_compress_matrix_nothing_fits(data):
+    m = n = 64
+    D = low_rank_delta(m, n, 4, torch.Generator().manual_seed(1))
+    X = correlated_inputs(n, 128, torch.Generator().manual_seed(2)) if data else None
+    H = None if X is None else X @ X.T
+    settings = Settings(alpha=1 / 16, widths=(0, 2, 8), group_size=32)
+    smallest = triplet_cost(m, n, 2, 32)
+    total = 1 / 16 * 16 * m * n  # 4096 bits before the overhead
+    for overhead in (total - smallest + 1, total, total + 5000.0):
+        enc = compress_matrix(D, H, settings, overhead)
+        assert enc.stats["rank_kept"] == 0 and enc.meta["widths"] == []
+        assert enc.nbytes == 0
+        assert torch.equal(decode_factors((m, n), enc.meta, enc.tensors), torch.zeros(m, n))
+        assert enc.stats["error_measured"] == pytest.approx(1.0, rel=1e-12)
+        assert enc.stats["error_predicted"] == pytest.approx(1.0, rel=1e-9)
+    # one bit more and the cheapest triplet fits
+    enc = compress_matrix(D, H, settings, total - smallest)
+    assert enc.meta["widths"] == [[2, 1]]
+    assert enc.nbytes * 8 <= smallest
+
+
+# ------------------------------------------------------------------------- target_correction
+
+
+@pytest.mark.parametrize("data", [False, True])
+def test_target_correction_is_least_squares(data):
+    gen = torch.Generator().manual_seed(21 + data)
+    m, n, k, T = 30, 40, 6, 120
+    D = torch.randn(m, n, generator=gen, dtype=torch.float64)
+    Vhat = torch.randn(k, n, generator=gen, dtype=torch.float64)
+    X = correlated_inputs(n, T, gen) if data else torch.eye(n, dtype=torch.float64)
+    H = (X @ X.T) if data else None
+    U = target_correction(D, H, Vhat, damp=0.0)
+    assert U.dtype == torch.float64 and U.shape == (m, k)
+    # min_U ||U (V^ X) - D X||_F  <=>  (V^ X)^T U^T ~ (D X)^T
+    ref = torch.linalg.lstsq((Vhat @ X).T, (D @ X).T).solution.T
+    torch.testing.assert_close(U, ref, rtol=1e-7, atol=1e-9)
+    # a tiny damping barely moves it; a large one shrinks it
+    U_small = target_correction(D, H, Vhat, damp=1e-10)
+    torch.testing.assert_close(U_small, ref, rtol=1e-6, atol=1e-8)
+    U_big = target_correction(D, H, Vhat, damp=10.0)
+    assert float(U_big.norm()) < float(ref.norm())
+
+
+def test_target_correction_beats_plain_svd_factor():
+    # With quantized V^, refitting U lowers the output error compared to keeping U S.
+    gen = torch.Generator().manual_seed(8)
+    m, n, k = 40, 64, 5
+    D = low_rank_delta(m, n, k, gen).double()
+    X = correlated_inputs(n, 200, gen)
+    H = X @ X.T
+    Uf, s, Vh = torch.linalg.svd(D, full_matrices=False)
+    Vhat = grid.rtn(Vh[:k].float(), torch.full((k,), 2), 16)["deq"].double()
+    Ustar = target_correction(D, H, Vhat, damp=1e-8)
+    e_star = h_error(Ustar @ Vhat, D, X)
+    e_svd = h_error((Uf[:, :k] * s[:k]) @ Vhat, D, X)
+    assert e_star < 0.9 * e_svd
