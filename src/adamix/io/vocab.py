@@ -16,9 +16,10 @@ import torch
 from ..errors import AdamixError
 from ..methods.kinds import Encoded
 from ..methods.rows import encode_rows
+from .dtypes import TORCH
 
 NEW_ROWS = "new_rows"
-NEW_ROWS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+NEW_ROWS_DTYPES = {name: TORCH[name] for name in ("F16", "BF16", "F32")}  # the dtypes new rows are stored in
 
 
 def added_rows(base_shape: tuple[int, ...], ft_shape: tuple[int, ...]) -> int:

@@ -1,0 +1,62 @@
+"""compression.options: one Options object behind both the CLI and the Python API."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+import adamix
+from adamix.cli import build_parser, options_from
+from adamix.compression.options import Options
+from adamix.methods import Settings, registry
+
+
+def test_the_cli_flags_are_the_options_fields_with_their_defaults():
+    args = build_parser().parse_args(["compress", "b", "f", "-o", "out"])
+    want = {f.name: f.default for f in dataclasses.fields(Options)}
+    assert options_from(args) == want
+    # the defaults the methods see are written once, in Settings
+    s = Options().settings()
+    assert (s.alpha, s.widths, s.group_size, s.whiten, s.budget_scope) == \
+        (Settings().alpha, Settings().widths, Settings().group_size, Settings().whiten, Settings().budget_scope)
+
+
+def test_cli_spellings_map_to_api_values():
+    args = build_parser().parse_args(["compress", "b", "f", "-o", "o", "--calib", "none", "-q", "--ratio", "1/8"])
+    got = options_from(args)
+    assert got["calib"] is None and got["progress"] is False and got["ratio"] == "1/8"
+    assert Options(**got).settings().alpha == 1 / 8
+
+
+def test_unknown_option_is_refused_in_one_line(tmp_path):
+    with pytest.raises(adamix.AdamixError, match="unknown compression option 'ration'"):
+        adamix.compress(tmp_path / "b", tmp_path / "f", tmp_path / "o", ration="1/8")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"method": "rtn", "distill_steps": 3}, "--distill-steps 3 applies to --method bitdelta only, not rtn"),
+    ({"method": "lowrank", "whiten": True}, "--whiten applies to --method adamix only, not lowrank"),
+    ({"method": "bitdelta", "distill_steps": 2, "calib": None}, "--distill-steps needs calibration text (not --calib none)"),
+    ({"method": "nope"}, "--method 'nope' is not one of adamix, deltacome, lowrank, bitdelta, rtn, gptq"),
+    ({"distill_steps": -1, "method": "bitdelta"}, "--distill-steps must be >= 0, got -1"),
+])
+def test_refusals_come_from_the_registry(changes, message):
+    with pytest.raises(adamix.AdamixError) as e:
+        Options(**changes).settings()
+    assert str(e.value) == message
+
+
+def test_a_method_that_needs_calibration_refuses_the_data_free_mode():
+    class Needs(registry.Method):
+        name = "needs-h"
+        needs_calibration = True
+
+    registry.register(Needs())
+    try:
+        Options(method="needs-h").settings()  # with calibration text: accepted
+        with pytest.raises(adamix.AdamixError, match="--method needs-h needs calibration text"):
+            Options(method="needs-h", calib=None).settings()
+    finally:
+        registry.unregister("needs-h")
+    assert "needs-h" not in registry.names()
