@@ -145,3 +145,18 @@ def test_the_checks_see_a_planted_violation(tmp_path):
     tree = ast.parse('def f(m, e):\n    """bitdelta, in a docstring"""\n    u = {"lowrank": 1}[m]\n'
                      '    return m in ("rtn", "x") or e["kind"] == "raw" or f"{m} bitdelta"\n')
     assert sorted(v for _, v in named_methods(tree, set(names()) | set(SUFFIXES), set(names()))) == ["lowrank", "raw", "rtn"]
+
+
+def test_no_package_hides_a_module_behind_a_name():
+    """`import adamix.x.y as m` must give the module y: a package that re-exports a function named
+    like one of its modules (adamix.compress the function vs a compress/ package) breaks that."""
+    import importlib
+    hidden = []
+    for name in sorted(modules()):
+        if "." not in name:
+            continue
+        parent, _, child = name.rpartition(".")
+        module = importlib.import_module(name)
+        if getattr(importlib.import_module(parent), child) is not module:
+            hidden.append(name)
+    assert not hidden, f"shadowed by a re-exported name: {hidden}"

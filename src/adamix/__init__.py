@@ -15,7 +15,8 @@ from .version import __version__
 from .errors import AdamixError
 from .io.artifact import Artifact, load
 from .compression import Options, compress
-from .export import export_peft, merge
+from .export.merge import merge
+from .export.peft import export_peft
 from .serve import MultiTenantModel
 
 __all__ = ["AdamixError", "Artifact", "MultiTenantModel", "Options", "compress", "export_peft", "load", "merge",

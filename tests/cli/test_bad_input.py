@@ -1,7 +1,7 @@
 """Bad input through the CLI: one line on stderr ("adamix: error: ..."), exit status 2, no traceback,
 and the output's parent folder exactly as before (no output, no temporary folder). And the two
 unusual inputs that are valid: a fine-tune identical to its base, and a fine-tune that adds
-vocabulary rows. The cases and messages are the table "Bad input and what you see" in README.md.
+vocabulary rows. The cases and messages are the table "Bad input and what you see" in docs/bad-input.md.
 """
 
 from __future__ import annotations
@@ -9,6 +9,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,6 +168,151 @@ def test_disk_full_while_writing_keeps_the_work_for_resume(llama_pair, tmp_path,
     assert listing(tmp_path) == sorted(before + ["out", "ref"])
     for f in ("manifest.json", "delta.safetensors"):
         assert (tmp_path / "out" / f).read_bytes() == (tmp_path / "ref" / f).read_bytes()
+
+
+@pytest.mark.parametrize("command", ["merge", "export-peft"])
+def test_disk_full_while_writing_merge_or_adapter(command, llama_pair, delta, tmp_path, capsys, monkeypatch):
+    """The same file-system failure for merge and export-peft: one line without resume advice (they
+    keep no work), exit 1, nothing left in the output's parent folder."""
+    import errno
+
+    import adamix.export.merge
+    import adamix.export.peft
+
+    def full(tensors, path, *a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), Path(path).name)
+    module = adamix.export.merge if command == "merge" else adamix.export.peft
+    monkeypatch.setattr(module, "save_file", full)
+    before = listing(tmp_path)
+    quiet = ["-q"] if command == "merge" else []  # merge's progress bar would share stderr
+    code, _, err = run(capsys, command, llama_pair[0], delta, "-o", tmp_path / "out", *quiet)
+    name = "model.safetensors" if command == "merge" else "adapter_model.safetensors"
+    assert code == 1 and err == f"adamix: error: {name}: No space left on device\n"
+    assert listing(tmp_path) == before
+
+
+# --- compress: Ctrl-C, and what rerunning after it says -------------------------------------------
+
+SRC = str(Path(adamix.__file__).parents[1])
+
+# The CLI in a child process, as a user runs it, with one change: after writing its first chunk it
+# waits, so that the parent's SIGINT (a Ctrl-C) lands midway through the run whatever the machine's
+# speed (the run would otherwise often finish first). SIGINT gets Python's own handler back, as in a
+# terminal, even where the test runner started with SIGINT ignored (children inherit that).
+CTRL_C_CHILD = """
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
+import adamix.compression.partial as partial
+write = partial.PartialRun.write
+def write_then_wait(self, *a, **k):
+    write(self, *a, **k)
+    time.sleep(120)
+partial.PartialRun.write = write_then_wait
+from adamix.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+CTRL_C_ARGS = ["--calib", "none", "--ratio", "1/8", "-q"]
+INTERRUPTED = ("adamix: interrupted; nothing was written to the output; the finished blocks are kept: "
+               "rerun with --resume to continue\n")
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def interrupted(llama_pair, tmp_path_factory):
+    """`adamix compress` stopped by SIGINT once its first chunk is in the work folder:
+    (parent folder, its listing before, return code, stderr)."""
+    from adamix.compression.partial import partial_dir
+    root = tmp_path_factory.mktemp("ctrl-c")
+    out = root / "d"
+    before = listing(root)
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", CTRL_C_CHILD, "compress", *map(str, llama_pair), "-o", str(out),
+                             *CTRL_C_ARGS], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not [p for p in partial_dir(out).glob("*.json") if p.name != "run.json"]:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "no chunk written in 120 s"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return root, before, proc.returncode, err.decode()
+
+
+def copy_of_interrupted(interrupted, tmp_path) -> Path:
+    """The interrupted run's work folder under tmp_path (for a test that goes on from it); returns OUT."""
+    from adamix.compression.partial import partial_dir
+    root = interrupted[0]
+    shutil.copytree(partial_dir(root / "d"), partial_dir(tmp_path / "d"))
+    return tmp_path / "d"
+
+
+def test_ctrl_c_during_compress_writes_nothing_and_keeps_the_work(interrupted):
+    from adamix.compression.partial import partial_dir
+    root, before, code, err = interrupted
+    assert code == 130, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err == INTERRUPTED
+    work = partial_dir(root / "d")
+    assert not (root / "d").exists()
+    assert listing(root) == sorted(before + [work.name])  # the work folder, nothing else
+    chunks = [p.name for p in work.iterdir() if p.suffix == ".json" and p.name != "run.json"]
+    assert (work / "run.json").is_file() and chunks
+    assert not [p.name for p in work.iterdir() if ".tmp" in p.name]  # no half-written file, no artifact folder
+
+
+def test_rerun_after_ctrl_c_without_resume_or_with_other_options_refused(llama_pair, interrupted, tmp_path, capsys):
+    """The two refusals of the table's last rows, exact lines; the work folder stays as it was."""
+    from adamix.compression.partial import partial_dir
+    out = copy_of_interrupted(interrupted, tmp_path)
+    work = partial_dir(out)
+    kept = tree(work)
+    err = assert_refused(capsys, ["compress", *llama_pair, "-o", out, *CTRL_C_ARGS],
+                         "an interrupted run left", tmp_path)
+    assert err == (f"adamix: error: an interrupted run left {work}: pass --resume to continue it, "
+                   "or --overwrite to start over\n")
+    args = ["compress", *llama_pair, "-o", out, "--calib", "none", "--ratio", "1/16", "-q", "--resume"]
+    err = assert_refused(capsys, args, "cannot resume from", tmp_path)
+    assert err == (f"adamix: error: cannot resume from {work}: it was made with alpha 0.125 (now 0.0625); "
+                   "rerun without --resume, with --overwrite\n")
+    assert tree(work) == kept
+
+
+def test_resume_after_ctrl_c_gives_the_uninterrupted_artifact(llama_pair, interrupted, tmp_path, capsys):
+    """What the Ctrl-C message promises: --resume continues, to the bytes of a run never interrupted."""
+    from adamix.compression.partial import partial_dir
+    out = copy_of_interrupted(interrupted, tmp_path)
+    code, stdout, err = run(capsys, "compress", *llama_pair, "-o", out, *CTRL_C_ARGS, "--resume")
+    assert code == 0, err
+    assert not partial_dir(out).exists()
+    assert run(capsys, "compress", *llama_pair, "-o", tmp_path / "ref", *CTRL_C_ARGS)[0] == 0
+    assert tree(out) == tree(tmp_path / "ref")
+
+
+def test_ctrl_c_during_merge_writes_nothing(llama_pair, delta, tmp_path, capsys, monkeypatch):
+    """Ctrl-C (KeyboardInterrupt) while merge writes its model file: status 130, the line without the
+    resume advice (only compress keeps work), no output and no temporary folder."""
+    import importlib
+    merge_module = importlib.import_module("adamix.export.merge")  # (adamix.export.merge is the function)
+    real = merge_module.save_file
+
+    def write_then_interrupt(*a, **k):
+        real(*a, **k)  # the file is half the output: the temporary folder must go with it
+        raise KeyboardInterrupt
+    monkeypatch.setattr(merge_module, "save_file", write_then_interrupt)
+    before = listing(tmp_path)
+    code, _, err = run(capsys, "merge", llama_pair[0], delta, "-o", tmp_path / "m", "-q")
+    assert code == 130
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err == "adamix: interrupted; nothing was written to the output\n"
+    assert listing(tmp_path) == before
 
 
 # --- compress: options --------------------------------------------------------------------------
@@ -424,3 +574,11 @@ def test_rows_removed_or_columns_added_still_refused(llama_pair, tmp_path, capsy
     rows = load_file(llama_pair[0] / "model.safetensors")[EMB].shape[0]
     assert_refused(capsys, ["compress", llama_pair[0], ft, "-o", tmp_path / "out", *FAST],
                    f"tensor {EMB} has shape [{rows}, 128] in the base but [{rows - 2}, 128] in the fine-tune", tmp_path)
+
+    def widen(sd):  # columns added (a wider hidden size is not added vocabulary)
+        sd[EMB] = torch.cat([sd[EMB], torch.zeros(sd[EMB].shape[0], 2)], 1)
+    ft = edited_copy(llama_pair[1], tmp_path / "ft-wide", widen)
+    err = assert_refused(capsys, ["compress", llama_pair[0], ft, "-o", tmp_path / "out", *FAST],
+                         f"tensor {EMB} has shape [{rows}, 128] in the base but [{rows}, 130] in the fine-tune", tmp_path)
+    assert err == (f"adamix: error: tensor {EMB} has shape [{rows}, 128] in the base but [{rows}, 130] in the fine-tune: "
+                   "the two models do not match\n")

@@ -278,3 +278,18 @@ def test_pruned_error_table_gives_the_same_optimum(alpha):
     # the same pruned table serves any smaller budget
     assert objective(full, solve_allocation(pruned, costs, budget / 2)) == pytest.approx(
         objective(full, solve_allocation(full, costs, budget / 2)), rel=1e-9)
+
+
+def test_native_stdout_is_silenced_only_inside_the_solve():
+    """HiGHS writes debug lines straight to file descriptor 1; the ILP points it at /dev/null for the
+    solve only: what Python printed before is flushed out, and printing works again after."""
+    import subprocess
+    import sys
+    code = ("import os, sys\n"
+            "from adamix.methods.allocate import native_stdout_silenced\n"
+            "print('before', end=' ')\n"
+            "with native_stdout_silenced():\n"
+            "    os.write(1, b'HighsMipSolverData::transformNewIntegerFeasibleSolution')\n"
+            "print('after')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout == "before after\n" and r.stderr == ""

@@ -10,7 +10,6 @@ import torch
 
 import adamix.methods.adamix as adamix_method
 from adamix.methods.svd_mixed import triplet_bits as triplet_cost
-from adamix.quant.linalg import output_error
 from adamix.methods.adamix import Settings, budget_bits, compress_matrix, target_correction
 from adamix.methods.svd_mixed import decode_factors, expected_sizes, factors
 from adamix.quant import grid
@@ -219,6 +218,12 @@ def relative_error(Dhat: torch.Tensor, D: torch.Tensor, X: torch.Tensor | None) 
     return math.sqrt(float((E ** 2).sum()) / float((D ** 2).sum()))
 
 
+def h_trace(E: torch.Tensor, H: torch.Tensor | None) -> float:
+    """tr(E H E^T) in float64 with plain torch ops (H None: ||E||_F^2), independent of quant.linalg."""
+    E = E.double()
+    return float((E * E).sum() if H is None else torch.trace(E @ H.double() @ E.T))
+
+
 @pytest.fixture
 def captured(monkeypatch):
     """Record the in-memory quantized factors that compress_matrix hands to the encoder."""
@@ -281,9 +286,12 @@ def test_compress_matrix_within_budget_and_decodes_to_memory(m, n, alpha, overhe
 
     # stats: measured error from an independent float64 computation on the decoded D^
     assert enc.stats["error_measured"] == pytest.approx(relative_error(Dhat, D, X), rel=1e-9)
-    assert enc.stats["energy"] == pytest.approx(output_error(torch.zeros_like(D), D, H), rel=1e-12)
+    # and from the Gram itself, tr((D^ - D) H (D^ - D)^T) / tr(D H D^T), with plain float64 torch ops
+    # (not quant.linalg): both sides are float64 sums of the same n-term products, so they agree to
+    # ~n * 2^-53 ~ 1e-14 relative; 1e-12 leaves a wide margin for summation order
+    assert enc.stats["energy"] == pytest.approx(h_trace(D, H), rel=1e-12)
     assert enc.stats["error_measured"] == pytest.approx(
-        math.sqrt(output_error(Dhat, D, H) / output_error(torch.zeros_like(D), D, H)), rel=1e-12)
+        math.sqrt(h_trace(Dhat.double() - D.double(), H) / h_trace(D, H)), rel=1e-12)
     # a real compression: far better than dropping D, the noise floor aside
     assert enc.stats["error_measured"] < 0.5
 

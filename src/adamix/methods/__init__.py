@@ -9,7 +9,12 @@ from __future__ import annotations
 import torch
 
 from . import raw, rows, svd_mixed  # noqa: F401  (stored kinds shared by several methods)
-from . import adamix, deltacome, lowrank, bitdelta, direct  # noqa: F401  (one registration each)
+# one line per method: importing its module registers it (the first is the default)
+from . import adamix  # noqa: F401
+from . import deltacome  # noqa: F401
+from . import lowrank  # noqa: F401
+from . import bitdelta  # noqa: F401
+from . import direct  # noqa: F401  (rtn and gptq)
 from .kinds import Encoded, decode
 from .registry import Method, ModelContext, Settings, budget_bits, get, names
 

@@ -116,7 +116,7 @@ class MultiTenantModel:
     base: a model folder or .gguf file (its fingerprint is checked against every artifact).
     dtype: the base's compute dtype; de-quantized factors use it too. model_cls: a transformers class
     (default: config.architectures[0], else AutoModel). factors: how low-bit factors are held (see
-    README, "Serving many fine-tunes"): "codes" (the codes, 4-bit ones two per byte, multiplied by
+    docs/serving.md): "codes" (the codes, 4-bit ones two per byte, multiplied by
     the C kernels; float32 on CPU), "float" (de-quantized once), "packed" (the stored bytes,
     de-quantized on every call: least memory, slow); "auto" = "codes" where it runs, else "float".
     """
