@@ -60,3 +60,15 @@ def test_a_method_that_needs_calibration_refuses_the_data_free_mode():
     finally:
         registry.unregister("needs-h")
     assert "needs-h" not in registry.names()
+
+
+def test_registering_checks_names_and_kinds():
+    class NoDecoder(registry.Method):
+        name = "no-decoder"
+        kinds = ("nowhere-kind",)
+
+    with pytest.raises(ValueError, match="no registered decoder: \\['nowhere-kind'\\]"):
+        registry.register(NoDecoder())
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register(registry.get("adamix"))
+    assert "no-decoder" not in registry.names()

@@ -48,14 +48,18 @@ FORMAT = "adamix-delta"
 FORMAT_VERSION = 1
 
 
-class Entry(TypedDict):
-    """One stored tensor (see the module doc)."""
+class _EntryRequired(TypedDict):
     kind: str
     shape: list[int]
+    bytes: int
+
+
+class Entry(_EntryRequired, total=False):
+    """One stored tensor (see the module doc). The writer writes every field; the reader requires
+    kind, shape and bytes and reads the others with their defaults ("", False, {}, {})."""
     dtype: str
     transposed: bool
     meta: dict
-    bytes: int
     stats: dict
 
 
@@ -72,7 +76,12 @@ class Sizes(TypedDict, total=False):
     alpha_achieved: float
 
 
-class Manifest(TypedDict):
+class _ManifestOptional(TypedDict, total=False):
+    dropped: list[str]
+
+
+class Manifest(_ManifestOptional):
+    """The whole manifest (see the module doc); every field but `dropped` (default []) is required."""
     format: str
     format_version: int
     tool_version: str
@@ -81,7 +90,6 @@ class Manifest(TypedDict):
     alpha: float
     base_fingerprint: str
     finetune_config_fingerprint: str
-    dropped: list[str]
     sizes: Sizes
     tensors: dict[str, Entry]
 
@@ -149,6 +157,10 @@ def check_manifest(m: dict, where: str) -> None:
     def bad(what: str) -> AdamixError:
         return AdamixError(f"{where}: {what}")
 
+    missing = sorted(Manifest.__required_keys__ - set(m))
+    if missing:
+        raise bad(f"the manifest has no {missing[0]!r} field")
+
     if not isinstance(m.get("method"), str):
         raise bad(f"method {m.get('method')!r} is not a name")
     if not is_number(m.get("alpha")):
@@ -199,6 +211,9 @@ def check_entry(name: str, e) -> None:
     """One tensor entry (see module doc)."""
     if not isinstance(e, dict):
         raise AdamixError(f"manifest entry {name!r} is malformed (not an object)")
+    missing = sorted(Entry.__required_keys__ - set(e))
+    if missing:
+        raise AdamixError(f"manifest entry {name!r} has no {missing[0]!r} field")
     if not isinstance(e.get("kind"), str):
         raise AdamixError(f"manifest entry {name!r} is malformed (kind {e.get('kind')!r})")
     shape = e.get("shape")

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import AdamixError
-from .kinds import Encoded
+from .kinds import DECODERS, Encoded
 
 
 @dataclass(frozen=True)
@@ -130,9 +130,12 @@ _METHODS: dict[str, Method] = {}
 
 
 def register(method: Method) -> Method:
-    """Add `method` to the registry under method.name (a new name: registering twice is a bug)."""
+    """Add `method` to the registry under method.name (a new name: registering twice is a bug). The
+    kinds it declares must have their decoders registered first (methods.kinds.register_decoder)."""
     if not method.name or method.name in _METHODS:
         raise ValueError(f"method name {method.name!r} is empty or already registered")
+    if missing := [k for k in method.kinds if k not in DECODERS]:
+        raise ValueError(f"method {method.name!r} stores kinds with no registered decoder: {missing}")
     _METHODS[method.name] = method
     return method
 
