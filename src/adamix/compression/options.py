@@ -83,6 +83,9 @@ class Options:
     distill_steps: int = option(0, "train the per-matrix scales this many steps to match the fine-tune's hidden "
                                 "states on the calibration text (holds both models in memory; default 0)",
                                 type=int, method_specific=True, needs_calibration=True)
+    max_rank: int | None = option(None, "at most R singular triplets (the LoRA rank) kept per matrix, a constraint "
+                                  "of the allocation itself, so the bits it frees widen the kept ones (default: "
+                                  "no cap)", type=int, metavar="R", method_specific=True)
     overwrite: bool = option(False, "replace OUT if it exists, and discard the work an interrupted run left")
     resume: bool = option(False, "continue an interrupted run from the blocks it finished (same inputs and "
                           "options; the result is byte-identical to an uninterrupted run)")
@@ -107,11 +110,14 @@ class Options:
             raise AdamixError(f"--device {self.device}: no CUDA device is available")
         if self.budget_scope not in SCOPES:
             raise AdamixError(f"--budget-scope must be 'tensor' or 'block', got {self.budget_scope!r}")
+        if self.max_rank is not None and (isinstance(self.max_rank, bool) or not isinstance(self.max_rank, int)
+                                          or self.max_rank < 1):
+            raise AdamixError(f"--max-rank must be a positive integer, got {self.max_rank!r}")
         if self.distill_steps < 0:
             raise AdamixError(f"--distill-steps must be >= 0, got {self.distill_steps}")
         method = registry.get(self.method)
         settings = Settings(method=self.method, alpha=alpha, widths=widths, group_size=self.group_size,
-                            whiten=self.whiten, budget_scope=self.budget_scope)
+                            whiten=self.whiten, budget_scope=self.budget_scope, max_rank=self.max_rank)
         for f in fields(self):
             value = getattr(self, f.name)
             if value == f.default:

@@ -41,6 +41,7 @@ class Analysis:
     costs: np.ndarray   # (len(widths),) bits of one triplet at each width
     budget: float       # bits this tensor may take
     pruned_for: float | None = None  # the table serves budgets up to this one (error_table's max_kept)
+    pruned_cap: int | None = None    # ... and rank caps up to this one (None: any cap, or none)
 
 
 def analyse(D: torch.Tensor, H: torch.Tensor | None, settings: Settings, overhead_bits: float = 0.0,
@@ -55,8 +56,11 @@ def analyse(D: torch.Tensor, H: torch.Tensor | None, settings: Settings, overhea
     costs = np.array([triplet_bits(m, n, b, g) for b in settings.widths], dtype=np.float64)
     budget = budget_bits(m, n, settings.alpha, overhead_bits)
     kept = max_kept(costs, budget) if prune and (costs > 0).any() else None
+    if kept is not None and settings.max_rank is not None:
+        kept = min(kept, settings.max_rank)  # a cap keeps fewer: the pruning argument holds for the smaller count
     table = error_table(s, U, V, H, list(settings.widths), g, max_kept=kept).numpy()
-    return Analysis(D, H, U, s, V, table, costs, budget, budget if kept is not None else None)
+    return Analysis(D, H, U, s, V, table, costs, budget, budget if kept is not None else None,
+                    settings.max_rank if kept is not None else None)
 
 
 def compress_matrix(D: torch.Tensor, H: torch.Tensor | None, settings: Settings, overhead_bits: float = 0.0,
@@ -74,7 +78,9 @@ def compress_matrix(D: torch.Tensor, H: torch.Tensor | None, settings: Settings,
         a = dataclasses.replace(analysis, budget=budget_bits(m, n, settings.alpha, overhead_bits))
         if a.pruned_for is not None and a.budget > a.pruned_for:
             raise ValueError(f"the error table was pruned for {a.pruned_for:.0f} bits, not {a.budget:.0f}")
-    return finish(a, choose_widths(a.table, a.costs, a.budget), a.budget, settings)
+        if a.pruned_cap is not None and (settings.max_rank is None or settings.max_rank > a.pruned_cap):
+            raise ValueError(f"the error table was pruned for rank {a.pruned_cap}, not {settings.max_rank}")
+    return finish(a, choose_widths(a.table, a.costs, a.budget, cap=settings.max_rank), a.budget, settings)
 
 
 def joint_reserve_bits(settings: Settings) -> int:
@@ -95,7 +101,8 @@ def compress_jointly(analyses: list[Analysis], settings: Settings) -> list[Encod
     table = np.concatenate([a.table for a in analyses])
     costs = np.concatenate([np.broadcast_to(a.costs, a.table.shape) for a in analyses])
     budget = sum(a.budget - reserve for a in analyses)
-    choice = choose_widths(table, costs, budget)
+    matrix = np.concatenate([np.full(len(a.s), i) for i, a in enumerate(analyses)])  # the cap is per matrix
+    choice = choose_widths(table, costs, budget, cap=settings.max_rank, groups=matrix)
     out, start = [], 0
     for a in analyses:
         c = choice[start:start + len(a.s)]
@@ -173,7 +180,7 @@ class Adamix(Method):
     name = "adamix"
     help = "adamix (default): ADAMIX, per-triplet widths from an exact ILP on the measured error, GPTQ, target correction"
     unit = "singular triplet or row"
-    options = frozenset({"whiten", "budget_scope"})
+    options = frozenset({"whiten", "budget_scope", "max_rank"})
     kinds = ("svd-mixed",)
     joint = True
 

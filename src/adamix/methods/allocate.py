@@ -10,6 +10,7 @@ computed in the equivalent form of error_table's docstring.
 The choice x_ib in {0, 1} solves the multiple-choice knapsack
 
     min sum_ib e_i(b) x_ib   s.t.  sum_b x_ib = 1 (each i),  sum_ib cost_b x_ib <= budget
+                                   [sum_{i in g, b > 0} x_ib <= R for each matrix g: a rank cap]
 
 exactly with scipy.optimize.milp (HiGHS branch and bound).
 """
@@ -117,12 +118,13 @@ def _table_rows(s2: torch.Tensor, U: torch.Tensor, V: torch.Tensor, H: torch.Ten
     return out
 
 
-def solve_allocation(errors: np.ndarray, costs: np.ndarray, budget: float,
-                     time_limit: float = 60.0) -> np.ndarray:
+def solve_allocation(errors: np.ndarray, costs: np.ndarray, budget: float, time_limit: float = 60.0,
+                     cap: int | None = None, groups: np.ndarray | None = None) -> np.ndarray:
     """Exact multiple-choice knapsack by MILP. errors: (r, B); costs: (B,) or (r, B), a zero cost in
-    every row (width 0).
+    every row (width 0). cap: at most this many rows of each group kept at a width of non-zero cost
+    (groups: (r,) a group id per row, e.g. the matrix a triplet belongs to; None: one group).
 
-    Returns the chosen column index per row (r,) int. The budget is never exceeded.
+    Returns the chosen column index per row (r,) int. The budget and the cap are never exceeded.
     """
     errors = np.asarray(errors, dtype=np.float64)
     r, nb = errors.shape
@@ -131,14 +133,17 @@ def solve_allocation(errors: np.ndarray, costs: np.ndarray, budget: float,
         return np.zeros(0, dtype=np.int64)
     if costs.min(axis=1).sum() > budget:
         raise ValueError("no width fits the budget, not even width 0")
+    groups = np.zeros(r, dtype=np.int64) if groups is None else np.asarray(groups)
     zero = np.flatnonzero(costs[0] == 0)
-    if len(zero) and (costs == costs[0]).all() and (costs[0] > 0).any():
-        # exact reduction (keep_threshold): triplets that no optimal choice needs stay at width 0
-        live = errors[:, zero[0]] >= keep_threshold(errors, int(zero[0]), max_kept(costs[0], budget))
+    if len(zero) and (costs == costs[0]).all() and (costs[0] > 0).any() and (cap is None or (groups == groups[0]).all()):
+        # exact reduction (keep_threshold): triplets that no optimal choice needs stay at width 0; a
+        # cap on the one group only lowers how many can be kept (the swap argument keeps the count)
+        kept = max_kept(costs[0], budget) if cap is None else min(max_kept(costs[0], budget), cap)
+        live = errors[:, zero[0]] >= keep_threshold(errors, int(zero[0]), kept)
         if not live.all():
             choice = np.full(r, int(zero[0]))
             if live.any():
-                choice[live] = solve_allocation(errors[live], costs[0], budget, time_limit)
+                choice[live] = solve_allocation(errors[live], costs[0], budget, time_limit, cap, groups[live])
             return choice
     # HiGHS stops within an absolute gap of 1e-6 that milp cannot change: scale the objective up so
     # that gap is negligible (1e-13 of the largest error) and the answer exact for practical purposes.
@@ -147,10 +152,17 @@ def solve_allocation(errors: np.ndarray, costs: np.ndarray, budget: float,
     rows = np.repeat(np.arange(r), nb)
     one_each = csr_matrix((np.ones(r * nb), (rows, np.arange(r * nb))), shape=(r, r * nb))
     cost_row = costs.reshape(1, -1)
+    constraints = [LinearConstraint(one_each, 1, 1), LinearConstraint(cost_row, -np.inf, budget)]
+    if cap is not None:  # per group: the count of rows at a width that costs bits
+        ids, g = np.unique(groups, return_inverse=True)
+        counted = (costs > 0).reshape(-1)
+        cols = np.arange(r * nb)[counted]
+        per_group = csr_matrix((np.ones(len(cols)), (g[rows[counted]], cols)), shape=(len(ids), r * nb))
+        constraints.append(LinearConstraint(per_group, -np.inf, cap))
     with native_stdout_silenced():
         res = milp(
             c,
-            constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(cost_row, -np.inf, budget)],
+            constraints=constraints,
             integrality=np.ones(r * nb),
             bounds=Bounds(0, 1),
             options={"mip_rel_gap": 0.0, "time_limit": time_limit},
@@ -158,9 +170,20 @@ def solve_allocation(errors: np.ndarray, costs: np.ndarray, budget: float,
     if res.x is None:
         raise RuntimeError(f"bit allocation MILP failed: {res.message}")
     choice = np.asarray(res.x).reshape(r, nb).argmax(axis=1)
-    # Guard against solver tolerance: drop the least valuable kept triplets until the budget holds.
+    # Guard against solver tolerance: drop the least valuable kept triplets until the budget (and cap) hold.
     return shrink_to_fit(choice, errors, costs.argmin(axis=1),
-                         lambda c: costs[np.arange(r), c].sum() <= budget)
+                         lambda c: costs[np.arange(r), c].sum() <= budget and within_cap(c, costs, cap, groups))
+
+
+def within_cap(choice: np.ndarray, costs: np.ndarray, cap: int | None, groups: np.ndarray | None = None) -> bool:
+    """Whether no group keeps more than `cap` rows at a width of non-zero cost (True without a cap)."""
+    if cap is None:
+        return True
+    costs = np.broadcast_to(costs, (len(choice), np.shape(costs)[-1]))
+    kept = costs[np.arange(len(choice)), choice] > 0
+    groups = np.zeros(len(choice), dtype=np.int64) if groups is None else np.asarray(groups)
+    _, counts = np.unique(groups[kept], return_counts=True)
+    return int(counts.max(initial=0)) <= cap
 
 
 @contextlib.contextmanager
@@ -242,12 +265,14 @@ def greedy_allocation(errors: np.ndarray, costs: np.ndarray, budget: float) -> n
 
 
 @timed("ilp")
-def choose_widths(errors: np.ndarray, costs: np.ndarray, budget: float, solver=solve_allocation) -> np.ndarray:
-    """`solver`'s choice, or width 0 for every item when not even the cheapest non-zero width fits.
-
-    costs: (B,) or (r, B), with cost 0 at the width-0 column.
-    """
+def choose_widths(errors: np.ndarray, costs: np.ndarray, budget: float, solver=solve_allocation,
+                  cap: int | None = None, groups: np.ndarray | None = None) -> np.ndarray:
+    """`solver`'s choice, or width 0 for every item when not even the cheapest non-zero width fits
+    (or the cap is 0). costs: (B,) or (r, B), with cost 0 at the width-0 column. cap, groups: a rank
+    cap (solve_allocation); passed only when set."""
     costs = np.asarray(costs, dtype=np.float64)
-    if budget < costs[costs > 0].min():
+    if budget < costs[costs > 0].min() or cap == 0:
         return np.broadcast_to(costs, np.shape(errors)).argmin(axis=1)
-    return solver(errors, costs, budget)
+    if cap is None:
+        return solver(errors, costs, budget)
+    return solver(errors, costs, budget, cap=cap, groups=groups)

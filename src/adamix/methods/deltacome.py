@@ -29,14 +29,15 @@ def deltacome_settings(settings: Settings) -> Settings:
     return dataclasses.replace(settings, widths=WIDTHS, correct_target=False, whiten=False)
 
 
-def schedule_widths(r: int, costs: dict[int, float], budget: float) -> list[int]:
-    """Width per triplet (r,) under the fixed schedule. costs: bits of one triplet at each width."""
+def schedule_widths(r: int, costs: dict[int, float], budget: float, cap: int | None = None) -> list[int]:
+    """Width per triplet (r,) under the fixed schedule. costs: bits of one triplet at each width;
+    cap: at most this many triplets kept (a rank cap: the schedule stops there)."""
     planned = []
     for bits, count in SCHEDULE:
         planned += [bits] * (r - len(planned) if count is None else min(count, r - len(planned)))
     narrower = sorted({b for b, _ in SCHEDULE}, reverse=True)
     out, left = [], budget
-    for want in planned:
+    for want in planned[:r if cap is None else cap]:
         b = next((b for b in narrower if b <= want and costs[b] <= left), 0)
         if b == 0:
             break
@@ -56,7 +57,7 @@ def compress_deltacome(D: torch.Tensor, H: torch.Tensor | None, settings: Settin
     else:
         a = dataclasses.replace(analysis, budget=budget_bits(*D.shape, settings.alpha, overhead_bits))
     widths = list(s.widths)
-    chosen = schedule_widths(len(a.s), dict(zip(widths, a.costs)), a.budget)
+    chosen = schedule_widths(len(a.s), dict(zip(widths, a.costs)), a.budget, settings.max_rank)
     choice = np.array([widths.index(b) for b in chosen], dtype=np.int64)
     return finish(a, choice, a.budget, s)
 
@@ -65,6 +66,7 @@ class DeltaCoMe(Method):
     name = "deltacome"
     help = "deltacome: Delta-CoMe, the same SVD and GPTQ, widths by a fixed 8/3/2-bit schedule, no target correction"
     unit = "singular triplet or row"
+    options = frozenset({"max_rank"})
     kinds = ("svd-mixed",)
 
     def item_bits(self, m, n, settings):

@@ -51,6 +51,7 @@ class Settings:
     whiten: bool = False
     budget_scope: str = "tensor"  # "tensor": alpha per tensor; "block": one ILP per transformer block
     correct_target: bool = True   # U step re-fitted to the original outputs (ADAMIX) or U S kept (Delta-CoMe)
+    max_rank: int | None = None   # at most this many triplets (rank-1 terms) kept per matrix (vLLM's LoRA slots)
 
 
 def budget_bits(m: int, n: int, alpha: float, overhead_bits: float = 0.0) -> float:
