@@ -80,9 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--lora-only", action="store_true",
                    help="only lora_A/lora_B (what vLLM loads): drop, and list, the deltas LoRA cannot express")
     e.add_argument("--uniform-rank", action="store_true",
-                   help="pad every LoRA pair with zeros to the largest rank (no rank_pattern)")
-    e.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
-                   help="dtype of the LoRA tensors (default float32: exact; half types halve the file)")
+                   help="pad every LoRA pair with zeros to the smallest rank vLLM accepts that holds every "
+                        "matrix (no rank_pattern)")
+    e.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
+                   help="dtype of the LoRA tensors (default auto: the base's, e.g. bfloat16 for most LLMs; "
+                        "float32 is exact, half types halve the file)")
     e.add_argument("--overwrite", action="store_true")
 
     i = sub.add_parser("inspect", help="sizes, achieved ratio, bit-widths and errors of a delta")
@@ -117,10 +119,12 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "export-peft":
         from .export.peft import export_peft
         s = export_peft(args.base, args.delta, args.out, lora_only=args.lora_only, uniform_rank=args.uniform_rank,
-                        dtype=args.dtype, overwrite=args.overwrite)
+                        dtype=None if args.dtype == "auto" else args.dtype, overwrite=args.overwrite)
         kept = {"lora_bias": len(s["lora_bias"]), "trainable_token_indices": len(s["trainable_tokens"]),
                 "modules_to_save": len(s["modules_to_save"])}
-        print(f"wrote {args.out}: {len(s['lora'])} LoRA modules (rank <= {s['rank_max']}), "
+        padded = (f", every pair padded to rank {s['r']} (the smallest LoRA rank vLLM accepts that holds them)"
+                  if s["uniform_rank"] else "")
+        print(f"wrote {args.out}: {len(s['lora'])} LoRA modules (rank <= {s['rank_max']}{padded}) in {s['dtype']}, "
               f"{s['bytes']:,} bytes; {len(s['not_lora'])} tensors are not LoRA: "
               + ("dropped (--lora-only)" if s["lora_only"] else ", ".join(f"{v} as {k}" for k, v in kept.items() if v))
               + f"; see {args.out}/adamix_export.json")

@@ -127,3 +127,70 @@ def test_cli_export_peft(setup, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("adamix: error: wrong base") and err.count("\n") == 1
     assert not (tmp_path / "x").exists()
+
+
+# --- adapters sized for vLLM ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def capped(llama_pair, calib_file, tmp_path_factory):
+    """A llama delta compressed with a rank cap, its merged model, and the cap."""
+    work = tmp_path_factory.mktemp("capped")
+    adamix.compress(*llama_pair, work / "d", ratio="1/4", max_rank=3, calib=calib_file, samples=4, seqlen=32,
+                    progress=False)
+    adamix.merge(llama_pair[0], work / "d", work / "m", progress=False)
+    return llama_pair[0], work, model_class(llama_pair[0]).from_pretrained(work / "m").eval(), 3
+
+
+def test_capped_export_loads_with_peft_and_equals_merge(capped, tmp_path):
+    base, work, merged, cap = capped
+    summary = export_peft(base, work / "d", tmp_path / "ad")
+    assert 0 < summary["rank_max"] <= cap
+    assert rel(run(with_adapter(base, tmp_path / "ad"), IDS), run(merged, IDS)) <= 1e-3
+
+
+def test_lora_only_uniform_rank_is_a_rank_vllm_accepts(capped, tmp_path, capsys):
+    from adamix.export.vllm import VLLM_RANKS
+    base, work, merged, cap = capped
+    assert main(["export-peft", str(base), str(work / "d"), "-o", str(tmp_path / "ad"), "--lora-only",
+                 "--uniform-rank"]) == 0
+    config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert config["r"] == 8 == min(r for r in VLLM_RANKS if r >= cap)  # rank 3 pads to vLLM's 8
+    assert config["rank_pattern"] == {} and config["lora_alpha"] == config["r"]
+    assert "padded to rank 8" in capsys.readouterr().out
+    with safe_open(str(tmp_path / "ad" / "adapter_model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_shape()[0] for k in f.keys() if k.endswith("lora_A.weight")} == {8}
+
+
+def test_uniform_rank_above_vllms_largest_is_refused(capped, tmp_path, monkeypatch):
+    import adamix.export.vllm as vllm
+    base, work, merged, cap = capped
+    monkeypatch.setattr(vllm, "VLLM_RANKS", (1, 2))  # as if the delta's rank were above 512
+    monkeypatch.setattr("adamix.export.peft.slot_rank", lambda r: next((k for k in (1, 2) if k >= r), None))
+    monkeypatch.setattr("adamix.export.peft.VLLM_RANKS", (1, 2))
+    with pytest.raises(adamix.AdamixError) as e:
+        export_peft(base, work / "d", tmp_path / "ad", uniform_rank=True)
+    assert str(e.value) == ("--uniform-rank pads to a rank vLLM accepts (1, 2), but the largest rank is 3: "
+                            "compress with --max-rank 2 or lower")
+    assert not (tmp_path / "ad").exists()
+
+
+def test_the_export_dtype_follows_the_base():
+    from adamix.export.vllm import export_dtype, slot_bytes, slot_rank
+    assert export_dtype(["BF16", "BF16", "F32"]) == "bfloat16" and export_dtype(["F32"]) == "float32"
+    assert export_dtype(["F16"]) == "float16" and export_dtype([]) == "float32" and export_dtype(["F64"]) == "float32"
+    assert [slot_rank(k) for k in (1, 2, 138, 320, 321, 513)] == [1, 8, 256, 320, 512, None]
+    # a 4096 x 4096 and a 11008 x 4096 module at rank 256 in bfloat16
+    assert slot_bytes([(4096, 4096), (11008, 4096)], 256, "bfloat16") == 256 * (8192 + 15104) * 2
+
+
+def test_inspect_shows_ranks_and_the_vllm_slot(capped, capsys):
+    base, work, merged, cap = capped
+    assert main(["inspect", str(work / "d")]) == 0
+    out = capsys.readouterr().out
+    art = adamix.load(work / "d")
+    shapes = [e["shape"] for e in art.entries.values() if e["kind"] == "svd-mixed"]
+    top = max(sum(c for _, c in e["meta"]["widths"]) for e in art.entries.values() if e["kind"] == "svd-mixed")
+    size = 8 * sum(m + n for m, n in shapes) * 4  # vLLM's rank 8 holds rank <= 3; float32 base
+    from adamix.eval.report import human_bytes
+    assert f"largest rank {top} -> --max-lora-rank 8" in " ".join(out.split())
+    assert f"takes {human_bytes(size)} of GPU memory in float32" in " ".join(out.split())

@@ -7,6 +7,9 @@ from collections import defaultdict
 from rich.console import Console
 from rich.table import Table
 
+from ..export.vllm import VLLM_RANKS, export_dtype, slot_bytes, slot_rank
+from ..methods.kinds import factor_rank
+
 
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -40,11 +43,13 @@ def print_summary(manifest: dict, per_tensor: bool = False, console: Console | N
     s = manifest["sizes"]
     if per_tensor:
         t = Table(title="tensors")
-        for col in ("tensor", "kind", "shape", "widths", "bytes", "err pred", "err meas"):
+        for col in ("tensor", "kind", "shape", "rank", "widths", "bytes", "err pred", "err meas"):
             t.add_column(col, justify="left" if col in ("tensor", "kind", "widths") else "right")
         for name, e in manifest["tensors"].items():
             st = e.get("stats", {})
-            t.add_row(name, e["kind"], "x".join(map(str, e["shape"])), widths_text(e.get("meta", {})),
+            rank = factor_rank(e["kind"], e.get("meta", {}))
+            t.add_row(name, e["kind"], "x".join(map(str, e["shape"])), "" if rank is None else str(rank),
+                      widths_text(e.get("meta", {})),
                       str(e["bytes"]), f"{st['error_predicted']:.4f}" if "error_predicted" in st else "",
                       f"{st['error_measured']:.4f}" if "error_measured" in st else "")
         console.print(t)
@@ -65,3 +70,24 @@ def print_summary(manifest: dict, per_tensor: bool = False, console: Console | N
                   f"[bold]{s['alpha_achieved']:.5f}[/bold] = 1/{1 / s['alpha_achieved']:.2f}" if s["alpha_achieved"] else
                   "achieved alpha: nothing compressed")
     console.print(f"relative output error on the calibration text (energy-weighted over layers): [bold]{overall:.4f}[/bold]")
+    if per_tensor and (line := vllm_line(manifest)):
+        console.print(line)
+
+
+def vllm_line(manifest: dict) -> str | None:
+    """What serving the delta as a LoRA adapter in vLLM takes (export/vllm.py), or None if no tensor
+    is low-rank."""
+    lora = {n: (factor_rank(e["kind"], e.get("meta", {})), e) for n, e in manifest["tensors"].items()
+            if len(e["shape"]) == 2}
+    lora = {n: (k, e) for n, (k, e) in lora.items() if k}
+    if not lora:
+        return None
+    top = max(k for k, _ in lora.values())
+    dtype = export_dtype([e.get("dtype", "") for _, e in lora.values()])
+    slot = slot_rank(top)
+    if slot is None:
+        return (f"vLLM LoRA: the largest rank is {top}, above vLLM's largest LoRA rank {VLLM_RANKS[-1]}: "
+                f"compress with --max-rank {VLLM_RANKS[-1]} (or lower) to serve it there")
+    size = slot_bytes([tuple(e["shape"]) for _, e in lora.values()], slot, dtype)
+    return (f"vLLM LoRA: largest rank {top} -> --max-lora-rank {slot}; one LoRA slot of the {len(lora)} low-rank "
+            f"modules takes {human_bytes(size)} of GPU memory in {dtype}")

@@ -45,6 +45,7 @@ from ..io.hf import is_conv1d, model_skeleton, param_owners
 from ..io.vocab import refuse_new_rows
 from ..methods.kinds import low_rank_factors
 from ..methods.rows import nonzero_rows
+from .vllm import VLLM_RANKS, export_dtype, slot_rank
 
 PREFIX = "base_model.model."
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
@@ -160,8 +161,9 @@ def place_rest(art: Artifact, tree: Tree, plan: Plan, lora_only: bool) -> None:
         plan.to_save[m].append(plan.lora_source[m])
 
 
-def choose_ranks(plan: Plan) -> tuple[dict[str, int], list[str], int]:
-    """Phase 3: (rank per LoRA module, modules dropped for rank 0, the adapter's r)."""
+def choose_ranks(plan: Plan, uniform_rank: bool = False) -> tuple[dict[str, int], list[str], int]:
+    """Phase 3: (rank per LoRA module, modules dropped for rank 0, the adapter's r): the largest rank,
+    or with uniform_rank the smallest rank vLLM accepts that holds it (every pair is padded to it)."""
     ranks = {m: v[1].shape[1] for m, v in plan.lora.items()}
     zero = sorted(m for m, k in ranks.items() if k == 0)
     for m in zero:
@@ -170,7 +172,10 @@ def choose_ranks(plan: Plan) -> tuple[dict[str, int], list[str], int]:
     r = max(ranks.values(), default=0)
     if r == 0 and not (plan.tokens or plan.to_save or plan.bias_deltas):
         raise AdamixError("the delta has nothing to export as LoRA (every low-rank delta has rank 0)")
-    return ranks, zero, max(r, 1)
+    if uniform_rank and slot_rank(r) is None:
+        raise AdamixError(f"--uniform-rank pads to a rank vLLM accepts ({', '.join(map(str, VLLM_RANKS))}), but the "
+                          f"largest rank is {r}: compress with --max-rank {VLLM_RANKS[-1]} or lower")
+    return ranks, zero, slot_rank(max(r, 1)) if uniform_rank else max(r, 1)
 
 
 def adapter_tensors(plan: Plan, r: int, uniform_rank: bool, dtype: torch.dtype, tree: Tree, art: Artifact,
@@ -238,7 +243,7 @@ def export_summary(plan: Plan, ranks: dict[str, int], zero: list[str], r: int, a
     """Phase 5b: adamix_export.json: the LoRA modules and ranks, and what every other delta became."""
     return {
         "base": str(base), "delta": str(delta), "lora_only": lora_only, "uniform_rank": uniform_rank, "dtype": dtype,
-        "rank_max": r, "lora": {m: ranks[m] for m in sorted(plan.lora)},
+        "rank_max": max(ranks.values(), default=0), "r": r, "lora": {m: ranks[m] for m in sorted(plan.lora)},
         "zero_rank": zero,
         "lora_bias": sorted(plan.bias_deltas),
         "trainable_tokens": {m: {"tensor": n, "rows": int(rows.numel())} for m, (n, rows) in plan.tokens.items()},
@@ -250,14 +255,15 @@ def export_summary(plan: Plan, ranks: dict[str, int], zero: list[str], r: int, a
 
 
 def export_peft(base: str | os.PathLike, delta: str | os.PathLike, out: str | os.PathLike, *,
-                lora_only: bool = False, uniform_rank: bool = False, dtype: str = "float32",
+                lora_only: bool = False, uniform_rank: bool = False, dtype: str | None = None,
                 overwrite: bool = False) -> dict:
     """Write the PEFT LoRA adapter folder `out` for BASE + DELTA; returns the summary that is also
     written to out/adamix_export.json (LoRA modules and ranks, what every other delta became).
 
-    dtype: of the LoRA tensors (float32: exact; float16 / bfloat16 halve the file and round the
-    factors); merged modules keep the base's dtype."""
-    if dtype not in DTYPES:
+    dtype: of the LoRA tensors; None: the base's floating dtype (export.vllm.export_dtype; float32
+    is exact, float16 / bfloat16 halve the file and round the factors); merged modules keep the
+    base's dtype. uniform_rank: every pair padded with zeros to the smallest rank vLLM accepts."""
+    if dtype is not None and dtype not in DTYPES:
         raise AdamixError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out = prepare_output(out, overwrite)
     art = Artifact(delta)
@@ -267,7 +273,8 @@ def export_peft(base: str | os.PathLike, delta: str | os.PathLike, out: str | os
     tree = Tree(model_skeleton(base_ck.folder))
     plan = lora_pairs(art, tree)
     place_rest(art, tree, plan, lora_only)
-    ranks, zero, r = choose_ranks(plan)
+    ranks, zero, r = choose_ranks(plan, uniform_rank)
+    dtype = dtype or export_dtype([art.entries[plan.lora_source[m]].get("dtype", "") for m in plan.lora])
     tensors = adapter_tensors(plan, r, uniform_rank, DTYPES[dtype], tree, art, base_ck)
     config = adapter_config(plan, ranks, r, uniform_rank, tree, base)
     summary = export_summary(plan, ranks, zero, r, art, base, delta, lora_only, uniform_rank, dtype)

@@ -78,16 +78,30 @@ def decode(kind: str, shape: tuple[int, ...], meta: dict, tensors: dict[str, tor
 
 Factors = Callable[[tuple[int, ...], dict, dict[str, torch.Tensor]], "tuple[torch.Tensor, torch.Tensor] | None"]
 FACTORS: dict[str, Factors] = {}
+RANKS: dict[str, Callable[[dict], int]] = {}
 
 
-def register_factors(kind: str) -> Callable[[Factors], Factors]:
+def register_factors(kind: str, rank: Callable[[dict], int]) -> Callable[[Factors], Factors]:
     """Declare that `kind` stores a low-rank delta: fn(shape, meta, tensors) -> (U (m, k), V (k, n))
-    float32 with D^ = U V (any scale folded into U), or None where that tensor is not low-rank.
+    float32 with D^ = U V (any scale folded into U), or None where that tensor is not low-rank;
+    rank(meta) -> k from the (validated) metadata alone, without reading the tensors.
     The runtime applies such deltas as x -> U (V x) and export-peft writes them as LoRA."""
     def wrap(fn: Factors) -> Factors:
         FACTORS[kind] = fn
+        RANKS[kind] = rank
         return fn
     return wrap
+
+
+def factor_rank(kind: str, meta: dict) -> int | None:
+    """The rank k of a low-rank entry (register_factors), None for every other kind (or metadata
+    that does not say: the stored tensors are checked only when they are read)."""
+    fn = RANKS.get(kind)
+    try:
+        k = None if fn is None else fn(meta)
+    except (KeyError, TypeError, ValueError):
+        return None
+    return k if isinstance(k, int) and not isinstance(k, bool) and k >= 0 else None
 
 
 def low_rank_factors(kind: str, shape: tuple[int, ...], meta: dict,

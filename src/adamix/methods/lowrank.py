@@ -44,7 +44,7 @@ def decode_lowrank(shape: tuple[int, ...], meta: dict, tensors: dict[str, torch.
     return U.float() @ V.float()
 
 
-@register_factors("lowrank")
+@register_factors("lowrank", rank=lambda meta: meta["rank"])
 def lowrank_factors(shape: tuple[int, ...], meta: dict, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(U (m, k), V (k, n)) float32, validated like the decoder."""
     decode_lowrank(shape, meta, tensors)

@@ -118,7 +118,7 @@ def svd_mixed_quantized(shape: tuple[int, int], meta: dict, tensors: dict[str, t
                             {"codes": cat["uc"], "scale": cat["us"], "offset": cat["uo"]})
 
 
-@register_factors("svd-mixed")
+@register_factors("svd-mixed", rank=lambda meta: sum(count for _, count in meta["widths"]))
 def factors(shape: tuple[int, int], meta: dict, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode to (U^ (m, k), V^ (k, n)) float32."""
     m, n = shape
