@@ -50,6 +50,7 @@ def git_commit() -> str:
 
 def run_pair(pair: str, ratios: list[float], samples: int, out: Path, caps=CAPS) -> None:
     t0 = time.time()
+    commit = git_commit()  # the code that runs: read once, at the start
     base, ft = pair_paths(pair)
     mats = list(calibrated_deltas(base, ft, samples))
     texts = [t for c in heldout_corpora().values() for t in c]
@@ -105,16 +106,16 @@ def run_pair(pair: str, ratios: list[float], samples: int, out: Path, caps=CAPS)
                         row["exact_match"] = task(model)
                 rows.append(row)
                 print({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-                write(pair, rows, dtype, refs if (embed or task) else None, samples, out, time.time() - t0)
-    write(pair, rows, dtype, refs if (embed or task) else None, samples, out, time.time() - t0)
+                write(pair, rows, dtype, refs if (embed or task) else None, samples, out, time.time() - t0, commit)
+    write(pair, rows, dtype, refs if (embed or task) else None, samples, out, time.time() - t0, commit)
 
 
-def write(pair, rows, dtype, refs, samples, out: Path, seconds: float) -> None:
+def write(pair, rows, dtype, refs, samples, out: Path, seconds: float, commit: str) -> None:
     metric = "cosine" if pair == "minilm" else "exact_match"
     cols = ["ratio", "R", "method", "rank max", "rank mean", "held-out error", "vLLM slot rank",
             f"one slot ({dtype}) MiB"] + ([metric.replace("_", " ")] if refs else [])
     lines = [f"# Rank cap on the {pair} pair: held-out error and vLLM slot memory", "",
-             f"`python {' '.join(sys.argv)}` ({len(rows)} rows) at commit `{git_commit()}`, CPU, {seconds:.0f} s; "
+             f"`python {' '.join(sys.argv)}` ({len(rows)} rows) at commit `{commit}`, CPU, {seconds:.0f} s; "
              f"calibration {samples} windows of lee_background.cor. The calibrated linears only (what a LoRA adapter "
              "carries); held-out text: gensim's Lee documents and polarity sentences.", ""]
     if refs and metric == "cosine":
