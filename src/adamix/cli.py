@@ -36,6 +36,8 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                 kw["type"] = meta["type"]
             if meta.get("choices"):
                 kw["choices"] = meta["choices"]()
+            if meta.get("metavar"):
+                kw["metavar"] = meta["metavar"]
         if f.name == "method":
             kw["help"] += ": " + "; ".join(get(n).help for n in names())
         if meta.get("method_specific"):
