@@ -107,3 +107,11 @@ def make_grown_pair(root: Path, added: int = 8, layers: int = 2, seed: int = 0) 
     model.save_pretrained(ft)
     tok.save_pretrained(ft)
     return base, ft
+
+
+def delta_and_gram(m: int = 96, n: int = 80, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A delta (m x n) of rank 24 plus noise, and the Gram X^T X (n x n) of 400 random inputs."""
+    g = torch.Generator().manual_seed(seed)
+    D = (torch.randn(m, 24, generator=g) @ torch.randn(24, n, generator=g)) * 1e-2 + 1e-3 * torch.randn(m, n, generator=g)
+    X = torch.randn(400, n, generator=g)
+    return D, X.T @ X

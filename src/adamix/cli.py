@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--uniform-rank", action="store_true",
                    help="pad every LoRA pair with zeros to the smallest rank vLLM accepts that holds every "
                         "matrix (no rank_pattern)")
+    e.add_argument("--max-rank", type=int, metavar="R",
+                   help="cut every LoRA pair to its R most valuable pairs (by the gains the artifact records) and "
+                        "report the error that adds; compressing with --max-rank R does better")
     e.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
                    help="dtype of the LoRA tensors (default auto: the base's, e.g. bfloat16 for most LLMs; "
                         "float32 is exact, half types halve the file)")
@@ -101,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .eval.report import print_summary
+    from .eval.report import capped_line, print_summary
     if args.command == "compress":
         from .compression import compress
         manifest = compress(args.base, args.finetuned, args.out, **options_from(args))
@@ -121,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "export-peft":
         from .export.peft import export_peft
         s = export_peft(args.base, args.delta, args.out, lora_only=args.lora_only, uniform_rank=args.uniform_rank,
-                        dtype=None if args.dtype == "auto" else args.dtype, overwrite=args.overwrite)
+                        dtype=None if args.dtype == "auto" else args.dtype, max_rank=args.max_rank,
+                        overwrite=args.overwrite)
         kept = {"lora_bias": len(s["lora_bias"]), "trainable_token_indices": len(s["trainable_tokens"]),
                 "modules_to_save": len(s["modules_to_save"])}
         padded = (f", every pair padded to rank {s['r']} (the smallest LoRA rank vLLM accepts that holds them)"
@@ -130,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
               f"{s['bytes']:,} bytes; {len(s['not_lora'])} tensors are not LoRA: "
               + ("dropped (--lora-only)" if s["lora_only"] else ", ".join(f"{v} as {k}" for k, v in kept.items() if v))
               + f"; see {args.out}/adamix_export.json")
+        if s["capped"] is not None:
+            print(capped_line(s["capped"]["pooled"], s["max_rank"]))
     elif args.command == "inspect":
         from .io.artifact import Artifact
         art = Artifact(args.delta)

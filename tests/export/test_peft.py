@@ -106,9 +106,13 @@ def test_half_precision_adapter(setup, tmp_path):
     arch, base, work, merged = setup
     full = export_peft(base, work / "a", tmp_path / "f32")
     half = export_peft(base, work / "a", tmp_path / "f16", dtype="float16")
-    with safe_open(str(tmp_path / "f16" / "adapter_model.safetensors"), "pt") as f:
-        assert all(f.get_slice(k).get_dtype() == "F16" for k in f.keys() if ".lora_" in k)
-    assert half["bytes"] < 0.75 * full["bytes"]
+    def lora_bytes(folder):
+        with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
+            return {k: f.get_tensor(k).nbytes for k in f.keys() if ".lora_" in k}, \
+                {f.get_slice(k).get_dtype() for k in f.keys() if ".lora_" in k}
+    (b16, d16), (b32, _) = lora_bytes(tmp_path / "f16"), lora_bytes(tmp_path / "f32")
+    assert d16 == {"F16"} and b16.keys() == b32.keys() and all(2 * b16[k] == b32[k] for k in b16)
+    assert half["bytes"] < full["bytes"]
     assert rel(run(with_adapter(base, tmp_path / "f16"), IDS), run(merged["a"], IDS)) < 2e-3
 
 
@@ -194,3 +198,90 @@ def test_inspect_shows_ranks_and_the_vllm_slot(capped, capsys):
     from adamix.eval.report import human_bytes
     assert f"largest rank {top} -> --max-lora-rank 8" in " ".join(out.split())
     assert f"takes {human_bytes(size)} of GPU memory in float32" in " ".join(out.split())
+
+
+# --- a rank cap at export time ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def uncapped(llama_pair, calib_file, tmp_path_factory):
+    """A llama delta compressed without a cap (ranks above 3)."""
+    work = tmp_path_factory.mktemp("uncapped")
+    adamix.compress(*llama_pair, work / "d", ratio="1/4", calib=calib_file, samples=4, seqlen=32, progress=False)
+    return llama_pair[0], work
+
+
+def truncated_reference(base, delta, cap):
+    """The base model plus every low-rank delta cut to the `cap` pairs of largest stored gain, computed
+    here from the artifact's factors and gains (float32), the other deltas added whole."""
+    from adamix.methods.kinds import low_rank_factors, pair_gains
+    art = adamix.load(delta)
+    model = model_class(base).from_pretrained(base).eval()
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, e in art.entries.items():
+            f = low_rank_factors(e["kind"], tuple(e["shape"]), e["meta"], art.tensors(name))
+            if f is None:
+                params[name] += art.delta(name).to(params[name].dtype)
+                continue
+            U, V = f
+            g = pair_gains(e["kind"], tuple(e["shape"]), e["meta"], art.tensors(name))
+            keep = sorted(sorted(range(len(g)), key=lambda i: (-float(g[i]), i))[:cap])
+            params[name] += (U[:, keep] @ V[keep]).to(params[name].dtype)
+    return model
+
+
+def test_export_time_cap_keeps_the_most_valuable_pairs(uncapped, tmp_path, capsys):
+    base, work = uncapped
+    art = adamix.load(work / "d")
+    ranks = {n: sum(c for _, c in e["meta"]["widths"]) for n, e in art.entries.items() if e["kind"] == "svd-mixed"}
+    cap = 3
+    assert max(ranks.values()) > cap
+    assert main(["export-peft", str(base), str(work / "d"), "-o", str(tmp_path / "ad"), "--max-rank", str(cap),
+                 "--dtype", "float32"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    summary = json.loads((tmp_path / "ad" / "adamix_export.json").read_text())
+    assert summary["rank_max"] <= cap and summary["max_rank"] == cap
+    cut = summary["capped"]["tensors"]
+    assert set(cut) == {n for n, k in ranks.items() if k > cap}
+    for name, c in cut.items():
+        stats = art.entries[name]["stats"]
+        assert c["rank"] == ranks[name] and c["kept"] == cap and c["gain_dropped"] > 0
+        assert c["error_after"] == pytest.approx((stats["error_predicted"] ** 2 + c["gain_dropped"]) ** 0.5)
+    pooled = summary["capped"]["pooled"]
+    assert pooled["error_after"] > pooled["error_predicted"] > 0
+    assert f"cut {len(cut)} tensors to their {cap} most valuable pairs" in out
+    assert f"from {pooled['error_predicted']:.4f} to {pooled['error_after']:.4f}" in out
+    assert f"compress --max-rank {cap} does better" in out
+    reference = truncated_reference(base, work / "d", cap)
+    assert rel(run(with_adapter(base, tmp_path / "ad"), IDS), run(reference, IDS)) <= 1e-3
+
+
+def test_export_cap_above_every_rank_changes_nothing(uncapped, tmp_path, capsys):
+    base, work = uncapped
+    plain = export_peft(base, work / "d", tmp_path / "plain")
+    big = export_peft(base, work / "d", tmp_path / "big", max_rank=10_000)
+    assert big["capped"]["tensors"] == {} and big["lora"] == plain["lora"]
+    assert (tmp_path / "big" / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "plain" / "adapter_model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-rank", "0"], "--max-rank must be a positive integer, got 0"),
+    (["--max-rank", "3", "--uniform-rank"],
+     "--uniform-rank pads rank 3 to 8, above --max-rank 3: use a rank vLLM accepts as the cap (1 or 8)"),
+])
+def test_bad_export_caps_are_refused(uncapped, tmp_path, capsys, args, message):
+    base, work = uncapped
+    assert main(["export-peft", str(base), str(work / "d"), "-o", str(tmp_path / "ad"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err == f"adamix: error: {message}\n"
+    assert not (tmp_path / "ad").exists()
+
+
+def test_an_artifact_without_gains_is_refused_in_one_line(uncapped, tmp_path, monkeypatch):
+    base, work = uncapped
+    monkeypatch.setattr("adamix.export.peft.pair_gains", lambda *a: None)  # as an artifact written before gains
+    with pytest.raises(adamix.AdamixError, match=r"records no gains to choose 3 of its pairs by: compress with "
+                                                 r"--max-rank 3 instead"):
+        export_peft(base, work / "d", tmp_path / "ad", max_rank=3)
+    assert not (tmp_path / "ad").exists()

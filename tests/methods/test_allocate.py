@@ -151,14 +151,15 @@ def test_solve_allocation_exact_with_wide_dynamic_range():
 def test_triplet_cost_hand_computation():
     # m = 300 (groups of 128: 128 + 128 + 44 -> 3 groups), n = 100 (< 128: one group of 100)
     # 3 bits: 3 * (300 + 100) code bits + 16 + 16 bits (fp16 scale + offset) per group * (3 + 1) groups
-    assert triplet_cost(300, 100, 3, 128) == 3 * 400 + 32 * 4 == 1328
-    assert triplet_cost(300, 100, 8, 128) == 8 * 400 + 32 * 4
+    # + the triplet's 16-bit gain
+    assert triplet_cost(300, 100, 3, 128) == 3 * 400 + 32 * 4 + 16 == 1344
+    assert triplet_cost(300, 100, 8, 128) == 8 * 400 + 32 * 4 + 16
     # group size 10: 30 + 10 groups
-    assert triplet_cost(300, 100, 2, 10) == 2 * 400 + 32 * 40
+    assert triplet_cost(300, 100, 2, 10) == 2 * 400 + 32 * 40 + 16
     assert triplet_cost(300, 100, 0, 128) == 0
     # cost is what is stored: one fp16 pair per group of each vector, ceil for a short last group
     m, n, b, g = 257, 33, 4, 64
-    assert triplet_cost(m, n, b, g) == b * (m + n) + 2 * 16 * (math.ceil(m / g) + math.ceil(n / min(g, n)))
+    assert triplet_cost(m, n, b, g) == b * (m + n) + 2 * 16 * (math.ceil(m / g) + math.ceil(n / min(g, n))) + 16
 
 
 # ------------------------------------------------------------------------------------ error_table

@@ -9,7 +9,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 import adamix
 from adamix.compression.options import Options
@@ -18,6 +17,7 @@ from adamix.methods.adamix import analyse, compress_jointly, compress_matrix
 from adamix.methods.allocate import solve_allocation, within_cap
 from adamix.methods.registry import budget_bits
 from adamix.methods.svd_mixed import stored_bits
+from synthetic import delta_and_gram
 
 
 def brute_force(errors, costs, budget, cap, groups):
@@ -48,13 +48,6 @@ def test_within_cap_counts_per_group():
     assert within_cap(np.array([1, 1, 0]), costs, 2) and not within_cap(np.array([1, 1, 1]), costs, 2)
     assert within_cap(np.array([1, 1, 1, 1]), costs, 2, np.array([0, 0, 1, 1]))
     assert not within_cap(np.array([1, 1, 1, 0]), costs, 2, np.array([0, 0, 0, 1]))
-
-
-def delta_and_gram(m=96, n=80, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    D = (torch.randn(m, 24, generator=g) @ torch.randn(24, n, generator=g)) * 1e-2 + 1e-3 * torch.randn(m, n, generator=g)
-    X = torch.randn(400, n, generator=g)
-    return D, X.T @ X
 
 
 def test_adamix_cap_holds_with_the_budget_and_frees_bits_for_widths():

@@ -91,3 +91,13 @@ def vllm_line(manifest: dict) -> str | None:
     size = slot_bytes([tuple(e["shape"]) for _, e in lora.values()], slot, dtype)
     return (f"vLLM LoRA: largest rank {top} -> --max-lora-rank {slot}; one LoRA slot of the {len(lora)} low-rank "
             f"modules takes {human_bytes(size)} of GPU memory in {dtype}")
+
+
+def capped_line(pooled: dict, max_rank: int) -> str:
+    """What export-peft --max-rank cut (export.peft.cap_summary) and the error it adds."""
+    if not pooled["tensors"]:
+        return f"--max-rank {max_rank}: every LoRA pair already has rank <= {max_rank}, nothing was cut"
+    return (f"--max-rank {max_rank}: cut {pooled['tensors']} tensors to their {max_rank} most valuable pairs; their "
+            f"predicted relative error rises from {pooled['error_predicted']:.4f} to {pooled['error_after']:.4f} "
+            f"(pooled by energy). compress --max-rank {max_rank} does better: the bits the cap frees widen the kept "
+            f"triplets and target correction refits them")

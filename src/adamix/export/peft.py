@@ -21,7 +21,15 @@ exactly with what PEFT offers:
 PEFT does not allow `lora_bias` with LoRA on embeddings: when a bias needs it, embeddings with
 factors are kept as trainable tokens or modules_to_save instead.
 The export runs in phases, one function each: lora_pairs (which deltas are LoRA pairs), place_rest
-(what becomes of the others), choose_ranks, adapter_tensors, adapter_config and export_summary.
+(what becomes of the others), cap_ranks, choose_ranks, adapter_tensors, adapter_config and
+export_summary.
+
+With `max_rank=R` every pair of rank k > R keeps its R factor pairs of largest gain
+(methods.kinds.pair_gains: for svd-mixed the share of the output error each kept triplet removes, as
+the allocation predicted it at compress time), and the others' gains add to the predicted error:
+    err_after = sqrt(err_predicted^2 + sum of the dropped gains)   (relative, activation-weighted).
+The kept triplets' widths stay as the allocation chose them for rank k, so `compress --max-rank R`,
+where the cap's freed bits widen the kept triplets and target correction refits U, does better.
 
 With `lora_only=True` the adapter holds lora_A / lora_B only (what vLLM's multi-LoRA serving loads;
 it rejects modules_to_save and LoRA biases): the other deltas are dropped and listed, so the adapter
@@ -43,7 +51,7 @@ from ..io.artifact import AtomicFolder, Artifact, prepare_output
 from ..io.checkpoint import Checkpoint
 from ..io.hf import is_conv1d, model_skeleton, param_owners
 from ..io.vocab import refuse_new_rows
-from ..methods.kinds import low_rank_factors
+from ..methods.kinds import low_rank_factors, pair_gains
 from ..methods.rows import nonzero_rows
 from .vllm import VLLM_RANKS, export_dtype, slot_rank
 
@@ -161,9 +169,57 @@ def place_rest(art: Artifact, tree: Tree, plan: Plan, lora_only: bool) -> None:
         plan.to_save[m].append(plan.lora_source[m])
 
 
-def choose_ranks(plan: Plan, uniform_rank: bool = False) -> tuple[dict[str, int], list[str], int]:
+def top_pairs(gains: torch.Tensor, rank: int) -> torch.Tensor:
+    """Indices (ascending) of the `rank` largest gains (k,); ties go to the earlier pair."""
+    order = torch.sort(-gains.double(), stable=True).indices
+    return torch.sort(order[:rank]).values
+
+
+def cap_ranks(art: Artifact, plan: Plan, max_rank: int) -> dict[str, dict]:
+    """Phase 2b: every LoRA pair of rank > max_rank cut to its max_rank pairs of largest gain, in
+    place in `plan` (module doc). Returns, per tensor cut, {"rank", "kept", "gain_dropped",
+    "error_predicted", "error_after", "energy"} (errors relative, as in the manifest's stats)."""
+    cut: dict[str, dict] = {}
+    for mpath, (role, B, A) in list(plan.lora.items()):
+        name = plan.lora_source[mpath]
+        k = B.shape[1]
+        if k <= max_rank:
+            continue
+        if name not in cut:
+            e = art.entries[name]
+            shape = tuple(e["shape"])
+            gains = pair_gains(e["kind"], shape[::-1] if e.get("transposed") else shape, e.get("meta", {}),
+                               art.tensors(name))
+            if gains is None:
+                raise AdamixError(f"tensor {name} ({e['kind']}, rank {k}) records no gains to choose {max_rank} of its "
+                                  f"pairs by: compress with --max-rank {max_rank} instead")
+            keep = top_pairs(gains, max_rank)
+            dropped = float(gains.double().sum() - gains[keep].double().sum())
+            stats = e.get("stats", {})
+            before = float(stats.get("error_predicted", stats.get("error_measured", 0.0)))
+            cut[name] = {"rank": k, "kept": max_rank, "gain_dropped": dropped, "error_predicted": before,
+                         "error_after": (before ** 2 + dropped) ** 0.5, "energy": float(stats.get("energy", 0.0)),
+                         "keep": keep}
+        keep = cut[name]["keep"]
+        plan.lora[mpath] = (role, B[:, keep].contiguous(), A[keep].contiguous())
+    for c in cut.values():
+        c.pop("keep")
+    return cut
+
+
+def cap_summary(cut: dict[str, dict]) -> dict:
+    """The cut tensors' predicted relative error before and after, pooled by their energy."""
+    energy = sum(c["energy"] for c in cut.values())
+
+    def pooled(key: str) -> float:
+        return (sum(c[key] ** 2 * c["energy"] for c in cut.values()) / energy) ** 0.5 if energy > 0 else 0.0
+    return {"tensors": len(cut), "error_predicted": pooled("error_predicted"), "error_after": pooled("error_after")}
+
+
+def choose_ranks(plan: Plan, uniform_rank: bool = False, max_rank: int | None = None) -> tuple[dict[str, int], list[str], int]:
     """Phase 3: (rank per LoRA module, modules dropped for rank 0, the adapter's r): the largest rank,
-    or with uniform_rank the smallest rank vLLM accepts that holds it (every pair is padded to it)."""
+    or with uniform_rank the smallest rank vLLM accepts that holds it (every pair is padded to it),
+    refused where that exceeds max_rank."""
     ranks = {m: v[1].shape[1] for m, v in plan.lora.items()}
     zero = sorted(m for m, k in ranks.items() if k == 0)
     for m in zero:
@@ -175,6 +231,10 @@ def choose_ranks(plan: Plan, uniform_rank: bool = False) -> tuple[dict[str, int]
     if uniform_rank and slot_rank(r) is None:
         raise AdamixError(f"--uniform-rank pads to a rank vLLM accepts ({', '.join(map(str, VLLM_RANKS))}), but the "
                           f"largest rank is {r}: compress with --max-rank {VLLM_RANKS[-1]} or lower")
+    if uniform_rank and max_rank is not None and slot_rank(max(r, 1)) > max_rank:
+        below = max(v for v in VLLM_RANKS if v <= max_rank)
+        raise AdamixError(f"--uniform-rank pads rank {r} to {slot_rank(r)}, above --max-rank {max_rank}: use a rank "
+                          f"vLLM accepts as the cap ({below} or {slot_rank(r)})")
     return ranks, zero, slot_rank(max(r, 1)) if uniform_rank else max(r, 1)
 
 
@@ -239,10 +299,14 @@ def adapter_config(plan: Plan, ranks: dict[str, int], r: int, uniform_rank: bool
 
 
 def export_summary(plan: Plan, ranks: dict[str, int], zero: list[str], r: int, art: Artifact, base, delta,
-                   lora_only: bool, uniform_rank: bool, dtype: str) -> dict:
-    """Phase 5b: adamix_export.json: the LoRA modules and ranks, and what every other delta became."""
+                   lora_only: bool, uniform_rank: bool, dtype: str, max_rank: int | None = None,
+                   cut: dict[str, dict] | None = None) -> dict:
+    """Phase 5b: adamix_export.json: the LoRA modules and ranks, what every other delta became, and
+    what a rank cap cut (cap_ranks)."""
+    cut = cut or {}
     return {
         "base": str(base), "delta": str(delta), "lora_only": lora_only, "uniform_rank": uniform_rank, "dtype": dtype,
+        "max_rank": max_rank, "capped": {"pooled": cap_summary(cut), "tensors": cut} if max_rank is not None else None,
         "rank_max": max(ranks.values(), default=0), "r": r, "lora": {m: ranks[m] for m in sorted(plan.lora)},
         "zero_rank": zero,
         "lora_bias": sorted(plan.bias_deltas),
@@ -256,15 +320,19 @@ def export_summary(plan: Plan, ranks: dict[str, int], zero: list[str], r: int, a
 
 def export_peft(base: str | os.PathLike, delta: str | os.PathLike, out: str | os.PathLike, *,
                 lora_only: bool = False, uniform_rank: bool = False, dtype: str | None = None,
-                overwrite: bool = False) -> dict:
+                max_rank: int | None = None, overwrite: bool = False) -> dict:
     """Write the PEFT LoRA adapter folder `out` for BASE + DELTA; returns the summary that is also
     written to out/adamix_export.json (LoRA modules and ranks, what every other delta became).
 
     dtype: of the LoRA tensors; None: the base's floating dtype (export.vllm.export_dtype; float32
     is exact, float16 / bfloat16 halve the file and round the factors); merged modules keep the
-    base's dtype. uniform_rank: every pair padded with zeros to the smallest rank vLLM accepts."""
+    base's dtype. uniform_rank: every pair padded with zeros to the smallest rank vLLM accepts.
+    max_rank: every pair cut to at most this rank (cap_ranks; the summary's "capped" says what that
+    adds to the predicted error)."""
     if dtype is not None and dtype not in DTYPES:
         raise AdamixError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1):
+        raise AdamixError(f"--max-rank must be a positive integer, got {max_rank!r}")
     out = prepare_output(out, overwrite)
     art = Artifact(delta)
     refuse_new_rows(art.entries, "export-peft")
@@ -273,11 +341,12 @@ def export_peft(base: str | os.PathLike, delta: str | os.PathLike, out: str | os
     tree = Tree(model_skeleton(base_ck.folder))
     plan = lora_pairs(art, tree)
     place_rest(art, tree, plan, lora_only)
-    ranks, zero, r = choose_ranks(plan, uniform_rank)
+    cut = cap_ranks(art, plan, max_rank) if max_rank is not None else {}
+    ranks, zero, r = choose_ranks(plan, uniform_rank, max_rank)
     dtype = dtype or export_dtype([art.entries[plan.lora_source[m]].get("dtype", "") for m in plan.lora])
     tensors = adapter_tensors(plan, r, uniform_rank, DTYPES[dtype], tree, art, base_ck)
     config = adapter_config(plan, ranks, r, uniform_rank, tree, base)
-    summary = export_summary(plan, ranks, zero, r, art, base, delta, lora_only, uniform_rank, dtype)
+    summary = export_summary(plan, ranks, zero, r, art, base, delta, lora_only, uniform_rank, dtype, max_rank, cut)
     with AtomicFolder(out, overwrite) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))

@@ -23,10 +23,10 @@ import torch
 from .allocate import choose_widths, error_table, max_kept, shrink_to_fit
 from ..quant.gptq import gptq_columns, gptq_rows, rtn_columns
 from ..quant.grid import rtn
-from ..quant.linalg import error_stats, matmul64, svd
+from ..quant.linalg import error_stats, matmul64, output_error, svd
 from .kinds import Encoded
 from .registry import Method, Settings, budget_bits, register
-from .svd_mixed import PACK_PAD_BITS, decode_factors, encode_factors, stored_bits, triplet_bits
+from .svd_mixed import PACK_PAD_BITS, decode_factors, encode_factors, stored_bits, triplet_bits, width_meta
 
 
 @dataclass
@@ -116,10 +116,13 @@ def finish(a: Analysis, choice: np.ndarray, budget: float, settings: Settings) -
     widths = list(settings.widths)
     choice = fit_packed_size(choice, a.table, widths, tuple(a.D.shape), settings.group_size, budget)
     chosen = np.array(widths)[choice]
-    predicted = float(a.table[np.arange(len(a.s)), choice].sum())
+    rows = np.arange(len(a.s))
+    predicted = float(a.table[rows, choice].sum())
+    gain = a.table[rows, widths.index(0)] - a.table[rows, choice]  # e_i(0) - e_i(b_i)
     keep = sorted(np.flatnonzero(chosen > 0).tolist(), key=lambda i: (-chosen[i], i))
     kept_widths = [int(chosen[i]) for i in keep]
-    enc = quantize_factors(a.D, a.H, a.U[:, keep], a.s[keep], a.V[:, keep], kept_widths, settings, predicted)
+    enc = quantize_factors(a.D, a.H, a.U[:, keep], a.s[keep], a.V[:, keep], kept_widths, settings, predicted,
+                           torch.from_numpy(gain[keep]))
     enc.detail["widths_by_index"] = chosen
     return enc
 
@@ -130,20 +133,23 @@ def fit_packed_size(choice: np.ndarray, table: np.ndarray, widths: list[int], sh
     bytes. Drop the kept triplet that costs least error until the exact stored size fits the budget."""
     def fits(c: np.ndarray) -> bool:
         counts = np.bincount(c, minlength=len(widths))
-        meta = {"group_size": group_size, "widths": [[b, int(k)] for b, k in zip(widths, counts) if b > 0 and k > 0]}
+        meta = width_meta(group_size, [[b, int(k)] for b, k in zip(widths, counts) if b > 0 and k > 0])
         return stored_bits(shape, meta) <= max(budget, 0.0)
 
     return shrink_to_fit(choice, table, widths.index(0), fits)
 
 
 def quantize_factors(D: torch.Tensor, H: torch.Tensor | None, U: torch.Tensor, s: torch.Tensor, V: torch.Tensor,
-                     widths: list[int], settings: Settings, predicted: float) -> Encoded:
-    """Steps 4-5 for the kept triplets (U (m, k), s (k,), V (n, k), widths (k,) non-increasing)."""
+                     widths: list[int], settings: Settings, predicted: float, gains: torch.Tensor) -> Encoded:
+    """Steps 4-5 for the kept triplets (U (m, k), s (k,), V (n, k), widths (k,) non-increasing);
+    gains (k,): e_i(0) - e_i(b_i) in the error table's units, stored relative to E(0) = ||D X||^2."""
     m, n = D.shape
     g = settings.group_size
     bits = torch.tensor(widths, dtype=torch.int64)
+    energy = output_error(None, D, H)
+    relative = (gains.double() / energy).clamp(0.0, 1.0) if energy > 0 else torch.zeros(len(widths), dtype=torch.float64)
     if not widths:  # nothing fits the budget: D^ = 0
-        enc = encode_factors((m, n), [], g, {}, {})
+        enc = encode_factors((m, n), [], g, {}, {}, relative)
     else:
         Vt = V.T.float().contiguous()
         vq = rtn(Vt, bits, min(g, n)) if H is None else gptq_rows(Vt, H, bits, g, damp=settings.damp)
@@ -157,8 +163,8 @@ def quantize_factors(D: torch.Tensor, H: torch.Tensor | None, U: torch.Tensor, s
             uq = rtn_columns(Ustar, bits, g)
         else:  # H_z = V^ H V^^T, the Gram of z = V^ x
             uq = gptq_columns(Ustar, (Vhat @ HV).float(), bits, g, damp=settings.damp)
-        enc = encode_factors((m, n), widths, g, vq, uq)
-    enc.stats = {"rank_kept": len(widths), **error_stats(decode_factors((m, n), enc.meta, enc.tensors), D, H, predicted)}
+        enc = encode_factors((m, n), widths, g, vq, uq, relative)
+    enc.stats = {"rank_kept": len(widths), **error_stats(decode_factors((m, n), enc.meta, enc.tensors), D, H, predicted, energy)}
     return enc
 
 
@@ -186,7 +192,7 @@ class Adamix(Method):
 
     def item_bits(self, m, n, settings):
         b = min(w for w in settings.widths if w > 0)
-        return stored_bits((m, n), {"group_size": settings.group_size, "widths": [[b, 1]]})
+        return stored_bits((m, n), width_meta(settings.group_size, [[b, 1]]))
 
     def compress(self, D, H, settings, overhead_bits=0.0, factors=None, analysis=None):
         return compress_matrix(D, H, settings, overhead_bits, analysis)

@@ -18,7 +18,7 @@ import torch
 from .adamix import Analysis, analyse, finish
 from .kinds import Encoded
 from .registry import Method, Settings, budget_bits, register
-from .svd_mixed import stored_bits
+from .svd_mixed import stored_bits, width_meta
 
 SCHEDULE = ((8, 2), (3, 32), (2, None))  # (bits, number of triplets); None: all the rest
 WIDTHS = (0, 2, 3, 8)
@@ -71,7 +71,7 @@ class DeltaCoMe(Method):
 
     def item_bits(self, m, n, settings):
         b = min(w for w in WIDTHS if w > 0)
-        return stored_bits((m, n), {"group_size": settings.group_size, "widths": [[b, 1]]})
+        return stored_bits((m, n), width_meta(settings.group_size, [[b, 1]]))
 
     def compress(self, D, H, settings, overhead_bits=0.0, factors=None, analysis=None):
         return compress_deltacome(D, H, settings, overhead_bits, analysis)

@@ -114,6 +114,26 @@ def low_rank_factors(kind: str, shape: tuple[int, ...], meta: dict,
     return fn(tuple(shape), meta, tensors)
 
 
+Gains = Callable[[tuple[int, ...], dict, dict[str, torch.Tensor]], "torch.Tensor | None"]
+GAINS: dict[str, Gains] = {}
+
+
+def register_gains(kind: str) -> Callable[[Gains], Gains]:
+    """Declare how a low-rank kind ranks its factor pairs for a later rank cap: fn(shape, meta,
+    tensors) -> (k,) float32, pair i's share of the delta's squared error that keeping it removes
+    (the order of register_factors' pairs), or None where the entry does not record it."""
+    def wrap(fn: Gains) -> Gains:
+        GAINS[kind] = fn
+        return fn
+    return wrap
+
+
+def pair_gains(kind: str, shape: tuple[int, ...], meta: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """register_gains' answer for `kind`, None for kinds that do not declare one."""
+    fn = GAINS.get(kind)
+    return None if fn is None or len(shape) != 2 else fn(tuple(shape), meta, tensors)
+
+
 @dataclass(frozen=True)
 class QuantizedFactors:
     """Low-bit factors of D^ = U^ V^ as stored, unpacked: V (k, n) and U^T (k, m) as dicts of codes
@@ -152,7 +172,8 @@ MAX_COUNT = 2**31 - 1  # bound on group sizes and counts read from a manifest (n
 
 def parse_width_meta(meta: dict, kind: str) -> tuple[int, list[tuple[int, int]]]:
     """(group size, [(bits, count), ...]) from a kind's metadata, validated: group_size an integer in
-    1..MAX_COUNT, widths a list of [bits, count] integer pairs with 1 <= bits <= 8, 0 <= count <= MAX_COUNT."""
+    1..MAX_COUNT, widths a list of [bits, count] integer pairs with 1 <= bits <= 8, 0 <= count <= MAX_COUNT,
+    gains (where present) a bool."""
     def integer(v) -> int:
         if not isinstance(v, numbers.Integral) or isinstance(v, bool):  # no floats, strings or bools
             raise TypeError(f"{v!r} is not an integer")
@@ -168,4 +189,6 @@ def parse_width_meta(meta: dict, kind: str) -> tuple[int, list[tuple[int, int]]]
         raise AdamixError(f"malformed {kind} metadata: {e}") from None
     if not 1 <= g <= MAX_COUNT or any(not 1 <= b <= 8 or not 0 <= c <= MAX_COUNT for b, c in groups):
         raise AdamixError(f"malformed {kind} metadata: group size {g}, widths {groups}")
+    if not isinstance(meta.get("gains", False), bool):
+        raise AdamixError(f"malformed {kind} metadata: gains must be true or false, not {meta['gains']!r}")
     return g, groups

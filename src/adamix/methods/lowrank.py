@@ -11,7 +11,7 @@ import torch
 
 from ..errors import AdamixError
 from ..quant.linalg import error_stats, svd
-from .kinds import Encoded, register_decoder, register_factors
+from .kinds import Encoded, register_decoder, register_factors, register_gains
 from .registry import Method, Settings, budget_bits, register
 
 
@@ -49,6 +49,16 @@ def lowrank_factors(shape: tuple[int, ...], meta: dict, tensors: dict[str, torch
     """(U (m, k), V (k, n)) float32, validated like the decoder."""
     decode_lowrank(shape, meta, tensors)
     return tensors["U"].float(), tensors["V"].float()
+
+
+@register_gains("lowrank")
+def lowrank_gains(shape: tuple[int, ...], meta: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Pair i's share |U_i|^2 |V_i|^2 / ||U V||_F^2 of the stored delta's energy (data-free: U's
+    columns are orthogonal and V's rows orthonormal up to fp16 rounding, so the shares add)."""
+    U, V = lowrank_factors(shape, meta, tensors)
+    g = U.double().pow(2).sum(0) * V.double().pow(2).sum(1)
+    total = float(g.sum())
+    return (g / total if total > 0 else g).float()
 
 
 class LowRank(Method):

@@ -4,12 +4,18 @@ The kept triplets are ordered by width, widest first; `meta["widths"] = [[b, cou
 For each width b in that order the tensors hold, concatenated:
   codes (uint8): pack(V codes, count x n) then pack(U codes, count x m), each packed at b bits;
   params (fp16): V scale, V offset (count x ceil(n/g) each), U scale, U offset (count x ceil(m/g)).
+With `meta["gains"]` true, params ends with one more fp16 per kept triplet (k in all, stored order):
+its gain g_i = (e_i(0) - e_i(b_i)) / E(0), the output error its kept width removes as the allocation
+predicted it, relative to the delta's energy E(0) = ||D X||^2. A later rank cap (export-peft
+--max-rank R) keeps the R triplets of largest gain and adds the sum of the others' to the predicted
+squared relative error. Artifacts written before gains existed have no such tail.
 V^ rows are singular vectors of the input side (k x n); U^ columns the output side (m x k), with the
 singular values folded into U^ by the reconstruction target correction.
 
 The size model, shared by the allocator, the preflight checks and the reader:
   triplet_bits(m, n, b, g)  what the ILP counts for one triplet at width b: b (m + n) bits of codes
-                            plus 32 bits (fp16 scale and offset) per group of u and of v;
+                            plus 32 bits (fp16 scale and offset) per group of u and of v, plus its
+                            16-bit gain;
   stored_bits(shape, meta)  the exact bits stored, which adds the byte padding of each width's two
                             packed code streams: at most PACK_PAD_BITS per width.
 """
@@ -21,10 +27,16 @@ import torch
 from ..errors import AdamixError
 from ..quant.grid import PARAM_BITS, dequantize, expand_groups, n_groups
 from ..quant.pack import pack, packed_nbytes, unpack
-from .kinds import (Encoded, QuantizedFactors, parse_width_meta, register_decoder, register_factors,
+from .kinds import (Encoded, QuantizedFactors, parse_width_meta, register_decoder, register_factors, register_gains,
                     register_quantized_factors)
 
 PACK_PAD_BITS = 14  # per width and tensor: the byte padding of its two packed code streams (2 x 7 bits)
+GAIN_BITS = 16  # per kept triplet: its fp16 gain
+
+
+def width_meta(group_size: int, groups: list[list[int]]) -> dict:
+    """The metadata of an entry storing `groups` ([[b, count], ...], widest first) with gains."""
+    return {"widths": [list(p) for p in groups], "group_size": group_size, "gains": True}
 
 
 def triplet_bits(m: int, n: int, width: int, group_size: int) -> int:
@@ -32,19 +44,21 @@ def triplet_bits(m: int, n: int, width: int, group_size: int) -> int:
     their grids (0 for width 0); the packing's byte padding is left to stored_bits."""
     if width == 0:
         return 0
-    return width * (m + n) + PARAM_BITS * (n_groups(m, min(group_size, m)) + n_groups(n, min(group_size, n)))
+    return width * (m + n) + PARAM_BITS * (n_groups(m, min(group_size, m)) + n_groups(n, min(group_size, n))) + GAIN_BITS
 
 
 def stored_bits(shape: tuple[int, int], meta: dict) -> int:
-    """Exact bits stored for an entry of `shape` with `meta` ({"group_size", "widths": [[b, count]]})."""
+    """Exact bits stored for an entry of `shape` with `meta` ({"group_size", "widths": [[b, count]], "gains"})."""
     nbytes, nparams = expected_sizes(shape, meta)
     return 8 * nbytes + 16 * nparams
 
 
 def encode_factors(shape: tuple[int, int], widths: list[int], group_size: int,
-                   V: dict[str, torch.Tensor], U: dict[str, torch.Tensor], stats: dict | None = None) -> Encoded:
+                   V: dict[str, torch.Tensor], U: dict[str, torch.Tensor], gains: torch.Tensor,
+                   stats: dict | None = None) -> Encoded:
     """Pack quantized factors. widths: (k,) non-increasing, all > 0; V/U hold codes (k, n)/(k, m),
-    scale and offset (k, G) as returned by quant.gptq / quant.grid."""
+    scale and offset (k, G) as returned by quant.gptq / quant.grid; gains (k,): each triplet's
+    relative gain (see the module doc), stored in fp16."""
     if any(a < b for a, b in zip(widths, widths[1:])):
         raise ValueError("widths must be non-increasing")
     groups: list[list[int]] = []
@@ -59,11 +73,14 @@ def encode_factors(shape: tuple[int, int], widths: list[int], group_size: int,
         codes += [pack(V["codes"][rows], b), pack(U["codes"][rows], b)]
         params += [V["scale"][rows], V["offset"][rows], U["scale"][rows], U["offset"][rows]]
         start += count
+    if len(gains) != len(widths):
+        raise ValueError(f"{len(gains)} gains for {len(widths)} triplets")
+    params.append(gains)
     tensors = {
         "codes": torch.cat(codes) if codes else torch.zeros(0, dtype=torch.uint8),
-        "params": torch.cat([p.reshape(-1) for p in params]).to(torch.float16) if params else torch.zeros(0, dtype=torch.float16),
+        "params": torch.cat([p.reshape(-1).float() for p in params]).to(torch.float16),
     }
-    return Encoded("svd-mixed", tuple(shape), {"widths": groups, "group_size": group_size}, tensors, stats or {})
+    return Encoded("svd-mixed", tuple(shape), width_meta(group_size, groups), tensors, stats or {})
 
 
 def expected_sizes(shape: tuple[int, int], meta: dict) -> tuple[int, int]:
@@ -74,7 +91,28 @@ def expected_sizes(shape: tuple[int, int], meta: dict) -> tuple[int, int]:
     for b, count in meta["widths"]:
         nbytes += packed_nbytes(count * n, b) + packed_nbytes(count * m, b)
         nparams += 2 * count * (n_groups(n, min(g, n)) + n_groups(m, min(g, m)))
+        nparams += count if meta.get("gains") else 0
     return nbytes, nparams
+
+
+def checked_tensors(shape: tuple[int, int], meta: dict, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, params) after checking their dtypes and sizes against what `meta` implies."""
+    codes, params = tensors["codes"], tensors["params"]
+    nbytes, nparams = expected_sizes(shape, meta)
+    if codes.dtype != torch.uint8 or codes.numel() != nbytes or params.dtype != torch.float16 or params.numel() != nparams:
+        raise AdamixError(f"stored factors have {codes.numel()} code bytes and {params.numel()} params, "
+                          f"the manifest implies {nbytes} and {nparams}")
+    return codes, params
+
+
+@register_gains("svd-mixed")
+def gains(shape: tuple[int, int], meta: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The stored gains (k,) float32 in stored order, or None for an entry written without them."""
+    if not meta.get("gains"):
+        return None
+    _, params = checked_tensors(shape, meta, tensors)
+    k = sum(count for _, count in parse_width_meta(meta, "svd-mixed")[1])
+    return params[params.numel() - k:].float()
 
 
 @register_quantized_factors("svd-mixed")
@@ -82,11 +120,7 @@ def svd_mixed_quantized(shape: tuple[int, int], meta: dict, tensors: dict[str, t
     """The stored codes and grids, unpacked: V^ (k, n) and U^T (k, m), rows widest first."""
     m, n = shape
     g, groups = parse_width_meta(meta, "svd-mixed")
-    codes, params = tensors["codes"], tensors["params"]
-    nbytes, nparams = expected_sizes(shape, meta)
-    if codes.dtype != torch.uint8 or codes.numel() != nbytes or params.dtype != torch.float16 or params.numel() != nparams:
-        raise AdamixError(f"stored factors have {codes.numel()} code bytes and {params.numel()} params, "
-                          f"the manifest implies {nbytes} and {nparams}")
+    codes, params = checked_tensors(shape, meta, tensors)
     gn, gm = min(g, n), min(g, m)
     Gn, Gm = n_groups(n, gn), n_groups(m, gm)
     parts = {"vc": [torch.zeros(0, n, dtype=torch.uint8)], "uc": [torch.zeros(0, m, dtype=torch.uint8)],

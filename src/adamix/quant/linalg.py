@@ -68,9 +68,11 @@ def output_error(Dhat: torch.Tensor | None, D: torch.Tensor, H: torch.Tensor | N
     return total
 
 
-def error_stats(Dhat: torch.Tensor, D: torch.Tensor, H: torch.Tensor | None, predicted: float | None = None) -> dict:
-    """Relative errors sqrt(E(D^) / E(0)) measured (and predicted, if the method has a model of it)."""
-    total = output_error(None, D, H)
+def error_stats(Dhat: torch.Tensor, D: torch.Tensor, H: torch.Tensor | None, predicted: float | None = None,
+                energy: float | None = None) -> dict:
+    """Relative errors sqrt(E(D^) / E(0)) measured (and predicted, if the method has a model of it);
+    energy: E(0) = output_error(None, D, H) if the caller has it."""
+    total = output_error(None, D, H) if energy is None else energy
     measured = output_error(Dhat, D, H)
     stats = {"error_measured": (measured / total) ** 0.5 if total > 0 else 0.0}
     if predicted is not None:
