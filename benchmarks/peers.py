@@ -1,7 +1,7 @@
-"""ADAMIX against its peers at the same size, on the two real pairs (issue 3).
+"""ADAMIX against its peers at the same size, on the two real pairs.
 
-    python benchmarks/peers.py [--pairs minilm,smollm] [--ratios 1/8,1/16,1/32,1/64]
-                               [--methods adamix,deltacome,lowrank,bitdelta,rtn,gptq]
+    python benchmarks/peers.py [--pairs minilm,smollm] [--ratios 1/8,1/16,1/32,1/64,1/128]
+                               [--methods adamix,deltacome,...,impart+qt]
                                [--cli-methods all] [--out docs/results] [--work DIR]
 
 For each pair, one calibration pass (the CLI's defaults: 128 windows of <= 256 tokens of gensim's
@@ -60,8 +60,9 @@ from adamix.io.manifest import build_manifest, encoded_entries  # noqa: E402
 from adamix.compression.encode import encode_tensor, row_sparse  # noqa: E402
 from adamix.compression.plan import delta_of, is_svd_shape, overhead_per_element, pair_tensors  # noqa: E402
 
-SVD_METHODS = {"adamix", "deltacome", "lowrank"}
+SVD_METHODS = {"adamix", "deltacome", "lowrank", "impart"}
 DISTILLED = "bitdelta+distill"
+VARIANTS = {"impart+qt": {"quantize": True}}  # a method with options: its Settings changes
 DISTILL_STEPS = 100
 ONE_16 = 1 / 16
 t0 = time.time()
@@ -73,6 +74,11 @@ def ratio_name(alpha: float) -> str:
 
 def fits(method: str, alpha: float) -> bool:
     return not (method.startswith("bitdelta") and alpha < BITDELTA_ALPHA)
+
+
+def settings_of(method: str, alpha: float) -> Settings:
+    """The Settings `adamix compress --method M` uses for a benchmark method name (variants included)."""
+    return Settings(method=method.split("+")[0], alpha=alpha, **VARIANTS.get(method, {}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,25 +103,26 @@ def compress_grid(base: str, ft: str, methods: list[str], ratios: list[float], w
             return
         Dl = D.T if transposed else D
         pieces = {m: {} for m in methods}
+        fac = None
         if is_svd_shape(tuple(D.shape)):
             t = time.time()
             fac = svd(Dl)
             shared["svd"] += time.time() - t
             spectra[name] = fac[1].numpy()
-            for m in ("adamix", "deltacome"):
-                if m in methods:
-                    t = time.time()
-                    # adamix: the error table pruned for the largest ratio serves every ratio (as the CLI prunes it)
-                    s = Settings(alpha=max(ratios)) if m == "adamix" else deltacome_settings(Settings())
-                    pieces[m]["analysis"] = analyse(Dl, H, s, factors=fac, prune=m == "adamix")
-                    prep[m] += time.time() - t
-            for m in SVD_METHODS & set(methods):
-                pieces[m]["factors"] = fac
+            if "deltacome" in methods:
+                t = time.time()
+                pieces["deltacome"]["analysis"] = analyse(Dl, H, deltacome_settings(Settings()), factors=fac)
+                prep["deltacome"] += time.time() - t
+            for m in methods:
+                if m.split("+")[0] in SVD_METHODS:
+                    pieces[m]["factors"] = fac
         rows_cache = {}
         for m, a in configs:
-            settings = Settings(method=m, alpha=a)
+            settings = settings_of(m, a)
             extra = dict(pieces[m])
             t = time.time()
+            if m == "adamix" and fac is not None:  # the error table pruned for this ratio, as a standalone run
+                extra["analysis"] = analyse(Dl, H, Settings(alpha=a), factors=fac, prune=True)
             if H is None and is_svd_shape(tuple(D.shape)):
                 key = min(a, BITDELTA_ALPHA) if m == "bitdelta" else a
                 if key not in rows_cache:
@@ -166,7 +173,7 @@ def compress_grid(base: str, ft: str, methods: list[str], ratios: list[float], w
 
     base_fp, ft_config_fp = base_ck.fingerprint(), config_fingerprint(ft_ck)
     for (m, a), enc in encoded.items():
-        settings = Settings(method=m.split("+")[0], alpha=a)
+        settings = settings_of(m, a) if m != DISTILLED else Settings(method="bitdelta", alpha=a)
         extra = {"calibration": "lee_background.cor", "samples": 128, "seqlen": 256, "device": "cpu", "seed": 0}
         if m == DISTILLED:
             extra.update({"distill_steps": DISTILL_STEPS, "distill": distill_info})
@@ -191,7 +198,8 @@ def artifact_dir(work: Path, method: str, alpha: float) -> Path:
 def cli_run(base: str, ft: str, method: str, out: Path) -> dict:
     """`adamix compress --method M --ratio 1/16` in a child process: wall time, peak RSS, bytes hash."""
     from core_numbers import run_compress
-    r = run_compress(base, ft, out, "1/16", "--method", method, "--overwrite")
+    flags = [f"--{k.replace('_', '-')}" for k, v in VARIANTS.get(method, {}).items() if v is True]
+    r = run_compress(base, ft, out, "1/16", "--method", method.split("+")[0], *flags, "--overwrite")
     return {"wall_s": r["wall_s"], "peak_rss_mib": r["peak_rss_mib"], "sha": sha256(out / "delta.safetensors")}
 
 
@@ -446,21 +454,23 @@ def write_report(pair, title, rows, ref, grid, cli, ratios, methods, pred_meas, 
     if pair == "smollm":
         lines += ["", "gain kept = (exact_match - base) / (fine-tune - base)."]
     lines += ["", "## Every method at every ratio", ""]
-    head = ["method", "held-out error", "x deltacome"] + end_keys + (["gain kept"] if pair == "smollm" else []) + \
-        ["bytes", "alpha achieved", "compute s"]
+    head = ["method", "held-out error", "x deltacome", "x adamix"] + end_keys + \
+        (["gain kept"] if pair == "smollm" else []) + ["bytes", "alpha achieved", "budget used", "compute s"]
     for a in ratios:
         lines += [f"### alpha = {ratio_name(a)}", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
         dc = next((r["heldout_error"] for r in rows if r["method"] == "deltacome" and r["alpha"] == a), None)
+        ax = next((r["heldout_error"] for r in rows if r["method"] == "adamix" and r["alpha"] == a), None)
         for m in methods:
             r = next((r for r in rows if r["method"] == m and r["alpha"] == a), None)
             if r is None:
                 lines.append(f"| {m} | does not fit (1 bit per weight = 1/16) |" + " |" * (len(head) - 2))
                 continue
-            vals = [m, fmt(r["heldout_error"]), fmt(r["heldout_error"] / dc, 3) if dc else "-"] + [fmt(r[k]) for k in end_keys]
+            vals = [m, fmt(r["heldout_error"]), fmt(r["heldout_error"] / dc, 3) if dc else "-",
+                    fmt(r["heldout_error"] / ax, 3) if ax else "-"] + [fmt(r[k]) for k in end_keys]
             if pair == "smollm":
                 gain = (r["exact_match"] - ref["base"]["exact_match"]) / (ref["finetune"]["exact_match"] - ref["base"]["exact_match"])
                 vals.append(fmt(gain, 3))
-            vals += [fmt(r["bytes"]), fmt(r["alpha_achieved"], 4), fmt(r["compute_s"], 3)]
+            vals += [fmt(r["bytes"]), fmt(r["alpha_achieved"], 4), fmt(r["alpha_achieved"] / a, 3), fmt(r["compute_s"], 3)]
             lines.append("| " + " | ".join(vals) + " |")
         lines.append("")
     if cli:
@@ -486,8 +496,8 @@ def write_report(pair, title, rows, ref, grid, cli, ratios, methods, pred_meas, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pairs", default="minilm,smollm")
-    ap.add_argument("--ratios", default="1/8,1/16,1/32,1/64")
-    ap.add_argument("--methods", default=",".join(names()) + f",{DISTILLED}")
+    ap.add_argument("--ratios", default="1/8,1/16,1/32,1/64,1/128")
+    ap.add_argument("--methods", default=",".join(names()) + f",{DISTILLED}," + ",".join(VARIANTS))
     ap.add_argument("--cli-methods", default="all", help="methods also timed as a real CLI run at 1/16 ('none' to skip)")
     ap.add_argument("--cli-only", action="store_true", help="only redo the CLI timings of an earlier run")
     ap.add_argument("--reuse-cli", action="store_true", help="with --cli-only: take the timings saved by an earlier "

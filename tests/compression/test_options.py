@@ -38,7 +38,8 @@ def test_unknown_option_is_refused_in_one_line(tmp_path):
     ({"method": "rtn", "distill_steps": 3}, "--distill-steps 3 applies to --method bitdelta only, not rtn"),
     ({"method": "lowrank", "whiten": True}, "--whiten applies to --method adamix only, not lowrank"),
     ({"method": "bitdelta", "distill_steps": 2, "calib": None}, "--distill-steps needs calibration text (not --calib none)"),
-    ({"method": "nope"}, "--method 'nope' is not one of adamix, deltacome, lowrank, bitdelta, rtn, gptq"),
+    ({"method": "nope"}, "--method 'nope' is not one of adamix, deltacome, lowrank, bitdelta, rtn, gptq, dare, impart, "
+                         "deltadct, ultradelta"),
     ({"distill_steps": -1, "method": "bitdelta"}, "--distill-steps must be >= 0, got -1"),
 ])
 def test_refusals_come_from_the_registry(changes, message):

@@ -74,7 +74,8 @@ class Options:
     group_size: int = option(_DEFAULT.group_size, f"entries per quantization group (default {_DEFAULT.group_size})",
                              type=int)
     device: str = option("cpu", "cpu or cuda[:N] for the calibration passes (default cpu)")
-    seed: int = option(0, "seed, recorded in the manifest (the method is deterministic)", type=int)
+    seed: int = option(_DEFAULT.seed, "mixed into the seeds of the random masks (dare, impart, ultradelta); the "
+                       "result is deterministic for a given seed (default 0)", type=int)
     whiten: bool = option(_DEFAULT.whiten, "SVD of D H^1/2 instead of D: truncation optimal in the output error",
                           method_specific=True)
     budget_scope: str = option(_DEFAULT.budget_scope, "tensor: every matrix gets alpha of its own size; block: one "
@@ -86,6 +87,10 @@ class Options:
     max_rank: int | None = option(None, "at most R singular triplets (the LoRA rank) kept per matrix, a constraint "
                                   "of the allocation itself, so the bits it frees widen the kept ones (default: "
                                   "no cap)", type=int, metavar="R", method_specific=True)
+    value_bits: int | None = option(_DEFAULT.value_bits, "bits per kept value: 16 stores fp16, 1..8 quantize "
+                                    "(default: dare 16, ultradelta 4)", type=int, metavar="B", method_specific=True)
+    quantize: bool = option(_DEFAULT.quantize, "ImPart-Qt: quantize the kept values with mixed-precision GPTQ "
+                            "(8/3/2 bits) instead of storing them in fp16", method_specific=True)
     overwrite: bool = option(False, "replace OUT if it exists, and discard the work an interrupted run left")
     resume: bool = option(False, "continue an interrupted run from the blocks it finished (same inputs and "
                           "options; the result is byte-identical to an uninterrupted run)")
@@ -116,8 +121,12 @@ class Options:
         if self.distill_steps < 0:
             raise AdamixError(f"--distill-steps must be >= 0, got {self.distill_steps}")
         method = registry.get(self.method)
+        if self.value_bits is not None and (isinstance(self.value_bits, bool) or not isinstance(self.value_bits, int)
+                                            or not (self.value_bits == 16 or 1 <= self.value_bits <= 8)):
+            raise AdamixError(f"--value-bits must be 16 (fp16) or 1..8, got {self.value_bits!r}")
         settings = Settings(method=self.method, alpha=alpha, widths=widths, group_size=self.group_size,
-                            whiten=self.whiten, budget_scope=self.budget_scope, max_rank=self.max_rank)
+                            whiten=self.whiten, budget_scope=self.budget_scope, max_rank=self.max_rank,
+                            value_bits=self.value_bits, quantize=self.quantize, seed=self.seed)
         for f in fields(self):
             value = getattr(self, f.name)
             if value == f.default:

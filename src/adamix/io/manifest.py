@@ -19,7 +19,8 @@ and never an absurd allocation. Checked here:
   - every entry: kind (text; whether it is known is checked by the reader), shape (a list of at most
     MAX_DIMS integers, each in 1..MAX_DIM, at most MAX_ELEMENTS elements in all), bytes (integer
     >= 0), transposed (bool; true only for 2-D), dtype (text), meta (an object whose group_size /
-    widths, where present, are well-formed, see methods.kinds.parse_width_meta; new_rows, see
+    widths, where present, are well-formed, see methods.kinds.parse_width_meta, and what a kind
+    registers with methods.kinds.register_meta_check holds; new_rows, see
     vocab.py), stats (an object whose error and energy figures are finite numbers);
   - the manifest's own accounting (check_accounting, once the stored byte counts are verified):
     sizes.raw_bytes, method_bytes and fp16_bytes_method are the sums over the entries (bytes of raw
@@ -40,7 +41,7 @@ import torch
 
 from ..errors import AdamixError
 from ..methods import Encoded, Settings
-from ..methods.kinds import MAX_COUNT, is_raw, parse_width_meta
+from ..methods.kinds import MAX_COUNT, META_CHECKS, check_meta, is_raw, parse_width_meta
 from ..version import __version__
 from .vocab import NEW_ROWS
 
@@ -233,9 +234,12 @@ def check_entry(name: str, e) -> None:
     meta = e.get("meta", {})
     if not isinstance(meta, dict):
         raise AdamixError(f"manifest entry {name!r}: meta must be an object")
-    if "widths" in meta or "group_size" in meta:
+    if "widths" in meta or "group_size" in meta or e["kind"] in META_CHECKS:
         try:
-            parse_width_meta(meta, e["kind"])
+            if e["kind"] in META_CHECKS:
+                check_meta(e["kind"], tuple(shape), meta)
+            else:
+                parse_width_meta(meta, e["kind"])
         except AdamixError as err:
             raise AdamixError(f"manifest entry {name!r}: {err}") from None
     if NEW_ROWS in meta:

@@ -15,6 +15,10 @@ from . import deltacome  # noqa: F401
 from . import lowrank  # noqa: F401
 from . import bitdelta  # noqa: F401
 from . import direct  # noqa: F401  (rtn and gptq)
+from . import dare  # noqa: F401
+from . import impart  # noqa: F401
+from . import deltadct  # noqa: F401
+from . import ultradelta  # noqa: F401
 from .kinds import Encoded, decode
 from .registry import Method, ModelContext, Settings, budget_bits, get, names
 

@@ -167,6 +167,26 @@ def quantized_factors(kind: str, shape: tuple[int, ...], meta: dict,
     return fn(tuple(shape), meta, tensors)
 
 
+MetaCheck = Callable[[tuple[int, ...], dict], None]
+META_CHECKS: dict[str, MetaCheck] = {}
+
+
+def register_meta_check(kind: str) -> Callable[[MetaCheck], MetaCheck]:
+    """Declare how the manifest checks an entry's metadata before anything is read:
+    fn(shape, meta) raises one AdamixError for metadata that is malformed."""
+    def wrap(fn: MetaCheck) -> MetaCheck:
+        META_CHECKS[kind] = fn
+        return fn
+    return wrap
+
+
+def check_meta(kind: str, shape: tuple[int, ...], meta: dict) -> None:
+    """The registered metadata check of `kind` (nothing for kinds without one)."""
+    fn = META_CHECKS.get(kind)
+    if fn is not None:
+        fn(tuple(shape), meta)
+
+
 MAX_COUNT = 2**31 - 1  # bound on group sizes and counts read from a manifest (no dimension is larger)
 
 

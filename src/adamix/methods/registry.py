@@ -52,6 +52,9 @@ class Settings:
     budget_scope: str = "tensor"  # "tensor": alpha per tensor; "block": one ILP per transformer block
     correct_target: bool = True   # U step re-fitted to the original outputs (ADAMIX) or U S kept (Delta-CoMe)
     max_rank: int | None = None   # at most this many triplets (rank-1 terms) kept per matrix (vLLM's LoRA slots)
+    value_bits: int | None = None  # bits per kept value of the sparse peers (16: fp16; 1..8; None: the method's default)
+    quantize: bool = False        # ImPart-Qt: the kept factor values quantized by mixed-precision GPTQ
+    seed: int = 0                 # mixed into the seeds of the random masks (the result is deterministic)
 
 
 def budget_bits(m: int, n: int, alpha: float, overhead_bits: float = 0.0) -> float:
