@@ -97,7 +97,8 @@ def capped_line(pooled: dict, max_rank: int) -> str:
     """What export-peft --max-rank cut (export.peft.cap_summary) and the error it adds."""
     if not pooled["tensors"]:
         return f"--max-rank {max_rank}: every LoRA pair already has rank <= {max_rank}, nothing was cut"
-    return (f"--max-rank {max_rank}: cut {pooled['tensors']} tensors to their {max_rank} most valuable pairs; their "
-            f"predicted relative error rises from {pooled['error_predicted']:.4f} to {pooled['error_after']:.4f} "
-            f"(pooled by energy). compress --max-rank {max_rank} does better: the bits the cap frees widen the kept "
-            f"triplets and target correction refits them")
+    rise = (f"; the predicted relative error of the {pooled['predicted']} with a prediction rises from "
+            f"{pooled['error_predicted']:.4f} to {pooled['error_after']:.4f} (pooled by energy)" if pooled["predicted"] else "")
+    return (f"--max-rank {max_rank}: cut {pooled['tensors']} tensors to their {max_rank} most valuable pairs{rise}. "
+            f"compress --max-rank {max_rank} does better: the bits the cap frees widen the kept triplets and target "
+            f"correction refits them")

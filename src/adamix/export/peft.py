@@ -193,13 +193,15 @@ def cap_ranks(art: Artifact, plan: Plan, max_rank: int) -> dict[str, dict]:
             if gains is None:
                 raise AdamixError(f"tensor {name} ({e['kind']}, rank {k}) records no gains to choose {max_rank} of its "
                                   f"pairs by: compress with --max-rank {max_rank} instead")
+            if len(gains) != k or not bool(torch.isfinite(gains).all()) or bool((gains < 0).any()):
+                raise AdamixError(f"tensor {name}: its stored gains are not {k} finite values >= 0")
             keep = top_pairs(gains, max_rank)
             dropped = float(gains.double().sum() - gains[keep].double().sum())
             stats = e.get("stats", {})
-            before = float(stats.get("error_predicted", stats.get("error_measured", 0.0)))
+            before = stats.get("error_predicted")  # gains relative to E(0) come with the allocation's prediction
             cut[name] = {"rank": k, "kept": max_rank, "gain_dropped": dropped, "error_predicted": before,
-                         "error_after": (before ** 2 + dropped) ** 0.5, "energy": float(stats.get("energy", 0.0)),
-                         "keep": keep}
+                         "error_after": None if before is None else (float(before) ** 2 + dropped) ** 0.5,
+                         "energy": float(stats.get("energy", 0.0)), "keep": keep}
         keep = cut[name]["keep"]
         plan.lora[mpath] = (role, B[:, keep].contiguous(), A[keep].contiguous())
     for c in cut.values():
@@ -208,12 +210,15 @@ def cap_ranks(art: Artifact, plan: Plan, max_rank: int) -> dict[str, dict]:
 
 
 def cap_summary(cut: dict[str, dict]) -> dict:
-    """The cut tensors' predicted relative error before and after, pooled by their energy."""
-    energy = sum(c["energy"] for c in cut.values())
+    """The cut tensors' predicted relative error before and after, pooled by their energy, over the
+    tensors that have a prediction (kinds whose gains are shares of the allocation's E(0))."""
+    known = [c for c in cut.values() if c["error_after"] is not None]
+    energy = sum(c["energy"] for c in known)
 
     def pooled(key: str) -> float:
-        return (sum(c[key] ** 2 * c["energy"] for c in cut.values()) / energy) ** 0.5 if energy > 0 else 0.0
-    return {"tensors": len(cut), "error_predicted": pooled("error_predicted"), "error_after": pooled("error_after")}
+        return (sum(c[key] ** 2 * c["energy"] for c in known) / energy) ** 0.5 if energy > 0 else 0.0
+    return {"tensors": len(cut), "predicted": len(known), "error_predicted": pooled("error_predicted"),
+            "error_after": pooled("error_after")}
 
 
 def choose_ranks(plan: Plan, uniform_rank: bool = False, max_rank: int | None = None) -> tuple[dict[str, int], list[str], int]:

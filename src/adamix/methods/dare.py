@@ -26,7 +26,7 @@ from ..errors import AdamixError
 from ..quant.grid import PARAM_BITS, dequantize, expand_groups, fit_grid, n_groups, quantize
 from ..quant.linalg import error_stats
 from ..quant.pack import pack, packed_nbytes, unpack
-from .kinds import Encoded, register_decoder, register_meta_check
+from .kinds import MAX_COUNT, Encoded, register_decoder, register_meta_check
 from .registry import Method, Settings, budget_bits, register
 from .seeded import seed_for, subset
 
@@ -53,9 +53,9 @@ def encode_values(x: torch.Tensor, bits: int, group_size: int) -> dict[str, torc
     """x (k,) float -> {"codes", "params"} (see the module doc)."""
     if bits == FP16 or len(x) == 0:
         return {"codes": torch.zeros(0, dtype=torch.uint8), "params": x.to(torch.float16)}
-    b = torch.tensor([bits])
-    scale, offset = fit_grid(x.reshape(1, -1), b, group_size)
-    codes = quantize(x.reshape(1, -1), expand_groups(scale, len(x), group_size), expand_groups(offset, len(x), group_size), b)
+    b, g = torch.tensor([bits]), min(group_size, len(x))
+    scale, offset = fit_grid(x.reshape(1, -1), b, g)
+    codes = quantize(x.reshape(1, -1), expand_groups(scale, len(x), g), expand_groups(offset, len(x), g), b)
     return {"codes": pack(codes.reshape(-1), bits), "params": torch.cat([scale.reshape(-1), offset.reshape(-1)]).to(torch.float16)}
 
 
@@ -68,10 +68,11 @@ def decode_values(k: int, bits: int, group_size: int, tensors: dict[str, torch.T
                           f"its metadata implies {want[0]} and {want[1]}")
     if bits == FP16 or k == 0:
         return params.float()
-    G = n_groups(k, group_size)
+    g = min(group_size, k)
+    G = n_groups(k, g)
     scale, offset = params[:G].float().reshape(1, -1), params[G:].float().reshape(1, -1)
     q = unpack(codes, bits, k).reshape(1, -1)
-    return dequantize(q, expand_groups(scale, k, group_size), expand_groups(offset, k, group_size)).reshape(-1)
+    return dequantize(q, expand_groups(scale, k, g), expand_groups(offset, k, g)).reshape(-1)
 
 
 def parse_meta(shape: tuple[int, ...], meta: dict, kind: str) -> tuple[int, int, int, int]:
@@ -83,7 +84,7 @@ def parse_meta(shape: tuple[int, ...], meta: dict, kind: str) -> tuple[int, int,
     except (KeyError, TypeError):
         raise AdamixError(f"malformed {kind} metadata: {meta!r}") from None
     total = shape[0] * shape[1] if len(shape) == 2 else -1
-    if not (0 <= seed < 2**63 and 0 <= kept <= total and (bits == FP16 or 1 <= bits <= 8) and g >= 1):
+    if not (0 <= seed < 2**63 and 0 <= kept <= total and (bits == FP16 or 1 <= bits <= 8) and 1 <= g <= MAX_COUNT):
         raise AdamixError(f"malformed {kind} metadata for shape {list(shape)}: {meta!r}")
     return seed, kept, bits, g
 
@@ -97,8 +98,10 @@ def compress_dare(D: torch.Tensor, H: torch.Tensor | None, settings: Settings, b
     idx = subset(seed, m * n, k)
     q = k / (m * n)
     values = D.reshape(-1)[idx].double() / q if k else torch.zeros(0, dtype=torch.float64)
-    enc = Encoded("dare", (m, n), {"seed": seed, "kept": k, "bits": bits, "group_size": g},
-                  encode_values(values.float(), bits, g))
+    tensors = encode_values(values.float(), bits, g)
+    if not bool(torch.isfinite(tensors["params"]).all()):  # 1 / q beyond fp16 (a budget of a few entries)
+        k, tensors = 0, encode_values(torch.zeros(0), bits, g)
+    enc = Encoded("dare", (m, n), {"seed": seed, "kept": k, "bits": bits, "group_size": g}, tensors)
     enc.stats = {"kept_fraction": q, **error_stats(decode_dare((m, n), enc.meta, enc.tensors), D, H)}
     return enc
 

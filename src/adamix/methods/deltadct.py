@@ -12,8 +12,10 @@ No official code exists; the paper's text leaves these defaults open, chosen her
     1-bit budget;
   - the classes 4, 2 and 0 bits (CLASSES): the top c patches by norm at 4 bits, the next c at 2,
     the rest dropped, c the largest that fits the budget; the bits left over then raise the next
-    patches from 0 to 2 bits while they fit, so the budget is met up to less than one patch;
-  - every patch's class is stored (2 bits per patch, counted): the ranking depends on the values.
+    patches from 0 to 2 bits while they fit, so the budget is met up to less than one patch (up to
+    3 bits per entry, alpha 3/16: a larger budget is not filled);
+  - every patch's class is stored (2 bits per patch, counted): the ranking depends on the values;
+    a budget below that stores nothing (empty tensors, D^ = 0).
 Stored: `classes` (uint8, the 2-bit class index of every patch, row-major patch order, packed);
 `codes` (uint8): per class (widest first) the packed codes of its patches in patch order;
 `params` (fp16): scale and offset of every kept patch in patch order. meta {"patch": p,
@@ -89,6 +91,13 @@ def compress_deltadct(D: torch.Tensor, H: torch.Tensor | None, settings: Setting
     P = patches(D.double(), p)
     order = torch.argsort(P.reshape(len(P), -1).norm(dim=1), descending=True, stable=True)
     widths = torch.zeros(len(P), dtype=torch.int64)
+    meta = {"patch": p, "classes": list(CLASSES)}
+    if total_bits(len(P), {}, p) > budget:  # not even the classes fit: store nothing
+        empty = torch.zeros(0, dtype=torch.uint8)
+        tensors = {"classes": empty, "codes": empty, "params": torch.zeros(0, dtype=torch.float16)}
+        enc = Encoded("deltadct", (m, n), meta, tensors)
+        enc.stats = {"patches_kept": 0, **error_stats(torch.zeros(m, n), D, H)}
+        return enc
     widths[order] = torch.tensor(allocate(len(P), p, budget), dtype=torch.int64)
     C = dct_matrix(p)
     coef = (C @ P @ C.T).reshape(len(P), -1).float()  # (P, p^2)
@@ -111,7 +120,6 @@ def compress_deltadct(D: torch.Tensor, H: torch.Tensor | None, settings: Setting
     tensors = {"classes": pack(cls, CLASS_BITS),
                "codes": torch.cat(codes) if codes else torch.zeros(0, dtype=torch.uint8),
                "params": torch.cat(params).to(torch.float16) if params else torch.zeros(0, dtype=torch.float16)}
-    meta = {"patch": p, "classes": list(CLASSES)}
     enc = Encoded("deltadct", (m, n), meta, tensors)
     enc.stats = {"patches_kept": len(kept), **error_stats(decode_deltadct((m, n), meta, tensors), D, H)}
     return enc
@@ -120,8 +128,7 @@ def compress_deltadct(D: torch.Tensor, H: torch.Tensor | None, settings: Setting
 @register_meta_check("deltadct")
 def check_meta(shape: tuple[int, ...], meta: dict) -> None:
     p, classes = meta.get("patch"), meta.get("classes")
-    if len(shape) != 2 or not isinstance(p, int) or isinstance(p, bool) or not 1 <= p <= 4096 \
-            or classes != list(CLASSES):
+    if len(shape) != 2 or not isinstance(p, int) or isinstance(p, bool) or p != PATCH or classes != list(CLASSES):
         raise AdamixError(f"malformed deltadct metadata for shape {list(shape)}: {meta!r}")
 
 
@@ -131,6 +138,8 @@ def decode_deltadct(shape: tuple[int, ...], meta: dict, tensors: dict[str, torch
     m, n = shape
     p = meta["patch"]
     n_patches = -(-m // p) * -(-n // p)
+    if not any(t.numel() for t in tensors.values()):  # the budget held nothing
+        return torch.zeros(m, n)
     if tensors["classes"].numel() != packed_nbytes(n_patches, CLASS_BITS):
         raise AdamixError(f"deltadct entry for shape {list(shape)}: {tensors['classes'].numel()} class bytes, "
                           f"{packed_nbytes(n_patches, CLASS_BITS)} expected")

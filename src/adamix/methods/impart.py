@@ -20,7 +20,8 @@ keeps S apart in fp16, uncounted).
 
 `impart` stores the kept values in fp16. `--quantize` (ImPart-Qt) quantizes them with the
 mixed-precision GPTQ of Delta-CoMe's schedule (deltacome.SCHEDULE: the first 2 triplets at 8 bits,
-the next 32 at 3, the rest at 2), the mask respected as in the paper's code: V^T (sparsified and
+the next 32 at 3, the rest at 2), the mask respected as in the authors' code (whose cost formula counts the 3-bit band at 4 bits; the
+3 bits of its quantization config are used here): V^T (sparsified and
 rescaled) by GPTQ on H, then U S by GPTQ on the Gram of V^ x, each re-masked after (RTN without
 calibration); grids per group of g entries of each column (fp16 scale and offset, counted); a is then
 bisected on this cost.
@@ -43,7 +44,7 @@ from ..quant.grid import PARAM_BITS, dequantize, expand_groups, n_groups, rtn
 from ..quant.linalg import error_stats, matmul64, svd
 from ..quant.pack import pack, packed_nbytes, unpack
 from .deltacome import SCHEDULE
-from .kinds import Encoded, register_decoder, register_factors, register_meta_check
+from .kinds import MAX_COUNT, Encoded, register_decoder, register_factors, register_meta_check
 from .registry import Method, Settings, budget_bits, register
 from .seeded import column_subsets, seed_for
 
@@ -194,13 +195,18 @@ def quantize_masked(Us: torch.Tensor, Vs: torch.Tensor, ku: list[torch.Tensor], 
 
 def parse_meta(shape: tuple[int, ...], meta: dict) -> tuple[int, int, bool, int, list[tuple[int, int]]]:
     """(seed, rank, quantized, group size, width groups), validated."""
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
     try:
         seed, K, quantized, g = meta["seed"], meta["rank"], meta["quantized"], meta["group_size"]
-        groups = [(int(b), int(c)) for b, c in meta.get("widths", [])] if quantized else []
-        ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (seed, K, g)) and isinstance(quantized, bool)
+        widths = meta.get("widths", []) if quantized else []
+        ok = all(map(is_int, (seed, K, g))) and isinstance(quantized, bool) and isinstance(widths, list) and \
+            all(isinstance(w, list) and len(w) == 2 and all(map(is_int, w)) for w in widths)
+        groups = [(b, c) for b, c in widths] if ok else []
     except (KeyError, TypeError, ValueError):
-        ok = False
-    if not ok or len(shape) != 2 or not (0 <= seed < 2**63 and 0 <= K <= min(shape) and g >= 1) or \
+        ok, groups = False, []
+    if not ok or len(shape) != 2 or not (0 <= seed < 2**63 and 0 <= K <= min(shape) and 1 <= g <= MAX_COUNT) or \
             (quantized and (sum(c for _, c in groups) != K or any(not 1 <= b <= 8 or c < 1 for b, c in groups))):
         raise AdamixError(f"malformed impart metadata for shape {list(shape)}: {meta!r}")
     return seed, K, quantized, g, groups

@@ -54,7 +54,8 @@ def lowrank_factors(shape: tuple[int, ...], meta: dict, tensors: dict[str, torch
 @register_gains("lowrank")
 def lowrank_gains(shape: tuple[int, ...], meta: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     """Pair i's share |U_i|^2 |V_i|^2 / ||U V||_F^2 of the stored delta's energy (data-free: U's
-    columns are orthogonal and V's rows orthonormal up to fp16 rounding, so the shares add)."""
+    columns are orthogonal and V's rows orthonormal up to fp16 rounding, so the shares add). They
+    rank the pairs for a rank cap; not being shares of the calibrated E(0), they predict no error."""
     U, V = lowrank_factors(shape, meta, tensors)
     g = U.double().pow(2).sum(0) * V.double().pow(2).sum(1)
     total = float(g.sum())

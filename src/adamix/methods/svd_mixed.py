@@ -108,10 +108,11 @@ def checked_tensors(shape: tuple[int, int], meta: dict, tensors: dict[str, torch
 @register_gains("svd-mixed")
 def gains(shape: tuple[int, int], meta: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
     """The stored gains (k,) float32 in stored order, or None for an entry written without them."""
+    _, groups = parse_width_meta(meta, "svd-mixed")
     if not meta.get("gains"):
         return None
     _, params = checked_tensors(shape, meta, tensors)
-    k = sum(count for _, count in parse_width_meta(meta, "svd-mixed")[1])
+    k = sum(count for _, count in groups)
     return params[params.numel() - k:].float()
 
 

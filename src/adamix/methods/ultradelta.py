@@ -20,7 +20,8 @@ code gives one matrix alone). The code's last step, a rescale by trace norms acr
 deltas, is 1 for one fine-tune and is left out. The random drops use keys from the delta's seed
 (seeded.keys), so the result is deterministic.
 Stored: `codes` (uint8, kept codes packed at b bits in position order), `low` and `high` (uint8,
-Elias-Fano), `params` (fp16: min, step, 1 / (1 - s)); meta {"bits", "kept"}.
+Elias-Fano), `params` (fp16: min, step, 1 / (1 - s)); meta {"bits", "kept"}. A budget below the grid
+and one position (or an s whose 1 / (1 - s) exceeds fp16) stores nothing: empty tensors, D^ = 0.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from .registry import Method, Settings, budget_bits, register
 from .seeded import keys, seed_for
 
 PARAMS = 3  # fp16 min, step, 1 / (1 - s)
+FP16_MAX = 65504.0
 DEFAULT_BITS = 4
 
 
@@ -90,8 +92,14 @@ def compress_ultradelta(D: torch.Tensor, H: torch.Tensor | None, settings: Setti
             lo_s, hi_s = (lo_s, mid) if total_bits(total, kept_at(mid), bits) <= budget else (mid, hi_s)
     s = hi_s
     drop = dropped_per_level(counts, zero, s)
-    if total_bits(total, int(total - drop.sum()), bits) > budget:  # nothing fits but the grid
-        drop = counts.copy()
+    meta = {"bits": bits, "kept": 0}
+    if total_bits(total, int(total - drop.sum()), bits) > budget or not 1 / (1 - s) <= FP16_MAX:
+        # not one entry fits with the grid, or 1 / (1 - s) is beyond fp16: store nothing (D^ = 0)
+        empty = torch.zeros(0, dtype=torch.uint8)
+        enc = Encoded("ultradelta", (m, n), meta, {"codes": empty, "low": empty, "high": empty,
+                                                   "params": torch.zeros(0, dtype=torch.float16)})
+        enc.stats = {"sparsity": 1.0, "alpha_without_positions": 0.0, **error_stats(torch.zeros(m, n), D, H)}
+        return enc
     rank = keys(seed_for(D, settings.seed), total)
     order = np.lexsort((rank, q))  # by level, then random within the level
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
@@ -99,10 +107,10 @@ def compress_ultradelta(D: torch.Tensor, H: torch.Tensor | None, settings: Setti
     keep_sorted = within >= np.repeat(drop, counts)
     positions = np.sort(order[keep_sorted])
     low, high = eliasfano.encode(torch.from_numpy(positions), total)
-    scale = 1.0 / (1.0 - s) if s < 1 else 1.0
+    scale = 1.0 / (1.0 - s)
     tensors = {"codes": pack(torch.from_numpy(q[positions].astype(np.uint8)), bits), "low": low, "high": high,
                "params": torch.tensor([lo, step, scale], dtype=torch.float16)}
-    meta = {"bits": bits, "kept": int(len(positions))}
+    meta["kept"] = int(len(positions))
     enc = Encoded("ultradelta", (m, n), meta, tensors)
     enc.stats = {"sparsity": s, "alpha_without_positions": bits * len(positions) / (16 * total),
                  **error_stats(decode_ultradelta((m, n), meta, tensors), D, H)}
@@ -123,6 +131,8 @@ def decode_ultradelta(shape: tuple[int, ...], meta: dict, tensors: dict[str, tor
     m, n = shape
     b, k = meta["bits"], meta["kept"]
     params = tensors["params"]
+    if k == 0 and not any(t.numel() for t in tensors.values()):  # the budget held nothing
+        return torch.zeros(m, n)
     if params.dtype != torch.float16 or params.numel() != PARAMS or tensors["codes"].numel() != packed_nbytes(k, b):
         raise AdamixError(f"ultradelta entry for shape {list(shape)}: tensors do not match its metadata")
     try:

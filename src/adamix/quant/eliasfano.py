@@ -63,6 +63,6 @@ def decode(low: torch.Tensor, high: torch.Tensor, universe: int, count: int) -> 
     if l:
         bits = np.unpackbits(low.numpy(), bitorder="little")[:count * l].reshape(count, l).astype(np.int64)
         x |= bits @ (1 << np.arange(l, dtype=np.int64))
-    if x[-1] >= universe:
-        raise ValueError("a decoded position lies outside the universe")
+    if np.any(np.diff(x) <= 0) or x[-1] >= universe:
+        raise ValueError("the decoded positions are not increasing within the universe")
     return torch.from_numpy(x)
