@@ -16,7 +16,7 @@ SRC = Path(adamix.__file__).parent
 # Lower numbers are lower layers. A module may import from its own package and from lower layers;
 # the three paths (compression, serve, export) share what they need through io, methods and quant.
 LAYERS = {
-    "errors": 0, "timing": 0, "memory": 0, "version": 0,
+    "errors": 0, "timing": 0, "memory": 0, "version": 0, "threads": 0,
     "quant": 1,
     "methods": 2,
     "io": 3,

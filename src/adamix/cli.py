@@ -115,7 +115,9 @@ def run(args: argparse.Namespace) -> int:
                   f"{s['total_bytes']} bytes){resumed}")
             return 0
         print_summary(manifest)
-        print(f"wrote {args.out} in {s['wall_seconds']:.1f} s{resumed}, peak RSS {s['peak_rss_mib']:.0f} MiB")
+        threads = f"{s['threads']} thread" + ("s" if s["threads"] != 1 else "")
+        print(f"wrote {args.out} in {s['wall_seconds']:.1f} s on {threads}{resumed}, "
+              f"peak RSS {s['peak_rss_mib']:.0f} MiB")
         print("time by phase: " + ", ".join(f"{k} {v:.1f} s" for k, v in manifest["seconds_by_phase"].items()))
     elif args.command == "merge":
         from .export.merge import merge

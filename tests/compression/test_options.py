@@ -73,3 +73,24 @@ def test_registering_checks_names_and_kinds():
     with pytest.raises(ValueError, match="already registered"):
         registry.register(registry.get("adamix"))
     assert "no-decoder" not in registry.names()
+
+
+def test_threads_are_checked_against_the_cores():
+    from adamix.threads import available_cores
+    cores = available_cores()
+    for bad in (0, cores + 1, 1.5):
+        with pytest.raises(adamix.AdamixError) as e:
+            Options(threads=bad).settings()
+        assert str(e.value) == (f"--threads must be an integer from 1 to {cores} (the cores this process may use), "
+                                f"got {bad!r}")
+    Options(threads=cores).settings()
+
+
+def test_default_threads_follow_omp_num_threads(monkeypatch):
+    from adamix.threads import available_cores, default_threads
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert default_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "999")
+    assert default_threads() == available_cores()
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert default_threads() == available_cores()

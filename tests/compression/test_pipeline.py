@@ -200,3 +200,16 @@ def test_two_runs_are_byte_identical(bert_pair, calib_file, tmp_path):
         adamix.compress(base, ft, tmp_path / out, ratio="1/8", calib=calib_file, samples=4, seqlen=32, progress=False)
     for f in ("delta.safetensors", "manifest.json"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+
+
+def test_the_run_uses_the_threads_it_is_given_and_restores_torchs(bert_pair, tmp_path, capsys):
+    import torch
+
+    from adamix.cli import main
+    base, ft = bert_pair
+    before = torch.get_num_threads()
+    m = adamix.compress(base, ft, tmp_path / "a", ratio="1/8", calib=None, threads=1, progress=False)
+    assert m["sizes"]["threads"] == 1 and torch.get_num_threads() == before
+    assert main(["compress", str(base), str(ft), "-o", str(tmp_path / "b"), "--calib", "none", "--threads", "1",
+                 "-q"]) == 0
+    assert " s on 1 thread, peak RSS" in capsys.readouterr().out

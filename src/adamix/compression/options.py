@@ -20,6 +20,7 @@ import torch
 
 from ..errors import AdamixError
 from ..methods import Settings, registry
+from ..threads import available_cores
 
 _DEFAULT = Settings()
 SCOPES = ("tensor", "block")
@@ -74,6 +75,8 @@ class Options:
     group_size: int = option(_DEFAULT.group_size, f"entries per quantization group (default {_DEFAULT.group_size})",
                              type=int)
     device: str = option("cpu", "cpu or cuda[:N] for the calibration passes (default cpu)")
+    threads: int | None = option(None, "CPU threads for the linear algebra (default: OMP_NUM_THREADS if set, else "
+                                 "every core this process may use; give fewer when other work shares the cores)", type=int, metavar="N")
     seed: int = option(_DEFAULT.seed, "mixed into the seeds of the random masks (dare, impart, ultradelta); the "
                        "result is deterministic for a given seed (default 0)", type=int)
     whiten: bool = option(_DEFAULT.whiten, "SVD of D H^1/2 instead of D: truncation optimal in the output error",
@@ -113,6 +116,11 @@ class Options:
             raise AdamixError("--group-size and --samples must be >= 1 and --seqlen >= 4")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise AdamixError(f"--device {self.device}: no CUDA device is available")
+        cores = available_cores()
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or not 1 <= self.threads <= cores):
+            raise AdamixError(f"--threads must be an integer from 1 to {cores} (the cores this process may use), "
+                              f"got {self.threads!r}")
         if self.budget_scope not in SCOPES:
             raise AdamixError(f"--budget-scope must be 'tensor' or 'block', got {self.budget_scope!r}")
         if self.max_rank is not None and (isinstance(self.max_rank, bool) or not isinstance(self.max_rank, int)

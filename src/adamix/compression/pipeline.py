@@ -24,6 +24,7 @@ from ..io.manifest import FORMAT_VERSION, build_manifest, encoded_entries, encod
 from ..io.text import default_calibration_file, read_text
 from ..io.vocab import add_new_rows
 from ..memory import release_freed_memory
+from ..threads import default_threads, torch_threads
 from ..methods import Encoded, ModelContext, get
 from ..methods.kinds import stored_suffixes
 from ..version import __version__
@@ -68,7 +69,9 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
            "calibration_sha256": hashlib.sha256(text.encode()).hexdigest() if calib_path else None, **fingerprints}
     work = PartialRun(out, key, resume=opts.resume, overwrite=opts.overwrite)
     dtype_of = lambda name: base_ck.slice_info(name)[1]  # noqa: E731
-    with work:  # removed at the end, or on bad input found midway; an interruption keeps it for --resume
+    threads = opts.threads or default_threads()
+    # the work folder is removed at the end, or on bad input found midway; an interruption keeps it for --resume
+    with torch_threads(threads), work:
         todo = set(names)
         for chunk in work.chunks():
             todo.difference_update(work.done(chunk)["names"])
@@ -121,6 +124,7 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
             write_artifact(tmp, manifest, sources, ft_ck.config_files())
     manifest["sizes"]["wall_seconds"] = round(time.time() - t0, 2)
     manifest["sizes"]["peak_rss_mib"] = round(peak_rss_mib(), 1)
+    manifest["sizes"]["threads"] = threads
     manifest["seconds_by_phase"] = timing.snapshot()
     manifest["resumed_chunks"] = len(work.resumed)
     return manifest
