@@ -50,7 +50,8 @@ from adamix.eval.heldout import (embedding_cosine, error_on_grams, gensim_data, 
                              mean_pooled, polarity_labelled)
 from adamix.quant.linalg import svd  # noqa: E402
 from adamix.export.merge import merged_state  # noqa: E402
-from adamix.methods import ModelContext, names  # noqa: E402
+from adamix.methods import ModelContext, get, names  # noqa: E402
+from adamix.methods.kinds import stored_suffixes  # noqa: E402
 from adamix.methods.adamix import analyse  # noqa: E402
 from adamix.methods import Settings  # noqa: E402
 from adamix.methods.bitdelta import BITDELTA_ALPHA  # noqa: E402
@@ -90,7 +91,8 @@ def compress_grid(base: str, ft: str, methods: list[str], ratios: list[float], w
     from transformers import AutoTokenizer
     base_ck, ft_ck = Checkpoint(base), Checkpoint(ft)
     names, dropped = pair_tensors(base_ck, ft_ck)
-    overhead = overhead_per_element(base_ck, names)
+    overheads = {m: overhead_per_element(base_ck, names, max(len(stored_suffixes(k)) for k in get(m.split("+")[0]).kinds))
+                 for m in methods}
     configs = [(m, a) for m in methods if m != DISTILLED for a in ratios if fits(m, a)]
     encoded = {c: {} for c in configs}
     own = {c: 0.0 for c in configs}          # seconds of the method's own work per config
@@ -124,11 +126,11 @@ def compress_grid(base: str, ft: str, methods: list[str], ratios: list[float], w
             if m == "adamix" and fac is not None:  # the error table pruned for this ratio, as a standalone run
                 extra["analysis"] = analyse(Dl, H, Settings(alpha=a), factors=fac, prune=True)
             if H is None and is_svd_shape(tuple(D.shape)):
-                key = min(a, BITDELTA_ALPHA) if m == "bitdelta" else a
+                key = (min(a, BITDELTA_ALPHA) if m == "bitdelta" else a, overheads[m])
                 if key not in rows_cache:
-                    rows_cache[key] = row_sparse(D, settings, overhead)
+                    rows_cache[key] = row_sparse(D, settings, overheads[m])
                 extra["rows"] = rows_cache[key]
-            enc = encode_tensor(D, H, transposed, settings, overhead, **extra)
+            enc = encode_tensor(D, H, transposed, settings, overheads[m], **extra)
             own[(m, a)] += time.time() - t
             if enc is not None:
                 encoded[(m, a)][name] = (enc, transposed)

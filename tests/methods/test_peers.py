@@ -144,6 +144,15 @@ def test_every_method_through_the_artifact(method, bert_pair, calib_file, tmp_pa
     sizes = on_disk["sizes"]
     files = (out / "delta.safetensors").stat().st_size + (out / "manifest.json").stat().st_size
     assert files == sizes["total_bytes"]
+    # the header and manifest take no more than the share each method tensor reserved for them
+    from adamix.compression.plan import is_svd_shape, overhead_per_element, pair_tensors
+    from adamix.io.checkpoint import Checkpoint
+    from adamix.methods.kinds import stored_suffixes
+    names, _ = pair_tensors(Checkpoint(base), Checkpoint(ft))
+    reserved = overhead_per_element(Checkpoint(base), names, max(len(stored_suffixes(k)) for k in get(method).kinds))
+    elements = sum(e["shape"][0] * e["shape"][1] for e in on_disk["tensors"].values()
+                   if len(e["shape"]) == 2 and is_svd_shape(tuple(e["shape"])))
+    assert 8 * (files - sum(e["bytes"] for e in on_disk["tensors"].values())) <= reserved * elements
     if method == "bitdelta":  # fixed size: 1 bit per weight and an fp16 scale (+ header, manifest)
         for e in manifest["tensors"].values():
             if e["kind"] == "bitdelta":

@@ -54,7 +54,7 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
     torch.manual_seed(opts.seed)
     base_ck, ft_ck = Checkpoint(base), Checkpoint(finetuned)
     names, dropped = pair_tensors(base_ck, ft_ck)
-    overhead = overhead_per_element(base_ck, names)
+    overhead = overhead_per_element(base_ck, names, max(len(stored_suffixes(k)) for k in method.kinds))
     check_before_calibration(base_ck, ft_ck, names, settings, overhead, opts.ratio, opts.distill_steps,
                              opts.calib is not None)
     calib_path = None

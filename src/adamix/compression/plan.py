@@ -47,18 +47,19 @@ def is_svd_shape(shape: tuple[int, ...]) -> bool:
     return len(shape) == 2 and min(shape) >= MIN_SVD_DIM
 
 
-def overhead_per_element(base: Checkpoint, names: list[str]) -> float:
+def overhead_per_element(base: Checkpoint, names: list[str], suffixes: int = 2) -> float:
     """Bits of file header and manifest that each element of the method's tensors must carry.
 
-    Estimated from the names: per method tensor two header entries and a manifest entry, per raw
-    tensor one of each, plus the manifest's fixed fields; spread over the method's tensors in
-    proportion to their size, so that the whole artifact, not only its codes, meets alpha.
+    Estimated from the names: per method tensor `suffixes` header entries (the stored tensors of the
+    method's kind, methods.kinds.stored_suffixes; about len(name) + 80 bytes each) and a manifest
+    entry, per raw tensor one of each, plus the manifest's fixed fields; spread over the method's
+    tensors in proportion to their size, so that the whole artifact, not only its codes, meets alpha.
     """
     total_bytes, elements = 2048.0, 0
     for name in names:
         shape, _ = base.slice_info(name)
         if is_svd_shape(shape):
-            total_bytes += 3 * len(name) + 440
+            total_bytes += (suffixes + 1) * len(name) + 440 + 80 * max(0, suffixes - 2)
             elements += shape[0] * shape[1]
         else:
             total_bytes += 2 * len(name) + 200
