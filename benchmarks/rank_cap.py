@@ -53,9 +53,8 @@ def git_commit() -> str:
     return sha + ("+uncommitted changes" if dirty else "")
 
 
-def run_pair(pair: str, ratios: list[float], samples: int, out: Path, caps=CAPS) -> None:
+def run_pair(pair: str, ratios: list[float], samples: int, out: Path, commit: str, caps=CAPS) -> None:
     t0 = time.time()
-    commit = git_commit()  # the code that runs: read once, at the start
     base, ft = pair_paths(pair)
     mats = list(calibrated_deltas(base, ft, samples))
     texts = [t for c in heldout_corpora().values() for t in c]
@@ -191,9 +190,10 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent.parent / "docs" / "results"))
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    commit = git_commit()  # the code that runs: imported at the start, read once for every pair
     for pair in args.pairs.split(","):
         caps = tuple(None if c == "none" else int(c) for c in args.caps.split(","))
-        run_pair(pair, [float(Fraction(r)) for r in args.ratios.split(",")], args.samples, Path(args.out), caps)
+        run_pair(pair, [float(Fraction(r)) for r in args.ratios.split(",")], args.samples, Path(args.out), commit, caps)
 
 
 if __name__ == "__main__":
