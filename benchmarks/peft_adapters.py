@@ -71,7 +71,7 @@ def main() -> None:
              "with the same low-rank deltas added in memory (float32). Without a cap the adapter holds the "
              "artifact's factors; with a cap, the pairs of largest stored gain (`export-peft --max-rank`).", "",
              "| cap | adapter r | LoRA modules | adapter bytes | exact match (peft) | exact match (in memory) | "
-             "cut's predicted error |", "|---|---|---|---|---|---|---|"]
+             "predicted error of the tensors cut |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['cap'] or 'none'} | {r['r']} | {r['modules']} | {r['bytes']:,} | {r['peft']:.3f} | "
                      f"{r['memory']:.3f} | " + (f"{r['error_after']:.4f}" if r["error_after"] is not None else "-") + " |")
