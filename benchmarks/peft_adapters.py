@@ -66,7 +66,7 @@ def main() -> None:
                      "memory": em_memory, "error_after": pooled.get("error_after")})
         print(rows[-1], flush=True)
     lines = ["# `export-peft --lora-only` adapters of SmolLM2 loaded by peft", "",
-             f"`python {' '.join(sys.argv)}` at commit `{commit}`, CPU, {time.time() - t0:.0f} s. Exact match of greedy "
+             f"`python {' '.join(sys.argv).replace(str(Path.home()), '~')}` at commit `{commit}`, CPU, {time.time() - t0:.0f} s. Exact match of greedy "
              "answers on 200 held-out word-reversal prompts: the adapter loaded by `peft.PeftModel` beside the base "
              "with the same low-rank deltas added in memory (float32). Without a cap the adapter holds the "
              "artifact's factors; with a cap, the pairs of largest stored gain (`export-peft --max-rank`).", "",
