@@ -447,7 +447,7 @@ def write_report(pair, title, rows, ref, grid, cli, ratios, methods, pred_meas, 
                                                    "shared": grid["shared"]}, indent=1, default=float))
     files = plots(pair, rows, grid, out, ratios, methods, pred_meas)
     end_keys = [k for k in rows[0] if k not in ("method", "alpha", "heldout_error", "bytes", "alpha_achieved", "compute_s")]
-    lines = [f"# {title}", "", f"Produced by `python benchmarks/peers.py --pairs {pair}` at commit `{git_commit()}`, "
+    lines = [f"# {title}", "", f"Produced by `python {' '.join(sys.argv)}` at commit `{git_commit()}`, "
              f"CPU. Calibration: 128 windows of <= 256 tokens of lee_background.cor; held-out error on "
              f"{'Lee documents + polarity sentences' if pair == 'minilm' else 'Lee documents'}.", ""]
     lines += ["## References", "", "| model | " + " | ".join(end_keys) + " |", "|---|" + "---|" * len(end_keys)]
