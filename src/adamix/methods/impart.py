@@ -47,6 +47,7 @@ from .deltacome import SCHEDULE
 from .kinds import MAX_COUNT, Encoded, register_decoder, register_factors, register_meta_check
 from .registry import Method, Settings, budget_bits, register
 from .seeded import column_subsets, seed_for
+from .svd_mixed import width_groups
 
 BETA, C_EXP = 0.8, 0.5
 V_SALT = 0x5DEECE66D  # the V masks' seed is the U masks' xor this
@@ -81,16 +82,6 @@ def schedule_widths(K: int) -> list[int]:
     for bits, count in SCHEDULE:
         out += [bits] * (K - len(out) if count is None else min(count, K - len(out)))
     return out[:K]
-
-
-def width_groups(widths: list[int]) -> list[list[int]]:
-    groups: list[list[int]] = []
-    for b in widths:
-        if groups and groups[-1][0] == b:
-            groups[-1][1] += 1
-        else:
-            groups.append([b, 1])
-    return groups
 
 
 def stored_bits(m: int, n: int, p: np.ndarray, quantized: bool, g: int) -> int:

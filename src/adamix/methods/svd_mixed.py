@@ -34,6 +34,17 @@ PACK_PAD_BITS = 14  # per width and tensor: the byte padding of its two packed c
 GAIN_BITS = 16  # per kept triplet: its fp16 gain
 
 
+def width_groups(widths: list[int]) -> list[list[int]]:
+    """Runs of equal widths: [8, 8, 3, 2, 2] -> [[8, 2], [3, 1], [2, 2]]."""
+    groups: list[list[int]] = []
+    for b in widths:
+        if groups and groups[-1][0] == b:
+            groups[-1][1] += 1
+        else:
+            groups.append([b, 1])
+    return groups
+
+
 def width_meta(group_size: int, groups: list[list[int]]) -> dict:
     """The metadata of an entry storing `groups` ([[b, count], ...], widest first) with gains."""
     return {"widths": [list(p) for p in groups], "group_size": group_size, "gains": True}
@@ -61,12 +72,7 @@ def encode_factors(shape: tuple[int, int], widths: list[int], group_size: int,
     relative gain (see the module doc), stored in fp16."""
     if any(a < b for a, b in zip(widths, widths[1:])):
         raise ValueError("widths must be non-increasing")
-    groups: list[list[int]] = []
-    for b in widths:
-        if groups and groups[-1][0] == b:
-            groups[-1][1] += 1
-        else:
-            groups.append([b, 1])
+    groups = width_groups(widths)
     codes, params, start = [], [], 0
     for b, count in groups:
         rows = slice(start, start + count)
