@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("artifact")
     ap.add_argument("--caps", default="none,128,64")
     ap.add_argument("--out", default=str(Path(__file__).parent.parent / "docs" / "results"))
+    ap.add_argument("--name", default="peft_adapters_smollm.md", help="the page's file name in --out")
     args = ap.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     from peft import PeftModel
@@ -76,7 +77,7 @@ def main() -> None:
         lines.append(f"| {r['cap'] or 'none'} | {r['r']} | {r['modules']} | {r['bytes']:,} | {r['peft']:.3f} | "
                      f"{r['memory']:.3f} | " + (f"{r['error_after']:.4f}" if r["error_after"] is not None else "-") + " |")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "peft_adapters_smollm.md").write_text("\n".join(lines) + "\n")
+    (Path(args.out) / args.name).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
