@@ -34,14 +34,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict
-from numbers import Integral, Real
+from numbers import Real
 from typing import Callable, TypedDict
 
 import torch
 
 from ..errors import AdamixError
 from ..methods import Encoded, Settings
-from ..methods.kinds import MAX_COUNT, META_CHECKS, check_meta, is_raw, parse_width_meta
+from ..methods.kinds import MAX_COUNT, META_CHECKS, check_meta, is_int, is_raw, parse_width_meta
 from ..version import __version__
 from .vocab import NEW_ROWS
 
@@ -137,10 +137,6 @@ MAX_DIM = MAX_COUNT
 MAX_ELEMENTS = 2**33  # 32 GiB of float32: more than any one weight of today's open models (4.7e9 at most)
 SIZE_KEYS = ("raw_bytes", "method_bytes", "fp16_bytes_method", "total_bytes")
 STAT_KEYS = ("error_predicted", "error_measured", "energy")
-
-
-def is_int(v) -> bool:
-    return isinstance(v, Integral) and not isinstance(v, bool)
 
 
 def is_number(v) -> bool:

@@ -26,7 +26,7 @@ from ..errors import AdamixError
 from ..quant.grid import PARAM_BITS, dequantize, expand_groups, fit_grid, n_groups, quantize
 from ..quant.linalg import error_stats
 from ..quant.pack import pack, packed_nbytes, unpack
-from .kinds import MAX_COUNT, Encoded, register_decoder, register_meta_check
+from .kinds import MAX_COUNT, Encoded, is_int, register_decoder, register_meta_check
 from .registry import Method, Settings, budget_bits, register
 from .seeded import seed_for, subset
 
@@ -79,7 +79,7 @@ def parse_meta(shape: tuple[int, ...], meta: dict, kind: str) -> tuple[int, int,
     """(seed, kept, bits, group_size) from the metadata, validated."""
     try:
         seed, kept, bits, g = (meta[key] for key in ("seed", "kept", "bits", "group_size"))
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (seed, kept, bits, g)):
+        if not all(map(is_int, (seed, kept, bits, g))):
             raise TypeError
     except (KeyError, TypeError):
         raise AdamixError(f"malformed {kind} metadata: {meta!r}") from None

@@ -32,7 +32,7 @@ from ..errors import AdamixError
 from ..quant.grid import PARAM_BITS, dequantize, fit_grid, quantize
 from ..quant.linalg import error_stats
 from ..quant.pack import pack, packed_nbytes, unpack
-from .kinds import Encoded, register_decoder, register_meta_check
+from .kinds import Encoded, is_int, register_decoder, register_meta_check
 from .registry import Method, Settings, budget_bits, register
 
 PATCH = 16
@@ -128,7 +128,7 @@ def compress_deltadct(D: torch.Tensor, H: torch.Tensor | None, settings: Setting
 @register_meta_check("deltadct")
 def check_meta(shape: tuple[int, ...], meta: dict) -> None:
     p, classes = meta.get("patch"), meta.get("classes")
-    if len(shape) != 2 or not isinstance(p, int) or isinstance(p, bool) or p != PATCH or classes != list(CLASSES):
+    if len(shape) != 2 or not is_int(p) or p != PATCH or classes != list(CLASSES):
         raise AdamixError(f"malformed deltadct metadata for shape {list(shape)}: {meta!r}")
 
 

@@ -44,7 +44,7 @@ from ..quant.grid import PARAM_BITS, dequantize, expand_groups, n_groups, rtn
 from ..quant.linalg import error_stats, matmul64, svd
 from ..quant.pack import pack, packed_nbytes, unpack
 from .deltacome import SCHEDULE
-from .kinds import MAX_COUNT, Encoded, register_decoder, register_factors, register_meta_check
+from .kinds import MAX_COUNT, Encoded, is_int, register_decoder, register_factors, register_meta_check
 from .registry import Method, Settings, budget_bits, register
 from .seeded import column_subsets, seed_for
 from .svd_mixed import width_groups
@@ -186,9 +186,6 @@ def quantize_masked(Us: torch.Tensor, Vs: torch.Tensor, ku: list[torch.Tensor], 
 
 def parse_meta(shape: tuple[int, ...], meta: dict) -> tuple[int, int, bool, int, list[tuple[int, int]]]:
     """(seed, rank, quantized, group size, width groups), validated."""
-    def is_int(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
     try:
         seed, K, quantized, g = meta["seed"], meta["rank"], meta["quantized"], meta["group_size"]
         widths = meta.get("widths", []) if quantized else []

@@ -187,6 +187,11 @@ def check_meta(kind: str, shape: tuple[int, ...], meta: dict) -> None:
         fn(tuple(shape), meta)
 
 
+def is_int(v) -> bool:
+    """An integer read from JSON metadata (not a float, string or bool)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 MAX_COUNT = 2**31 - 1  # bound on group sizes and counts read from a manifest (no dimension is larger)
 
 

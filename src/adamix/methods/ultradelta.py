@@ -35,7 +35,7 @@ from ..errors import AdamixError
 from ..quant import eliasfano
 from ..quant.linalg import error_stats
 from ..quant.pack import pack, packed_nbytes, unpack
-from .kinds import Encoded, register_decoder, register_meta_check
+from .kinds import Encoded, is_int, register_decoder, register_meta_check
 from .registry import Method, Settings, budget_bits, register
 from .seeded import keys, seed_for
 
@@ -120,7 +120,7 @@ def compress_ultradelta(D: torch.Tensor, H: torch.Tensor | None, settings: Setti
 @register_meta_check("ultradelta")
 def check_meta(shape: tuple[int, ...], meta: dict) -> None:
     b, k = meta.get("bits"), meta.get("kept")
-    if len(shape) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in (b, k)) \
+    if len(shape) != 2 or not all(map(is_int, (b, k))) \
             or not 1 <= b <= 8 or not 0 <= k <= shape[0] * shape[1]:
         raise AdamixError(f"malformed ultradelta metadata for shape {list(shape)}: {meta!r}")
 
