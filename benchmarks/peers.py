@@ -2,7 +2,7 @@
 
     python benchmarks/peers.py [--pairs minilm,smollm] [--ratios 1/8,1/16,1/32,1/64,1/128]
                                [--methods adamix,deltacome,...,impart+qt]
-                               [--cli-methods all] [--out docs/results] [--work DIR]
+                               [--cli-methods all] [--out docs/results] [--work DIR] [--merge]
 
 For each pair, one calibration pass (the CLI's defaults: 128 windows of <= 256 tokens of gensim's
 lee_background.cor) feeds every method at every ratio: each delta's SVD and error tables are computed
@@ -19,7 +19,9 @@ once and shared, so the artifacts are exactly those `adamix compress --method M 
   standalone run would spend them); and for the methods in --cli-methods a real `adamix compress`
   at 1/16 in a child process: its wall time and peak RSS.
 Writes docs/results/<pair>.md and PNG plots (error vs ratio, widths heat map, spectra,
-predicted vs measured error); names the commit of the code inside.
+predicted vs measured error); names the commit of the code inside. With --merge, the rows of the
+earlier <pair>.json that this run does not redo (other methods or ratios) are kept, each row with
+the commit that produced it, so a long grid can be run in parts.
 """
 
 from __future__ import annotations
@@ -393,7 +395,8 @@ def git_commit() -> str:
 
 # ---------------------------------------------------------------------------------------------
 
-def run_pair(pair: str, methods: list[str], ratios: list[float], cli_methods: list[str], work: Path, out: Path) -> None:
+def run_pair(pair: str, methods: list[str], ratios: list[float], cli_methods: list[str], work: Path, out: Path,
+             merge: bool = False) -> None:
     from adamix.eval.demo import PAIR, package_folder
     if pair == "minilm":
         base, ft = (package_folder(*p) for p in PAIR)
@@ -420,25 +423,41 @@ def run_pair(pair: str, methods: list[str], ratios: list[float], cli_methods: li
     ref = {"base": metrics(restored_model(base, ft, None)), "finetune": metrics(build_model(Checkpoint(ft)))}
     print(f"[{pair}] references {ref}")
     rows = []
-    pred_meas = []
     for (m, a) in grid["configs"]:
         art = Artifact(artifact_dir(work, m, a))
         sizes = art.manifest["sizes"]
         r = {"method": m, "alpha": a, "heldout_error": error_on_grams(base, ft, art, grams)["relative_error"],
              "bytes": sizes["total_bytes"], "alpha_achieved": sizes["alpha_achieved"],
-             "compute_s": grid["seconds"][(m, a)], **metrics(restored_model(base, ft, art))}
-        if m == "adamix" and a == ONE_16:
-            pred_meas = [(e["stats"]["error_predicted"], e["stats"]["error_measured"])
-                         for n, e in art.entries.items() if e["kind"] == "svd-mixed" and n in grams]
+             "compute_s": grid["seconds"][(m, a)], "commit": git_commit(), **metrics(restored_model(base, ft, art))}
         rows.append(r)
         print(f"[{pair}] {m} {ratio_name(a)}: " + ", ".join(f"{k}={fmt(v)}" for k, v in r.items() if k not in ("method", "alpha")))
+    if merge and (out / f"{pair}.json").is_file():
+        old = json.loads((out / f"{pair}.json").read_text())
+        rows, ratios, methods = merged(old, rows, ratios, methods)
+    pred_meas = []
+    if (artifact_dir(work, "adamix", ONE_16) / "manifest.json").is_file() and \
+            any(r["method"] == "adamix" and r["alpha"] == ONE_16 for r in rows):  # this run's or a merged one's
+        art = Artifact(artifact_dir(work, "adamix", ONE_16))
+        pred_meas = [(e["stats"]["error_predicted"], e["stats"]["error_measured"])
+                     for n, e in art.entries.items() if e["kind"] == "svd-mixed" and n in grams]
     cli = {}
     for m in cli_methods:
         if m in methods and m != DISTILLED:
             cli[m] = cli_run(base_for_cli, ft, m, work / f"cli-{m}")
             cli[m]["identical"] = cli[m]["sha"] == sha256(artifact_dir(work, m, ONE_16) / "delta.safetensors")
             print(f"[{pair}] CLI {m} 1/16: {cli[m]}")
+    if merge and not cli and (out / f"{pair}.json").is_file():
+        cli = json.loads((out / f"{pair}.json").read_text()).get("cli", {})  # the earlier run's, kept
     write_report(pair, title, rows, ref, grid, cli, ratios, methods, pred_meas, out)
+
+
+def merged(old: dict, rows: list[dict], ratios: list[float], methods: list[str]):
+    """(rows, ratios, methods) of this run joined with an earlier run's rows of other (method, ratio)."""
+    done = {(r["method"], r["alpha"]) for r in rows}
+    kept = [{**r, "commit": r.get("commit", old["commit"])} for r in old["rows"] if (r["method"], r["alpha"]) not in done]
+    ratios = sorted(set(ratios) | {r["alpha"] for r in kept}, reverse=True)
+    methods = list(dict.fromkeys([r["method"] for r in old["rows"]] + methods))  # the earlier run's order first
+    return rows + kept, ratios, methods
 
 
 def write_report(pair, title, rows, ref, grid, cli, ratios, methods, pred_meas, out: Path) -> None:
@@ -446,10 +465,21 @@ def write_report(pair, title, rows, ref, grid, cli, ratios, methods, pred_meas, 
     (out / f"{pair}.json").write_text(json.dumps({"commit": git_commit(), "rows": rows, "references": ref, "cli": cli,
                                                    "shared": grid["shared"]}, indent=1, default=float))
     files = plots(pair, rows, grid, out, ratios, methods, pred_meas)
-    end_keys = [k for k in rows[0] if k not in ("method", "alpha", "heldout_error", "bytes", "alpha_achieved", "compute_s")]
+    files += sorted(f.name for f in out.glob(f"{pair}_*.png") if f.name not in files and ONE_16 not in grid["widths"]
+                    and any(r["alpha"] == ONE_16 for r in rows))  # 1/16's plots of a merged earlier run
+    end_keys = [k for k in rows[0] if k not in ("method", "alpha", "heldout_error", "bytes", "alpha_achieved", "compute_s", "commit")]
     lines = [f"# {title}", "", f"Produced by `python {' '.join(sys.argv)}` at commit `{git_commit()}`, "
              f"CPU. Calibration: 128 windows of <= 256 tokens of lee_background.cor; held-out error on "
              f"{'Lee documents + polarity sentences' if pair == 'minilm' else 'Lee documents'}.", ""]
+    by_commit = {}
+    for r in rows:
+        by_commit.setdefault(r.get("commit", git_commit()), set()).add(r["alpha"])
+    if len(by_commit) > 1:
+        lines += ["Rows merged from runs at several commits (`--merge`), each ratio's rows from:", ""]
+        lines += [f"- `{c}`: " + ", ".join(ratio_name(a) for a in sorted(al, reverse=True)) +
+                  ("" if all(r.get("commit", git_commit()) == c for r in rows if r["alpha"] in al) else " (some methods)")
+                  for c, al in by_commit.items()]
+        lines += ["", "The `compute s` and shared-work figures of different commits come from different runs.", ""]
     lines += ["## References", "", "| model | " + " | ".join(end_keys) + " |", "|---|" + "---|" * len(end_keys)]
     for k, v in ref.items():
         lines.append(f"| {k} | " + " | ".join(fmt(v[e]) for e in end_keys) + " |")
@@ -504,6 +534,8 @@ def main() -> None:
     ap.add_argument("--cli-only", action="store_true", help="only redo the CLI timings of an earlier run")
     ap.add_argument("--reuse-cli", action="store_true", help="with --cli-only: take the timings saved by an earlier "
                     "--cli-only run (cli-M/timing.json in WORK) instead of running again")
+    ap.add_argument("--merge", action="store_true", help="keep the earlier <pair>.json's rows of the methods and "
+                    "ratios this run does not redo")
     ap.add_argument("--out", default=str(Path(__file__).parent.parent / "docs" / "results"))
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "adamix" / "bench" / "peers"))
     args = ap.parse_args()
@@ -515,7 +547,7 @@ def main() -> None:
         if args.cli_only:
             rerun_cli(pair, cli, Path(args.work), Path(args.out), args.reuse_cli)
         else:
-            run_pair(pair, methods, ratios, cli, Path(args.work), Path(args.out))
+            run_pair(pair, methods, ratios, cli, Path(args.work), Path(args.out), args.merge)
 
 
 def rerun_cli(pair: str, methods: list[str], work: Path, out: Path, reuse: bool = False) -> None:
