@@ -157,7 +157,7 @@ def compress_grid(base: str, ft: str, methods: list[str], ratios: list[float], w
     for name in sorted(todo):
         encode_all(name, delta_of(base_ck, ft_ck, name), None, False)
 
-    if DISTILLED in methods:
+    if DISTILLED in methods and ("bitdelta", BITDELTA_ALPHA) in encoded:  # distills bitdelta's 1/16 artifact
         from adamix.methods.bitdelta import sign_matrix
         from adamix.methods.distill import distill_scales
         plain = encoded[("bitdelta", BITDELTA_ALPHA)]

@@ -25,6 +25,12 @@ def gpt2_pair(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def deep_pair(tmp_path_factory):
+    """A 6-block llama pair: enough blocks to interrupt a run midway (resume, Ray)."""
+    return make_pair(tmp_path_factory.mktemp("deep"), "llama", layers=6)
+
+
+@pytest.fixture(scope="session")
 def calib_file(tmp_path_factory):
     return write_text(tmp_path_factory.mktemp("text"))
 

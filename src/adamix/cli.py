@@ -1,4 +1,4 @@
-"""The `adamix` command: compress, merge, export-peft, inspect, demo."""
+"""The `adamix` command: compress, assemble, merge, export-peft, inspect, demo."""
 
 from __future__ import annotations
 
@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--out", required=True, help="output delta folder (must not exist)")
     add_options(c)
 
+    a = sub.add_parser("assemble", help="write the delta folder OUT from the shard folders of one run "
+                       "(compress --shard 1/N ... N/N)")
+    a.add_argument("shards", nargs="+", help="the shard folders, in any order")
+    a.add_argument("-o", "--out", required=True, help="output delta folder (must not exist)")
+    a.add_argument("--overwrite", action="store_true")
+
     m = sub.add_parser("merge", help="restore the fine-tune: BASE + DELTA -> Hugging Face checkpoint")
     m.add_argument("base")
     m.add_argument("delta")
@@ -109,16 +115,28 @@ def run(args: argparse.Namespace) -> int:
         from .compression import compress
         manifest = compress(args.base, args.finetuned, args.out, **options_from(args))
         s = manifest["sizes"]
+        if "shard" in manifest:
+            k, n = manifest["shard"]
+            print(f"wrote shard {k}/{n} to {args.out}: {len(manifest['covered'])} tensors in {s['wall_seconds']:.1f} s, "
+                  f"peak RSS {s['peak_rss_mib']:.0f} MiB; when all {n} are done: adamix assemble SHARDS... -o OUT")
+            return 0
         resumed = f" (resumed: {manifest['resumed_chunks']} chunks were already done)" if manifest["resumed_chunks"] else ""
         if not manifest["tensors"]:  # every float tensor is bit-for-bit the base's
             print(f"the fine-tune is identical to the base: the delta is empty (wrote {args.out}, "
                   f"{s['total_bytes']} bytes){resumed}")
             return 0
         print_summary(manifest)
-        threads = f"{s['threads']} thread" + ("s" if s["threads"] != 1 else "")
+        threads = (f"{s['workers']} Ray worker{'s' if s['workers'] != 1 else ''} x " if s.get("workers") else "") + \
+            f"{s['threads']} thread" + ("s" if s["threads"] != 1 else "") + \
+            (" (the ILP beside them, on a core of its own)" if s.get("ilp_overlapped") else "")
         print(f"wrote {args.out} in {s['wall_seconds']:.1f} s on {threads}{resumed}, "
               f"peak RSS {s['peak_rss_mib']:.0f} MiB")
         print("time by phase: " + ", ".join(f"{k} {v:.1f} s" for k, v in manifest["seconds_by_phase"].items()))
+    elif args.command == "assemble":
+        from .compression.shards import assemble
+        manifest = assemble(args.shards, args.out, overwrite=args.overwrite)
+        print_summary(manifest)
+        print(f"assembled {len(args.shards)} shards into {args.out}")
     elif args.command == "merge":
         from .export.merge import merge
         out = merge(args.base, args.delta, args.out, overwrite=args.overwrite, progress=not args.quiet)

@@ -94,3 +94,22 @@ def test_default_threads_follow_omp_num_threads(monkeypatch):
     assert default_threads() == available_cores()
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert default_threads() == available_cores()
+
+
+def test_svd_algorithm_is_checked_and_method_specific():
+    with pytest.raises(adamix.AdamixError) as e:
+        Options(svd="qr").settings()
+    assert str(e.value) == "--svd must be one of gram, full, got 'qr'"
+    with pytest.raises(adamix.AdamixError) as e:
+        Options(svd="full", method="rtn").settings()
+    assert str(e.value) == "--svd full applies to --method adamix / deltacome / lowrank / impart only, not rtn"
+    assert Options(svd="full", method="lowrank").settings().svd == "full"
+    assert Options().settings().svd == "gram"
+
+
+def test_cuda_without_a_gpu_is_refused(monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(adamix.AdamixError) as e:
+        Options(device="cuda").settings()
+    assert str(e.value) == "--device cuda: no CUDA device is available"

@@ -27,12 +27,6 @@ TESTS = str(Path(__file__).parents[1])
 
 
 @pytest.fixture(scope="module")
-def deep_pair(tmp_path_factory):
-    from synthetic import make_pair
-    return make_pair(tmp_path_factory.mktemp("deep"), "llama", layers=6)
-
-
-@pytest.fixture(scope="module")
 def reference(deep_pair, calib_file, tmp_path_factory):
     """The uninterrupted CLI run, in a child process like the interrupted ones."""
     out = tmp_path_factory.mktemp("ref") / "d"
@@ -155,7 +149,9 @@ def test_phases_are_reported(bert_pair, calib_file, tmp_path):
     phases = m["seconds_by_phase"]
     for name in ("calibration", "svd", "error table", "ilp", "gptq", "read", "write"):
         assert phases.get(name, 0) > 0, name
-    assert sum(phases.values()) <= m["sizes"]["wall_seconds"] + 0.05
+    # phases of one thread add up to at most the wall time; an overlapped ILP runs beside them
+    serial = sum(v for k, v in phases.items() if not (k == "ilp" and m["sizes"]["ilp_overlapped"]))
+    assert serial <= m["sizes"]["wall_seconds"] + 0.05
     assert "seconds_by_phase" not in json.loads((tmp_path / "d" / "manifest.json").read_text())
 
 

@@ -2,6 +2,6 @@
 encoding, the work folder (resume), and the pipeline that runs them (`compress`)."""
 
 from .options import Options
-from .pipeline import compress
+from .run import compress
 
 __all__ = ["Options", "compress"]

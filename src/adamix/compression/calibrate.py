@@ -119,12 +119,18 @@ class BlockRunner:
             raise AdamixError("could not capture the inputs of the first transformer block")
         return inputs, kwargs
 
-    def run(self, skip: frozenset[int] = frozenset()) -> Iterator[tuple[int, list[LinearInfo], dict[str, torch.Tensor]]]:
-        """For each block i: (i, its linears, {weight name: H (n x n float32)}). The block's outputs
-        become the next block's inputs. Blocks in `skip` (already compressed by an interrupted run)
-        are only run forward, without Grams, and not yielded. A block's weights are freed before it
-        is yielded, so the caller's work on it shares memory with the hidden states only."""
-        for i, block in enumerate(self.blocks):
+    def linear_names(self) -> set[str]:
+        """The checkpoint names of every block's linear weights (from the module tree: nothing is run)."""
+        return {info.name for i, block in enumerate(self.blocks) for info in linears(block, f"{self.blocks_name}.{i}.")}
+
+    def run(self, skip: frozenset[int] = frozenset(), stop: int | None = None
+            ) -> Iterator[tuple[int, list[LinearInfo], dict[str, torch.Tensor]]]:
+        """For each block i < stop (default: all): (i, its linears, {weight name: H (n x n float32)}). The
+        block's outputs become the next block's inputs. Blocks in `skip` (already compressed by an
+        interrupted run, or another shard's) are only run forward, without Grams, and not yielded. A
+        block's weights are freed before it is yielded, so the caller's work on it shares memory with
+        the hidden states only."""
+        for i, block in enumerate(self.blocks[:stop]):
             with phase("calibration"):
                 prefix = f"{self.blocks_name}.{i}."
                 names = {k: v for k, v in self.names.items() if k.startswith(prefix)}

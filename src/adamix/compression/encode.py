@@ -3,6 +3,8 @@ or one tensor, by the registered method; data-free matrices also try the row-spa
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from typing import Callable
 
 import torch
@@ -15,30 +17,55 @@ from .plan import is_svd_shape
 
 
 def encode_block(names: dict[str, tuple[torch.Tensor | None, bool]], load: Callable[[str], torch.Tensor],
-                 settings: Settings, overhead: float) -> dict[str, tuple[Encoded, bool]]:
+                 settings: Settings, overhead: float, overlap: bool = False) -> dict[str, tuple[Encoded, bool]]:
     """Encode the deltas of one block {name: (H float32 or None, transposed)}; load(name) gives D.
 
     One tensor at a time: entries are popped from `names` as they are encoded, so a Gram is freed once
     the last linear sharing it is done, and a D lives only while it is encoded. The Gram stays float32
     (never a float64 copy: 1 GB at width 11008); linalg.gram_rows / matmul64 say how it is used. With
     budget_scope "block" the matrices of a method that can join a shared allocation (Method.joint) share
-    one allocation (Method.compress_joint)."""
+    one allocation (Method.compress_joint).
+
+    overlap (a staged method, Method.staged): each matrix's CPU-only step (the ILP) runs in a worker
+    thread while the next matrix is prepared, so two matrices' factors are held at once. The result is
+    the same, byte for byte; the caller turns it on only where a core is left for the worker.
+    """
     method = get(settings.method)
     shared = settings.budget_scope == "block" and method.joint
+    staged = overlap and method.staged and not shared
     out = {}
     joint = []
-    for name in list(names):
-        H, transposed = names.pop(name)  # float32: products with it run in float32, sums in float64
-        D = load(name)
-        if shared and bool(D.any()) and is_svd_shape(tuple(D.shape)):
-            Dl = D.T if transposed else D
-            joint.append((name, transposed, method.analyse(Dl, H, settings, overhead * D.numel())))
-            continue
-        enc = encode_tensor(D, H, transposed, settings, overhead)
-        if enc is not None:
-            out[name] = (enc, transposed)
-        del D, H
-        release_freed_memory()
+    pending: list[tuple[str, bool, object, Future]] = []  # at most one matrix waiting for its decision
+
+    def settle() -> None:
+        while pending:
+            name, transposed, prepared, decision = pending.pop()
+            out[name] = (method.complete(prepared, decision.result(), settings), transposed)
+            del prepared
+            release_freed_memory()
+
+    with ThreadPoolExecutor(1, thread_name_prefix="adamix-ilp") if staged else nullcontext() as pool:
+        for name in list(names):
+            H, transposed = names.pop(name)  # float32: products with it run in float32, sums in float64
+            D = load(name)
+            svd_shaped = bool(D.any()) and is_svd_shape(tuple(D.shape))
+            if shared and svd_shaped:
+                Dl = D.T if transposed else D
+                joint.append((name, transposed, method.analyse(Dl, H, settings, overhead * D.numel())))
+                continue
+            if staged and svd_shaped and H is not None:
+                prepared = method.prepare(D.T if transposed else D, H, settings, overhead * D.numel())
+                settle()  # the previous matrix, whose decision ran beside this prepare
+                pending.append((name, transposed, prepared, pool.submit(method.decide, prepared, settings)))
+                del D, H, prepared
+                continue
+            settle()
+            enc = encode_tensor(D, H, transposed, settings, overhead)
+            if enc is not None:
+                out[name] = (enc, transposed)
+            del D, H
+            release_freed_memory()
+        settle()
     if joint:
         for (name, transposed, _), enc in zip(joint, method.compress_joint([a for _, _, a in joint], settings)):
             out[name] = (enc, transposed)

@@ -20,10 +20,13 @@ import torch
 
 from ..errors import AdamixError
 from ..methods import Settings, registry
+from ..quant.linalg import SVD_ALGORITHMS
+from .shards import parse_shard
 from ..threads import available_cores
 
 _DEFAULT = Settings()
 SCOPES = ("tensor", "block")
+EXECUTORS = ("local", "ray")
 
 
 def option(default: Any, help: str, **meta: Any):
@@ -94,6 +97,18 @@ class Options:
                                     "(default: dare 16, ultradelta 4)", type=int, metavar="B", method_specific=True)
     quantize: bool = option(_DEFAULT.quantize, "ImPart-Qt: quantize the kept values with mixed-precision GPTQ "
                             "(8/3/2 bits) instead of storing them in fp16", method_specific=True)
+    svd: str = option(_DEFAULT.svd, "how the delta's SVD is computed: gram = eigendecomposition of the smaller "
+                      "Gram D^T D (several times faster), full = LAPACK's SVD (default gram)",
+                      choices=lambda: SVD_ALGORITHMS, method_specific=True)
+    shard: str | None = option(None, "compress only share K of N of the blocks and data-free tensors into a shard "
+                               "folder; `adamix assemble` joins the N shards into the artifact", metavar="K/N")
+    executor: str = option("local", "local: this process; ray: the run's shards as Ray tasks, on this machine or "
+                           "the cluster at --ray-address (pip install 'adamix[ray]'; default local)",
+                           choices=lambda: EXECUTORS)
+    ray_address: str | None = option(None, "with --executor ray: the address of a running Ray cluster (default: "
+                                     "start Ray on this machine)", metavar="ADDR")
+    workers: int | None = option(None, "with --executor ray: how many shards run as tasks at once (default 1); "
+                                 "each uses --threads cores (default: the cores / N here)", type=int, metavar="N")
     overwrite: bool = option(False, "replace OUT if it exists, and discard the work an interrupted run left")
     resume: bool = option(False, "continue an interrupted run from the blocks it finished (same inputs and "
                           "options; the result is byte-identical to an uninterrupted run)")
@@ -121,11 +136,29 @@ class Options:
                                          or not 1 <= self.threads <= cores):
             raise AdamixError(f"--threads must be an integer from 1 to {cores} (the cores this process may use), "
                               f"got {self.threads!r}")
+        if self.svd not in SVD_ALGORITHMS:
+            raise AdamixError(f"--svd must be one of {', '.join(SVD_ALGORITHMS)}, got {self.svd!r}")
         if self.budget_scope not in SCOPES:
             raise AdamixError(f"--budget-scope must be 'tensor' or 'block', got {self.budget_scope!r}")
         if self.max_rank is not None and (isinstance(self.max_rank, bool) or not isinstance(self.max_rank, int)
                                           or self.max_rank < 1):
             raise AdamixError(f"--max-rank must be a positive integer, got {self.max_rank!r}")
+        if self.executor not in EXECUTORS:
+            raise AdamixError(f"--executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
+        if self.executor != "ray" and (self.ray_address is not None or self.workers is not None):
+            raise AdamixError(f"{'--ray-address' if self.ray_address is not None else '--workers'} applies to "
+                              "--executor ray only")
+        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
+                                         or self.workers < 1):
+            raise AdamixError(f"--workers must be a positive integer, got {self.workers!r}")
+        if self.executor == "ray":
+            if self.shard is not None:
+                raise AdamixError("--executor ray makes its own shards: drop --shard")
+            if self.distill_steps:
+                raise AdamixError("--executor ray cannot split --distill-steps: its training step needs the whole "
+                                  "model at once")
+        if parse_shard(self.shard) and self.distill_steps:
+            raise AdamixError("--shard cannot split --distill-steps: its training step needs the whole model at once")
         if self.distill_steps < 0:
             raise AdamixError(f"--distill-steps must be >= 0, got {self.distill_steps}")
         method = registry.get(self.method)
@@ -134,7 +167,7 @@ class Options:
             raise AdamixError(f"--value-bits must be 16 (fp16) or 1..8, got {self.value_bits!r}")
         settings = Settings(method=self.method, alpha=alpha, widths=widths, group_size=self.group_size,
                             whiten=self.whiten, budget_scope=self.budget_scope, max_rank=self.max_rank,
-                            value_bits=self.value_bits, quantize=self.quantize, seed=self.seed)
+                            value_bits=self.value_bits, quantize=self.quantize, seed=self.seed, svd=self.svd)
         for f in fields(self):
             value = getattr(self, f.name)
             if value == f.default:

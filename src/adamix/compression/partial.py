@@ -40,13 +40,13 @@ def _write_atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def _first_difference(old: dict, new: dict) -> str:
+def first_difference(old: dict, new: dict) -> str:
     """'alpha 0.125 (now 0.0625)' for the first key (depth first, sorted) whose value differs."""
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
             if a != b:
-                return _first_difference(a, b)
+                return first_difference(a, b)
         elif a != b:
             short = lambda v: v[:16] if isinstance(v, str) and len(v) == 64 else v  # noqa: E731  (sha256 digests)
             return f"{k} {short(a)} (now {short(b)})"
@@ -77,7 +77,7 @@ class PartialRun:
             if not isinstance(old, dict):
                 raise AdamixError(f"{self.folder} is not a readable adamix work folder; remove it or pass --overwrite")
             if old != self.key:
-                raise AdamixError(f"cannot resume from {self.folder}: it was made with {_first_difference(old, self.key)}; "
+                raise AdamixError(f"cannot resume from {self.folder}: it was made with {first_difference(old, self.key)}; "
                                   "rerun without --resume, with --overwrite")
         else:
             self.folder.mkdir()

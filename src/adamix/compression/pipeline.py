@@ -24,7 +24,7 @@ from ..io.manifest import FORMAT_VERSION, build_manifest, encoded_entries, encod
 from ..io.text import default_calibration_file, read_text
 from ..io.vocab import add_new_rows
 from ..memory import release_freed_memory
-from ..threads import default_threads, torch_threads
+from ..threads import available_cores, default_threads, torch_threads
 from ..methods import Encoded, ModelContext, get
 from ..methods.kinds import stored_suffixes
 from ..version import __version__
@@ -32,6 +32,7 @@ from .encode import encode_block, encode_tensor
 from .options import Options
 from .partial import PartialRun
 from .plan import delta_of, overhead_per_element, pair_tensors
+from .shards import parse_shard, share, write_shard
 from .preflight import check_before_calibration
 
 
@@ -48,6 +49,8 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
     timing.reset()
     opts = Options.from_kwargs(options)
     settings = opts.settings()
+    if opts.executor != "local":
+        raise AdamixError(f"compression.pipeline runs --executor local; {opts.executor} runs through adamix.compress")
     method = get(settings.method)
     model_step = method.whole_model_step(opts)
     out = prepare_output(out, opts.overwrite)
@@ -67,9 +70,14 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
                         "finetune_config": config_fingerprint(ft_ck)}
     key = {"tool_version": __version__, "format_version": FORMAT_VERSION, "settings": asdict(settings), **extra,
            "calibration_sha256": hashlib.sha256(text.encode()).hexdigest() if calib_path else None, **fingerprints}
-    work = PartialRun(out, key, resume=opts.resume, overwrite=opts.overwrite)
+    shard = parse_shard(opts.shard)
+    work = PartialRun(out, {**key, "shard": list(shard)} if shard else key, resume=opts.resume, overwrite=opts.overwrite)
     dtype_of = lambda name: base_ck.slice_info(name)[1]  # noqa: E731
     threads = opts.threads or default_threads()
+    # the ILP of a calibrated matrix in a worker thread beside the next one's linear algebra
+    # (compression.encode), where a core is left for it
+    overlap = (calib_path is not None and threads < available_cores() and method.staged
+               and not (settings.budget_scope == "block" and method.joint))
     # the work folder is removed at the end, or on bad input found midway; an interruption keeps it for --resume
     with torch_threads(threads), work:
         todo = set(names)
@@ -95,20 +103,34 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
                 raise AdamixError(f"{ft_ck.folder}: cannot load the fine-tune's tokenizer ({e})") from None
             windows = token_windows(text, tokenizer, opts.samples, opts.seqlen)
             runner = BlockRunner(ft_ck, windows, opts.device)
-            skip = frozenset(i for i in range(len(runner.blocks)) if work.done(block_chunk(i)))
-            bar = tqdm(runner.run(skip), total=len(runner.blocks), initial=len(skip), desc="calibrate+compress blocks",
-                       disable=not opts.progress, unit="block")
+            mine = share(len(runner.blocks), shard) if shard else range(len(runner.blocks))
+            skip = frozenset(i for i in range(len(runner.blocks)) if i not in mine or work.done(block_chunk(i)))
+            bar = tqdm(runner.run(skip, stop=mine.stop), total=len(mine), initial=len(set(mine) & skip),
+                       desc="calibrate+compress blocks", disable=not opts.progress, unit="block")
             for i, infos, grams in bar:
                 block = {info.name: (grams.pop(info.name), info.transposed) for info in infos if info.name in todo}
                 grams.clear()  # the runner's dict: emptied so that each Gram is freed once its linears are done
-                store(block_chunk(i), list(block), encode_block(block, load, settings, overhead))
+                store(block_chunk(i), list(block), encode_block(block, load, settings, overhead, overlap))
                 del block
         rest = sorted(todo)
+        if shard:  # this shard's contiguous share of the data-free tensors (the blocks' linears are never among them)
+            data_free = sorted(set(names) - (runner.linear_names() if windows is not None else set()))
+            rest = [n for n in (data_free[i] for i in share(len(data_free), shard)) if n in todo]
         for name in tqdm(rest, desc="compress other tensors (data-free)", disable=not opts.progress or not rest, unit="tensor"):
             enc = encode_tensor(load(name), None, False, settings, overhead)
             store("rest-" + name.replace(os.sep, "_"), [name], {name: (enc, False)} if enc is not None else {})
             release_freed_memory()
 
+        if shard:
+            covered = sorted({n for chunk in work.chunks() for n in work.done(chunk)["names"]})
+            manifest_inputs = {"base_fingerprint": fingerprints["base"], "finetune_config_fingerprint":
+                               fingerprints["finetune_config"], "dropped": dropped, "settings": asdict(settings),
+                               "extra": extra}
+            with timing.phase("write"):
+                write_shard(out, opts.overwrite, work, key, shard, names, covered, manifest_inputs, ft_ck.config_files())
+            return {"shard": list(shard), "covered": covered, "sizes": {"wall_seconds": round(time.time() - t0, 2),
+                    "peak_rss_mib": round(peak_rss_mib(), 1), "threads": threads, "ilp_overlapped": overlap},
+                    "seconds_by_phase": timing.snapshot(), "resumed_chunks": len(work.resumed)}
         entries = work.entries()
         sources: dict[str, torch.Tensor | Path] = dict(work.tensor_files())
         if model_step is not None:
@@ -125,6 +147,7 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
     manifest["sizes"]["wall_seconds"] = round(time.time() - t0, 2)
     manifest["sizes"]["peak_rss_mib"] = round(peak_rss_mib(), 1)
     manifest["sizes"]["threads"] = threads
+    manifest["sizes"]["ilp_overlapped"] = overlap
     manifest["seconds_by_phase"] = timing.snapshot()
     manifest["resumed_chunks"] = len(work.resumed)
     return manifest

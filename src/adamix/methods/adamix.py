@@ -23,10 +23,10 @@ import torch
 from .allocate import choose_widths, error_table, max_kept, shrink_to_fit
 from ..quant.gptq import gptq_columns, gptq_rows, rtn_columns
 from ..quant.grid import rtn
-from ..quant.linalg import error_stats, matmul64, output_error, svd
+from ..quant.linalg import factored_error, matmul64, output_error, relative_errors, svd
 from .kinds import Encoded
 from .registry import Method, Settings, budget_bits, register
-from .svd_mixed import PACK_PAD_BITS, decode_factors, encode_factors, stored_bits, triplet_bits, width_meta
+from .svd_mixed import PACK_PAD_BITS, encode_factors, factors, stored_bits, triplet_bits, width_meta
 
 
 @dataclass
@@ -52,7 +52,7 @@ def analyse(D: torch.Tensor, H: torch.Tensor | None, settings: Settings, overhea
     the table then serves the ILP of this budget or a smaller one, not a fixed schedule."""
     m, n = D.shape
     g = settings.group_size
-    U, s, V = factors if factors is not None else svd(D, H, settings.whiten)
+    U, s, V = factors if factors is not None else svd(D, H, settings.whiten, settings.svd)
     costs = np.array([triplet_bits(m, n, b, g) for b in settings.widths], dtype=np.float64)
     budget = budget_bits(m, n, settings.alpha, overhead_bits)
     kept = max_kept(costs, budget) if prune and (costs > 0).any() else None
@@ -80,7 +80,12 @@ def compress_matrix(D: torch.Tensor, H: torch.Tensor | None, settings: Settings,
             raise ValueError(f"the error table was pruned for {a.pruned_for:.0f} bits, not {a.budget:.0f}")
         if a.pruned_cap is not None and (settings.max_rank is None or settings.max_rank > a.pruned_cap):
             raise ValueError(f"the error table was pruned for rank {a.pruned_cap}, not {settings.max_rank}")
-    return finish(a, choose_widths(a.table, a.costs, a.budget, cap=settings.max_rank), a.budget, settings)
+    return finish(a, decide(a, settings), a.budget, settings)
+
+
+def decide(a: Analysis, settings: Settings) -> np.ndarray:
+    """Step 3, the CPU-only one: the ILP's width index per triplet (r,)."""
+    return choose_widths(a.table, a.costs, a.budget, cap=settings.max_rank)
 
 
 def joint_reserve_bits(settings: Settings) -> int:
@@ -150,34 +155,38 @@ def quantize_factors(D: torch.Tensor, H: torch.Tensor | None, U: torch.Tensor, s
     relative = (gains.double() / energy).clamp(0.0, 1.0) if energy > 0 else torch.zeros(len(widths), dtype=torch.float64)
     if not widths:  # nothing fits the budget: D^ = 0
         enc = encode_factors((m, n), [], g, {}, {}, relative)
+        enc.stats = {"rank_kept": 0, **relative_errors(energy, energy, predicted)}
     else:
         Vt = V.T.float().contiguous()
         vq = rtn(Vt, bits, min(g, n)) if H is None else gptq_rows(Vt, H, bits, g, damp=settings.damp)
         Vhat = vq["deq"].double()
-        HV = Vhat.T if H is None else matmul64(H, Vhat.T)  # (n, k), shared by both uses below
+        HV = Vhat.T if H is None else matmul64(H, Vhat.T)  # (n, k): H V^^T
+        Gz, rhs = Vhat @ HV, matmul64(D, HV)  # V^ H V^^T (k, k), the Gram of z = V^ x; D H V^^T (m, k)
         if settings.correct_target:
-            Ustar = target_correction(D, H, Vhat, settings.fit_damp, HV).float()
+            Ustar = target_correction(D, H, Vhat, settings.fit_damp, HV, Gz, rhs).float()
         else:  # Delta-CoMe: quantize U S itself, GPTQ on the quantized V's outputs compensating
             Ustar = (U * s).float()
-        if H is None:
-            uq = rtn_columns(Ustar, bits, g)
-        else:  # H_z = V^ H V^^T, the Gram of z = V^ x
-            uq = gptq_columns(Ustar, (Vhat @ HV).float(), bits, g, damp=settings.damp)
+        uq = rtn_columns(Ustar, bits, g) if H is None else gptq_columns(Ustar, Gz.float(), bits, g, damp=settings.damp)
         enc = encode_factors((m, n), widths, g, vq, uq, relative)
-    enc.stats = {"rank_kept": len(widths), **error_stats(decode_factors((m, n), enc.meta, enc.tensors), D, H, predicted, energy)}
+        Ud, Vd = factors((m, n), enc.meta, enc.tensors)  # what was stored, decoded: D^ = U^ V^ (exact product)
+        measured = factored_error(Ud, rhs, Gz, energy) if torch.equal(Vd, vq["deq"]) else 0.0
+        if measured < 1e-4 * energy:  # V^ not the one of rhs and Gz, or near cancellation: a pass over D H D^T
+            measured = output_error(Ud.double() @ Vd.double(), D, H)
+        enc.stats = {"rank_kept": len(widths), **relative_errors(measured, energy, predicted)}
     return enc
 
 
 def target_correction(D: torch.Tensor, H: torch.Tensor | None, Vhat: torch.Tensor, damp: float,
-                      HV: torch.Tensor | None = None) -> torch.Tensor:
+                      HV: torch.Tensor | None = None, G: torch.Tensor | None = None,
+                      rhs: torch.Tensor | None = None) -> torch.Tensor:
     """U* = argmin_U ||U V^ X - D X||_F = D H V^^T (V^ H V^^T + damp * mean diag I)^-1, float64 (m, k).
 
-    HV: H V^^T (n, k) if the caller already has it."""
+    HV: H V^^T (n, k), G: V^ H V^^T (k, k) and rhs: D H V^^T (m, k), float64, if the caller has them."""
     if HV is None:
         HV = Vhat.T.double() if H is None else matmul64(H, Vhat.T)  # (n, k)
-    G = Vhat.double() @ HV  # (k, k)
-    G = G + damp * torch.diagonal(G).mean().clamp_min(1e-30) * torch.eye(G.shape[0], dtype=G.dtype)
-    rhs = matmul64(D, HV)  # (m, k)
+    G = Vhat.double() @ HV if G is None else G  # (k, k)
+    G = G + damp * torch.diagonal(G).mean().clamp_min(1e-30) * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    rhs = matmul64(D, HV) if rhs is None else rhs  # (m, k)
     return torch.linalg.solve(G, rhs.T).T  # G symmetric: U* G = rhs
 
 
@@ -186,7 +195,7 @@ class Adamix(Method):
     name = "adamix"
     help = "adamix (default): ADAMIX, per-triplet widths from an exact ILP on the measured error, GPTQ, target correction"
     unit = "singular triplet or row"
-    options = frozenset({"whiten", "budget_scope", "max_rank"})
+    options = frozenset({"whiten", "budget_scope", "max_rank", "svd"})
     kinds = ("svd-mixed",)
     joint = True
 
@@ -205,6 +214,17 @@ class Adamix(Method):
 
     def joint_reserve_bits(self, settings):
         return joint_reserve_bits(settings)
+
+    staged = True
+
+    def prepare(self, D, H, settings, overhead_bits=0.0):
+        return analyse(D, H, settings, overhead_bits, prune=True)
+
+    def decide(self, prepared, settings):
+        return decide(prepared, settings)
+
+    def complete(self, prepared, decision, settings):
+        return finish(prepared, decision, prepared.budget, settings)
 
 
 register(Adamix())

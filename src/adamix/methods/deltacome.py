@@ -66,7 +66,7 @@ class DeltaCoMe(Method):
     name = "deltacome"
     help = "deltacome: Delta-CoMe, the same SVD and GPTQ, widths by a fixed 8/3/2-bit schedule, no target correction"
     unit = "singular triplet or row"
-    options = frozenset({"max_rank"})
+    options = frozenset({"max_rank", "svd"})
     kinds = ("svd-mixed",)
 
     def item_bits(self, m, n, settings):

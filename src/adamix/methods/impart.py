@@ -133,7 +133,7 @@ def compress_impart(D: torch.Tensor, H: torch.Tensor | None, settings: Settings,
     """ImPart (or ImPart-Qt with settings.quantize) on D (m x n) within `budget` bits."""
     m, n = D.shape
     g, quantized = settings.group_size, settings.quantize
-    U, s, V = factors if factors is not None else svd(D)
+    U, s, V = factors if factors is not None else svd(D, algorithm=settings.svd)
     p_all = choose_target(s.double().numpy(), m, n, budget, quantized, g)
     K = int((p_all < 1).sum())
     p = p_all[:K]
@@ -267,7 +267,7 @@ class ImPart(Method):
     help = ("impart: ImPart, the SVD's singular vectors sparsified by importance (seeded masks, rescaled), fp16 "
             "values; --quantize: ImPart-Qt, mixed-precision GPTQ of the kept values")
     unit = "singular triplet"
-    options = frozenset({"quantize"})
+    options = frozenset({"quantize", "svd"})
     kinds = ("impart",)
 
     def item_bits(self, m, n, settings):

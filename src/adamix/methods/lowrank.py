@@ -25,7 +25,7 @@ def compress_lowrank(D: torch.Tensor, H: torch.Tensor | None, settings: Settings
     """Truncated SVD of D (m x n) within `budget` bits, at most settings.max_rank. factors: a
     precomputed svd(D) (U, s, V)."""
     m, n = D.shape
-    U, s, V = factors if factors is not None else svd(D)
+    U, s, V = factors if factors is not None else svd(D, algorithm=settings.svd)
     k = lowrank_rank(m, n, budget) if settings.max_rank is None else min(lowrank_rank(m, n, budget), settings.max_rank)
     enc = Encoded("lowrank", (m, n), {"rank": k}, {
         "U": (U[:, :k] * s[:k]).to(torch.float16).contiguous(),
@@ -66,7 +66,7 @@ class LowRank(Method):
     name = "lowrank"
     help = "lowrank: the truncated SVD with fp16 factors at the largest rank that fits"
     unit = "rank-1 factor pair or row"
-    options = frozenset({"max_rank"})
+    options = frozenset({"max_rank", "svd"})
     kinds = ("lowrank",)
 
     def item_bits(self, m, n, settings):

@@ -55,6 +55,7 @@ class Settings:
     value_bits: int | None = None  # bits per kept value of the sparse peers (16: fp16; 1..8; None: the method's default)
     quantize: bool = False        # ImPart-Qt: the kept factor values quantized by mixed-precision GPTQ
     seed: int = 0                 # mixed into the seeds of the random masks (the result is deterministic)
+    svd: str = "gram"             # the SVD's algorithm (quant.linalg.SVD_ALGORITHMS): smaller Gram's eigh, or LAPACK's SVD
 
 
 def budget_bits(m: int, n: int, alpha: float, overhead_bits: float = 0.0) -> float:
@@ -121,6 +122,21 @@ class Method:
     def joint_reserve_bits(self, settings: Settings) -> float:
         """Bits each tensor of a shared allocation sets aside (e.g. byte padding of its streams)."""
         return 0.0
+
+    # --- a staged compression (staged = True) --------------------------------------------------
+    # compress(D, H, settings, overhead_bits) == complete(p, decide(p, settings), settings) with
+    # p = prepare(D, H, settings, overhead_bits), byte for byte. decide does no torch work (the ILP): the
+    # pipeline runs it in a worker thread while the next matrix is prepared (compression.encode).
+    staged: ClassVar[bool] = False
+
+    def prepare(self, D: torch.Tensor, H: torch.Tensor | None, settings: Settings, overhead_bits: float = 0.0) -> Any:
+        raise NotImplementedError
+
+    def decide(self, prepared: Any, settings: Settings) -> Any:
+        raise NotImplementedError
+
+    def complete(self, prepared: Any, decision: Any, settings: Settings) -> Encoded:
+        raise NotImplementedError
 
     # --- a whole-model step --------------------------------------------------------------------
 

@@ -8,25 +8,62 @@ import torch
 from ..timing import timed
 
 
-@timed("svd")
-def svd(D: torch.Tensor, H: torch.Tensor | None = None, whiten: bool = False) -> tuple[torch.Tensor, ...]:
-    """D = U diag(s) V^T with U (m, r), s (r,), V (n, r) unit columns; float64 (float32 for huge D).
+SVD_ALGORITHMS = ("gram", "full")
 
-    Plain: the SVD of D. Whitened (H given): the SVD of D L with H + eps I = L L^T, so that
-    D L = U S W^T and V = L^-T W (columns rescaled to unit norm, the norms moved into s). Its truncation
-    is optimal in the H-weighted error, and the v_i are H-orthogonal, so dropping triplets costs
-    exactly the error table's e_i(0) (no cross terms).
+
+@timed("svd")
+def svd(D: torch.Tensor, H: torch.Tensor | None = None, whiten: bool = False,
+        algorithm: str = "gram") -> tuple[torch.Tensor, ...]:
+    """D = U diag(s) V^T with U (m, r), s (r,) non-increasing, V (n, r) unit columns, r = min(m, n);
+    float64 (float32 for huge D), on D's device.
+
+    algorithm "gram" (thin_svd_gram: the eigendecomposition of the smaller Gram) or "full" (LAPACK's
+    SVD, torch.linalg.svd). Plain: the SVD of D. Whitened (H given): the SVD of D L with
+    H + eps I = L L^T, so that D L = U S W^T and V = L^-T W (columns rescaled to unit norm, the norms
+    moved into s). Its truncation is optimal in the H-weighted error, and the v_i are H-orthogonal, so
+    dropping triplets costs exactly the error table's e_i(0) (no cross terms).
     """
+    if algorithm not in SVD_ALGORITHMS:
+        raise ValueError(f"unknown SVD algorithm {algorithm!r} (choose from {', '.join(SVD_ALGORITHMS)})")
     work = D.double() if D.numel() <= 16_000_000 else D.float()
+    decompose = thin_svd_gram if algorithm == "gram" else thin_svd_full
     if not whiten or H is None:
-        U, s, Vh = torch.linalg.svd(work, full_matrices=False)
-        return U, s, Vh.T
-    Hd = H.to(work.dtype)
-    L = torch.linalg.cholesky(Hd + 1e-6 * torch.diagonal(Hd).mean() * torch.eye(Hd.shape[0], dtype=Hd.dtype))
-    U, s, Wh = torch.linalg.svd(work @ L, full_matrices=False)
-    V = torch.linalg.solve_triangular(L.T, Wh.T, upper=True)
+        return decompose(work)
+    Hd = H.to(work)
+    eye = torch.eye(Hd.shape[0], dtype=Hd.dtype, device=Hd.device)
+    L = torch.linalg.cholesky(Hd + 1e-6 * torch.diagonal(Hd).mean() * eye)
+    U, s, W = decompose(work @ L)
+    V = torch.linalg.solve_triangular(L.T, W, upper=True)
     norms = V.norm(dim=0).clamp_min(1e-30)
     return U, s * norms, V / norms
+
+
+def thin_svd_full(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, s, V) of A (m x n) by torch.linalg.svd (LAPACK gesdd on the CPU)."""
+    U, s, Vh = torch.linalg.svd(A, full_matrices=False)
+    return U, s, Vh.T
+
+
+def thin_svd_gram(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, s, V) of A (m x n) from the eigendecomposition of its smaller Gram, in A's dtype.
+
+    For m >= n: A^T A = Z diag(lambda) Z^T (n x n, torch.linalg.eigh), V = Z, and each left vector
+    is the image of its right one: s_i = ||A z_i||, u_i = A z_i / s_i (0 where s_i = 0); for m < n
+    the same on A^T. One Gram product (m n^2) and one symmetric eigensolver (n^3) replace the SVD's
+    bidiagonalisation. Because Z is orthogonal, A = sum_i s_i u_i z_i^T holds to rounding whatever
+    the eigensolver's accuracy; what the Gram costs is the orthogonality of the u_i of small
+    singular values, about eps * s_1^2 / (s_i s_j) between u_i and u_j (float64: negligible;
+    float32: the stored widths quantize far more coarsely). Triplets are returned by decreasing s.
+    """
+    if A.shape[0] < A.shape[1]:
+        U, s, V = thin_svd_gram(A.T)
+        return V, s, U
+    _, Z = torch.linalg.eigh(A.T @ A)
+    AZ = A @ Z
+    s = AZ.norm(dim=0)
+    order = torch.argsort(s, descending=True, stable=True)
+    s, Z, AZ = s[order], Z[:, order], AZ[:, order]
+    return AZ / torch.where(s > 0, s, 1.0), s, Z
 
 
 def gram_rows(A: torch.Tensor, B: torch.Tensor, H: torch.Tensor | None, chunk: int = 512) -> torch.Tensor:
@@ -68,14 +105,29 @@ def output_error(Dhat: torch.Tensor | None, D: torch.Tensor, H: torch.Tensor | N
     return total
 
 
+def factored_error(U: torch.Tensor, rhs: torch.Tensor, G: torch.Tensor, energy: float) -> float:
+    """E(U V) = tr((U V - D) H (U V - D)^T) for a factored D^ = U V (U (m, k), V (k, n)) without a pass
+    over D H D^T, from rhs = D H V^T (m, k), G = V H V^T (k, k) and energy = E(0) = tr(D H D^T):
+
+        E(U V) = E(0) - 2 tr(U^T rhs) + tr(U^T U G),
+
+    float64, O(m k^2). A difference of terms of the size of E(0): its rounding is that of `energy`."""
+    U = U.double()
+    return max(0.0, energy - 2 * float((U * rhs).sum()) + float(((U @ G) * U).sum()))
+
+
+def relative_errors(measured: float, energy: float, predicted: float | None = None) -> dict:
+    """{"error_measured": sqrt(measured / E(0)), ["error_predicted": sqrt(predicted / E(0)),] "energy": E(0)}."""
+    stats = {"error_measured": (measured / energy) ** 0.5 if energy > 0 else 0.0}
+    if predicted is not None:
+        stats["error_predicted"] = (predicted / energy) ** 0.5 if energy > 0 else 0.0
+    stats["energy"] = energy
+    return stats
+
+
 def error_stats(Dhat: torch.Tensor, D: torch.Tensor, H: torch.Tensor | None, predicted: float | None = None,
                 energy: float | None = None) -> dict:
     """Relative errors sqrt(E(D^) / E(0)) measured (and predicted, if the method has a model of it);
     energy: E(0) = output_error(None, D, H) if the caller has it."""
     total = output_error(None, D, H) if energy is None else energy
-    measured = output_error(Dhat, D, H)
-    stats = {"error_measured": (measured / total) ** 0.5 if total > 0 else 0.0}
-    if predicted is not None:
-        stats["error_predicted"] = (predicted / total) ** 0.5 if total > 0 else 0.0
-    stats["energy"] = total
-    return stats
+    return relative_errors(output_error(Dhat, D, H), total, predicted)

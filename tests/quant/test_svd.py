@@ -1,0 +1,87 @@
+"""The SVD algorithms of quant.linalg: the eigendecomposition of the smaller Gram ("gram", the
+default) against LAPACK's SVD and a float64 reference, plain and whitened, on both orientations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adamix.quant.linalg import svd, thin_svd_gram
+
+
+def spectrum_matrix(m, n, rank, seed=0, decay=0.7):
+    """A (m x n) float64 of the given rank with a decaying spectrum s_i = (1 + i)^-decay."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.linalg.qr(torch.randn(m, rank, generator=g, dtype=torch.float64))[0]
+    B = torch.linalg.qr(torch.randn(n, rank, generator=g, dtype=torch.float64))[0]
+    s = (1.0 + torch.arange(rank, dtype=torch.float64)) ** -decay
+    return (A * s) @ B.T, s
+
+
+@pytest.mark.parametrize("m, n", [(96, 40), (40, 96), (64, 64)])
+def test_gram_svd_matches_the_float64_reference(m, n):
+    A, s_true = spectrum_matrix(m, n, min(m, n))
+    U, s, V = thin_svd_gram(A)
+    r = min(m, n)
+    assert U.shape == (m, r) and s.shape == (r,) and V.shape == (n, r)
+    assert torch.all(s[:-1] >= s[1:])
+    torch.testing.assert_close(s, s_true, rtol=0, atol=1e-12)
+    torch.testing.assert_close((U * s) @ V.T, A, rtol=0, atol=1e-12)
+    eye = torch.eye(r, dtype=torch.float64)
+    torch.testing.assert_close(U.T @ U, eye, rtol=0, atol=1e-10)
+    torch.testing.assert_close(V.T @ V, eye, rtol=0, atol=1e-10)
+    # the same subspaces as LAPACK's SVD (the spectrum has no repeated values): |u_i . u_i'| = 1
+    Uf, _, Vfh = torch.linalg.svd(A, full_matrices=False)
+    torch.testing.assert_close((U * Uf).sum(0).abs(), torch.ones(r, dtype=torch.float64), rtol=0, atol=1e-8)
+    torch.testing.assert_close((V * Vfh.T).sum(0).abs(), torch.ones(r, dtype=torch.float64), rtol=0, atol=1e-8)
+
+
+def test_gram_svd_of_a_rank_deficient_matrix_has_zero_vectors_not_nans():
+    A, _ = spectrum_matrix(50, 30, 7)
+    U, s, V = thin_svd_gram(A)
+    assert torch.isfinite(U).all() and torch.isfinite(s).all()
+    torch.testing.assert_close((U * s) @ V.T, A, rtol=0, atol=1e-12)
+    assert (s[7:] < 1e-6).all() and (s[:7] > 0.2).all()
+    U0, s0, V0 = thin_svd_gram(torch.zeros(20, 10, dtype=torch.float64))
+    assert (s0 == 0).all() and (U0 == 0).all() and torch.isfinite(V0).all()
+
+
+@pytest.mark.parametrize("whiten", [False, True])
+@pytest.mark.parametrize("m, n", [(48, 32), (32, 48)])
+def test_pipeline_svd_gram_and_full_agree(m, n, whiten):
+    """svd() as the methods call it (float32 delta in, float64 out), whitened or not: both algorithms give
+    the same spectrum and the same reconstruction; whitened, the v_i are H-orthogonal in both."""
+    A, _ = spectrum_matrix(m, n, min(m, n), seed=1)
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(n, 200, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, n, dtype=torch.float64)[:, None]
+    H = (X @ X.T).float()
+    D = A.float()
+    out = {alg: svd(D, H, whiten, alg) for alg in ("gram", "full")}
+    for alg, (U, s, V) in out.items():
+        assert U.dtype == torch.float64
+        torch.testing.assert_close((U * s) @ V.T, D.double(), rtol=0, atol=1e-10, msg=alg)
+        if whiten:
+            G = V.T @ H.double() @ V
+            off = G - torch.diag(torch.diagonal(G))
+            assert off.abs().max() < 1e-6 * torch.diagonal(G).max(), alg
+    torch.testing.assert_close(out["gram"][1], out["full"][1], rtol=1e-9, atol=1e-12)
+
+
+def test_unknown_algorithm_refused():
+    with pytest.raises(ValueError, match="unknown SVD algorithm 'qr'"):
+        svd(torch.ones(3, 3), algorithm="qr")
+
+
+def test_factored_error_equals_the_direct_error():
+    """E(U V) from D H V^T and V H V^T equals tr((U V - D) H (U V - D)^T) formed directly, in float64."""
+    from adamix.quant.linalg import factored_error, output_error
+    g = torch.Generator().manual_seed(3)
+    m, n, k = 30, 50, 6
+    D = torch.randn(m, n, generator=g, dtype=torch.float64)
+    X = torch.randn(n, 80, generator=g, dtype=torch.float64)
+    H = X @ X.T
+    U, V = torch.randn(m, k, generator=g, dtype=torch.float64), torch.randn(k, n, generator=g, dtype=torch.float64)
+    energy = output_error(None, D, H)
+    got = factored_error(U, D @ H @ V.T, V @ H @ V.T, energy)
+    assert got == pytest.approx(float(torch.trace((U @ V - D) @ H @ (U @ V - D).T)), rel=1e-10)
+    assert got == pytest.approx(output_error(U @ V, D, H), rel=1e-10)
