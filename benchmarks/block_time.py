@@ -2,7 +2,7 @@
 
     python benchmarks/block_time.py [--hidden 1024 --intermediate 2752 --heads 8] [--blocks 4]
                                     [--svd full,gram] [--threads 1,2] [--samples 32] [--seqlen 256]
-                                    [--work DIR] [--out docs/results]
+                                    [--svd-only] [--work DIR] [--out docs/results]
 
 On the synthetic Llama-shaped pair of bounded_memory.py (same deltas: a decaying spectrum plus noise),
 for every SVD algorithm x thread count: `adamix compress` (adamix, 1/16, calibrated) in a child
@@ -13,7 +13,9 @@ bare full SVD at the same thread count, so the target "whole per-block time <= 1
 reads off directly. Runs one at a time (a run beside another job is slower and says so nowhere).
 With threads below the cores, the ILP runs in a worker thread on a spare core (compression.encode):
 its phase time then overlaps the others and is not part of the remainder.
-Writes docs/results/block_time_<hidden>.md and .json with the command and commit.
+--svd-only measures only the bare SVDs (block_time_<hidden>_svd.md: at width 4096 a compression per
+configuration takes long on a small machine). Writes docs/results/block_time_<hidden>.md and .json with
+the command and commit.
 """
 
 from __future__ import annotations
@@ -68,6 +70,16 @@ def child(code: str, *args: str, threads: int) -> dict:
     return json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
 
 
+def lines_svd_only(args, commit: str, nb: int) -> list[str]:
+    from adamix.threads import available_cores
+    return [f"# Bare SVDs of a synthetic Llama-shaped model's deltas (hidden {args.hidden}, intermediate "
+            f"{args.intermediate}, {nb} blocks)", "",
+            f"Produced by `python benchmarks/block_time.py {' '.join(sys.argv[1:])}` at commit `{commit}`, CPU "
+            f"({available_cores()} cores), one at a time. `adamix.quant.linalg.svd` of each of the {7 * nb} linear "
+            "deltas with `algorithm=\"full\"` (LAPACK) and `\"gram\"` (the smaller Gram's eigendecomposition), "
+            "in the dtype the pipeline uses (float32 above 16M entries)."]
+
+
 def main() -> None:
     import bounded_memory as bm
     from peers import git_commit
@@ -80,6 +92,7 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=4)
     ap.add_argument("--svd", default="full,gram")
     ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--svd-only", action="store_true", help="only the bare SVDs (the yardstick and the Gram SVD)")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "adamix" / "bench" / "bounded"))
@@ -98,7 +111,7 @@ def main() -> None:
     for t in threads:
         sticks[t] = child(YARDSTICK, base, ft, t, threads=t)
         print(f"{t} thread(s): bare SVDs {json.dumps(sticks[t])}", flush=True)
-        for alg in args.svd.split(","):
+        for alg in ([] if args.svd_only else args.svd.split(",")):
             t0 = time.time()
             r = child(CHILD, base, ft, work / f"block_time_{args.hidden}", calib, args.samples, args.seqlen, t, alg,
                       threads=t)
@@ -107,7 +120,7 @@ def main() -> None:
             print(f"{t} thread(s), svd {alg}: {json.dumps(r)}", flush=True)
     result = {"commit": commit, "args": vars(args), "yardstick": sticks, "runs": runs}
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"block_time_{args.hidden}"
+    stem = f"block_time_{args.hidden}" + ("_svd" if args.svd_only else "")
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     nb = args.blocks
     lines = [f"# Time per block: synthetic Llama-shaped model (hidden {args.hidden}, intermediate {args.intermediate}, "
@@ -117,7 +130,7 @@ def main() -> None:
              f"{args.seqlen} tokens. Yardstick: a bare `torch.linalg.svd` of the model's {7 * nb} linear deltas "
              "at the same thread count.", "",
              "| threads | svd | whole run s | per block s | x bare full SVD | ILP overlapped | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|"] if runs else lines_svd_only(args, commit, nb)
     for r in runs:
         bare = sticks[r["threads"]]["full"]
         wall = r["sizes"]["wall_seconds"]
@@ -130,7 +143,7 @@ def main() -> None:
     for t, s in sticks.items():
         lines.append(f"| {t} | {s['full']:.1f} | {s['gram']:.1f} | {s['gram'] / s['full']:.2f} | {s['s_rel_diff']:.1e} |")
     phases = sorted({p for r in runs for p in r["phases"]})
-    lines += ["", "Seconds per block by phase (`other`: the wall time no phase covers; with the ILP overlapped "
+    lines += [] if not runs else ["", "Seconds per block by phase (`other`: the wall time no phase covers; with the ILP overlapped "
               "its phase runs beside the others):", "",
               "| threads | svd | " + " | ".join(phases) + " | other |", "|---|---|" + "---|" * (len(phases) + 1)]
     for r in runs:
