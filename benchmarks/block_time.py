@@ -129,13 +129,13 @@ def main() -> None:
              f"({available_cores()} cores), runs one at a time; adamix at 1/16, calibration {args.samples} windows x "
              f"{args.seqlen} tokens. Yardstick: a bare `torch.linalg.svd` of the model's {7 * nb} linear deltas "
              "at the same thread count.", "",
-             "| threads | svd | whole run s | per block s | x bare full SVD | ILP overlapped | peak RSS MiB |",
+             "| threads | svd | whole run s | per block s | x bare full SVD | ILP worker threads | peak RSS MiB |",
              "|---|---|---|---|---|---|---|"] if runs else lines_svd_only(args, commit, nb)
     for r in runs:
         bare = sticks[r["threads"]]["full"]
         wall = r["sizes"]["wall_seconds"]
         lines.append(f"| {r['threads']} | {r['svd']} | {wall:.1f} | {wall / nb:.1f} | {wall / bare:.2f} | "
-                     f"{'yes' if r['sizes'].get('ilp_overlapped') else 'no'} | {r['sizes']['peak_rss_mib']:.0f} |")
+                     f"{r['sizes'].get('ilp_workers', 0)} | {r['sizes']['peak_rss_mib']:.0f} |")
     lines += ["", "`x bare full SVD`: the whole run, start to artifact, over the bare full SVDs of all its deltas "
               "(per block, the same ratio).", "",
               "| threads | bare full SVD s (all deltas) | bare Gram SVD s | Gram / full | max |s_gram - s_full| / s_1 |",
@@ -148,7 +148,7 @@ def main() -> None:
               "| threads | svd | " + " | ".join(phases) + " | other |", "|---|---|" + "---|" * (len(phases) + 1)]
     for r in runs:
         ph = r["phases"]
-        other = r["sizes"]["wall_seconds"] - sum(v for p, v in ph.items() if not (p == "ilp" and r["sizes"].get("ilp_overlapped")))
+        other = r["sizes"]["wall_seconds"] - sum(v for p, v in ph.items() if not (p == "ilp" and r["sizes"].get("ilp_workers")))
         lines.append(f"| {r['threads']} | {r['svd']} | " + " | ".join(f"{ph.get(p, 0.0) / nb:.1f}" for p in phases)
                      + f" | {other / nb:.1f} |")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")

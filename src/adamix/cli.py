@@ -128,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
         print_summary(manifest)
         threads = (f"{s['workers']} Ray worker{'s' if s['workers'] != 1 else ''} x " if s.get("workers") else "") + \
             f"{s['threads']} thread" + ("s" if s["threads"] != 1 else "") + \
-            (" (the ILP beside them, on a core of its own)" if s.get("ilp_overlapped") else "")
+            (f" (the ILPs beside them on {s['ilp_workers']} more core{'s' if s['ilp_workers'] != 1 else ''})"
+             if s.get("ilp_workers") else "")
         print(f"wrote {args.out} in {s['wall_seconds']:.1f} s on {threads}{resumed}, "
               f"peak RSS {s['peak_rss_mib']:.0f} MiB")
         print("time by phase: " + ", ".join(f"{k} {v:.1f} s" for k, v in manifest["seconds_by_phase"].items()))

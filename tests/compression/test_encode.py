@@ -1,4 +1,4 @@
-"""encode_block with the ILP overlapped (a worker thread decides one matrix while the next is prepared):
+"""encode_block with the ILPs overlapped (worker threads decide matrices while the next are prepared):
 the same encodings, byte for byte, as one matrix after the other, in the same order."""
 
 from __future__ import annotations
@@ -32,24 +32,25 @@ def test_overlapped_ilp_gives_the_same_bytes(monkeypatch):
     decide = method.decide
     monkeypatch.setattr(method, "decide", lambda p, s: threads.append(threading.current_thread().name) or decide(p, s))
     runs = {}
-    for overlap in (False, True):
+    for workers in (0, 1, 2):
         names, deltas = block_of_deltas()
-        runs[overlap] = encode_block(names, deltas.__getitem__, settings, 0.0, overlap)
+        runs[workers] = encode_block(names, deltas.__getitem__, settings, 0.0, workers)
         assert names == {}  # every entry consumed
-    assert list(runs[True]) == list(runs[False]) == ["q", "up", "down", "norm"]
-    for name, (enc, transposed) in runs[False].items():
-        other, t2 = runs[True][name]
-        assert transposed == t2 and enc.kind == other.kind and enc.meta == other.meta
-        assert enc.tensors.keys() == other.tensors.keys()
-        assert all(torch.equal(enc.tensors[k], other.tensors[k]) for k in enc.tensors)
-        assert enc.stats == other.stats
-    # sequential runs decide in compress (no worker); the overlapped one in its worker thread, once per matrix
-    assert sum(t.startswith("adamix-ilp") for t in threads) == 3
+    for workers in (1, 2):
+        assert list(runs[workers]) == list(runs[0]) == ["q", "up", "down", "norm"]
+        for name, (enc, transposed) in runs[0].items():
+            other, t2 = runs[workers][name]
+            assert transposed == t2 and enc.kind == other.kind and enc.meta == other.meta
+            assert enc.tensors.keys() == other.tensors.keys()
+            assert all(torch.equal(enc.tensors[k], other.tensors[k]) for k in enc.tensors)
+            assert enc.stats == other.stats
+    # sequential runs decide in compress (no worker); overlapped ones in worker threads, once per matrix
+    assert len(threads) == 6 and all(t.startswith("adamix-ilp") for t in threads)
 
 
 def test_block_budget_scope_is_never_staged(monkeypatch):
     method = get("adamix")
     monkeypatch.setattr(method, "prepare", lambda *a, **k: (_ for _ in ()).throw(AssertionError("staged")))
     names, deltas = block_of_deltas(1)
-    out = encode_block(names, deltas.__getitem__, Settings(alpha=1 / 8, group_size=16, budget_scope="block"), 0.0, True)
+    out = encode_block(names, deltas.__getitem__, Settings(alpha=1 / 8, group_size=16, budget_scope="block"), 0.0, 2)
     assert set(out) == {"q", "up", "down", "norm"}

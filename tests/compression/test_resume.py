@@ -150,7 +150,7 @@ def test_phases_are_reported(bert_pair, calib_file, tmp_path):
     for name in ("calibration", "svd", "error table", "ilp", "gptq", "read", "write"):
         assert phases.get(name, 0) > 0, name
     # phases of one thread add up to at most the wall time; an overlapped ILP runs beside them
-    serial = sum(v for k, v in phases.items() if not (k == "ilp" and m["sizes"]["ilp_overlapped"]))
+    serial = sum(v for k, v in phases.items() if not (k == "ilp" and m["sizes"]["ilp_workers"]))
     assert serial <= m["sizes"]["wall_seconds"] + 0.05
     assert "seconds_by_phase" not in json.loads((tmp_path / "d" / "manifest.json").read_text())
 

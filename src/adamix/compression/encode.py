@@ -17,7 +17,7 @@ from .plan import is_svd_shape
 
 
 def encode_block(names: dict[str, tuple[torch.Tensor | None, bool]], load: Callable[[str], torch.Tensor],
-                 settings: Settings, overhead: float, overlap: bool = False) -> dict[str, tuple[Encoded, bool]]:
+                 settings: Settings, overhead: float, ilp_workers: int = 0) -> dict[str, tuple[Encoded, bool]]:
     """Encode the deltas of one block {name: (H float32 or None, transposed)}; load(name) gives D.
 
     One tensor at a time: entries are popped from `names` as they are encoded, so a Gram is freed once
@@ -26,25 +26,26 @@ def encode_block(names: dict[str, tuple[torch.Tensor | None, bool]], load: Calla
     budget_scope "block" the matrices of a method that can join a shared allocation (Method.joint) share
     one allocation (Method.compress_joint).
 
-    overlap (a staged method, Method.staged): each matrix's CPU-only step (the ILP) runs in a worker
-    thread while the next matrix is prepared, so two matrices' factors are held at once. The result is
-    the same, byte for byte; the caller turns it on only where a core is left for the worker.
+    ilp_workers W > 0 (a staged method, Method.staged): each matrix's CPU-only step (the ILP) runs in one
+    of W worker threads while the next matrices are prepared, so up to W + 1 matrices' factors are held
+    at once. The result is the same, byte for byte, in the same order; the caller gives W only where W
+    cores are left beside the linear algebra.
     """
     method = get(settings.method)
     shared = settings.budget_scope == "block" and method.joint
-    staged = overlap and method.staged and not shared
+    staged = ilp_workers > 0 and method.staged and not shared
     out = {}
     joint = []
-    pending: list[tuple[str, bool, object, Future]] = []  # at most one matrix waiting for its decision
+    pending: list[tuple[str, bool, object, Future]] = []  # matrices waiting for their decisions, oldest first
 
-    def settle() -> None:
-        while pending:
-            name, transposed, prepared, decision = pending.pop()
+    def settle(keep: int = 0) -> None:
+        while len(pending) > keep:
+            name, transposed, prepared, decision = pending.pop(0)
             out[name] = (method.complete(prepared, decision.result(), settings), transposed)
             del prepared
             release_freed_memory()
 
-    with ThreadPoolExecutor(1, thread_name_prefix="adamix-ilp") if staged else nullcontext() as pool:
+    with ThreadPoolExecutor(ilp_workers, thread_name_prefix="adamix-ilp") if staged else nullcontext() as pool:
         for name in list(names):
             H, transposed = names.pop(name)  # float32: products with it run in float32, sums in float64
             D = load(name)
@@ -55,7 +56,7 @@ def encode_block(names: dict[str, tuple[torch.Tensor | None, bool]], load: Calla
                 continue
             if staged and svd_shaped and H is not None:
                 prepared = method.prepare(D.T if transposed else D, H, settings, overhead * D.numel())
-                settle()  # the previous matrix, whose decision ran beside this prepare
+                settle(keep=ilp_workers - 1)  # the oldest, whose decision ran beside this prepare
                 pending.append((name, transposed, prepared, pool.submit(method.decide, prepared, settings)))
                 del D, H, prepared
                 continue

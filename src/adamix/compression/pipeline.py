@@ -74,10 +74,10 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
     work = PartialRun(out, {**key, "shard": list(shard)} if shard else key, resume=opts.resume, overwrite=opts.overwrite)
     dtype_of = lambda name: base_ck.slice_info(name)[1]  # noqa: E731
     threads = opts.threads or default_threads()
-    # the ILP of a calibrated matrix in a worker thread beside the next one's linear algebra
-    # (compression.encode), where a core is left for it
-    overlap = (calib_path is not None and threads < available_cores() and method.staged
-               and not (settings.budget_scope == "block" and method.joint))
+    # the ILPs of calibrated matrices in worker threads beside the next ones' linear algebra
+    # (compression.encode), on the cores left; at most 2 (each holds one more matrix's factors)
+    ilp_workers = min(MAX_ILP_WORKERS, available_cores() - threads) if (
+        calib_path is not None and method.staged and not (settings.budget_scope == "block" and method.joint)) else 0
     # the work folder is removed at the end, or on bad input found midway; an interruption keeps it for --resume
     with torch_threads(threads), work:
         todo = set(names)
@@ -110,7 +110,7 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
             for i, infos, grams in bar:
                 block = {info.name: (grams.pop(info.name), info.transposed) for info in infos if info.name in todo}
                 grams.clear()  # the runner's dict: emptied so that each Gram is freed once its linears are done
-                store(block_chunk(i), list(block), encode_block(block, load, settings, overhead, overlap))
+                store(block_chunk(i), list(block), encode_block(block, load, settings, overhead, ilp_workers))
                 del block
         rest = sorted(todo)
         if shard:  # this shard's contiguous share of the data-free tensors (the blocks' linears are never among them)
@@ -129,7 +129,7 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
             with timing.phase("write"):
                 write_shard(out, opts.overwrite, work, key, shard, names, covered, manifest_inputs, ft_ck.config_files())
             return {"shard": list(shard), "covered": covered, "sizes": {"wall_seconds": round(time.time() - t0, 2),
-                    "peak_rss_mib": round(peak_rss_mib(), 1), "threads": threads, "ilp_overlapped": overlap},
+                    "peak_rss_mib": round(peak_rss_mib(), 1), "threads": threads, "ilp_workers": ilp_workers},
                     "seconds_by_phase": timing.snapshot(), "resumed_chunks": len(work.resumed)}
         entries = work.entries()
         sources: dict[str, torch.Tensor | Path] = dict(work.tensor_files())
@@ -147,10 +147,13 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
     manifest["sizes"]["wall_seconds"] = round(time.time() - t0, 2)
     manifest["sizes"]["peak_rss_mib"] = round(peak_rss_mib(), 1)
     manifest["sizes"]["threads"] = threads
-    manifest["sizes"]["ilp_overlapped"] = overlap
+    manifest["sizes"]["ilp_workers"] = ilp_workers
     manifest["seconds_by_phase"] = timing.snapshot()
     manifest["resumed_chunks"] = len(work.resumed)
     return manifest
+
+
+MAX_ILP_WORKERS = 2
 
 
 def model_context(base_ck: Checkpoint, ft_ck: Checkpoint, windows: list[torch.Tensor] | None, opts: Options) -> ModelContext:
