@@ -138,7 +138,7 @@ def main() -> None:
                      f"{r['sizes'].get('ilp_workers', 0)} | {r['sizes']['peak_rss_mib']:.0f} |")
     lines += ["", "`x bare full SVD`: the whole run, start to artifact, over the bare full SVDs of all its deltas "
               "(per block, the same ratio).", "",
-              "| threads | bare full SVD s (all deltas) | bare Gram SVD s | Gram / full | max |s_gram - s_full| / s_1 |",
+              "| threads | bare full SVD s (all deltas) | bare Gram SVD s | Gram / full | largest abs(s_gram - s_full) / s_1 |",
               "|---|---|---|---|---|"]
     for t, s in sticks.items():
         lines.append(f"| {t} | {s['full']:.1f} | {s['gram']:.1f} | {s['gram'] / s['full']:.2f} | {s['s_rel_diff']:.1e} |")
