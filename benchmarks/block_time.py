@@ -70,6 +70,16 @@ def child(code: str, *args: str, threads: int) -> dict:
     return json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
 
 
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    """The synthetic model's shape (bounded_memory.py's pairs; default width 1024), the work and out folders."""
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--intermediate", type=int, default=2752)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--blocks", type=int, default=4)
+    ap.add_argument("--work", default=str(Path.home() / ".cache" / "adamix" / "bench" / "bounded"))
+    ap.add_argument("--out", default=str(Path(__file__).parent.parent / "docs" / "results"))
+
+
 def lines_svd_only(args, commit: str, nb: int) -> list[str]:
     from adamix.threads import available_cores
     return [f"# Bare SVDs of a synthetic Llama-shaped model's deltas (hidden {args.hidden}, intermediate "
@@ -86,17 +96,12 @@ def main() -> None:
     from adamix.io.text import default_calibration_file
     from adamix.threads import available_cores
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--intermediate", type=int, default=2752)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--blocks", type=int, default=4)
+    add_model_args(ap)
     ap.add_argument("--svd", default="full,gram")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--svd-only", action="store_true", help="only the bare SVDs (the yardstick and the Gram SVD)")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=256)
-    ap.add_argument("--work", default=str(Path.home() / ".cache" / "adamix" / "bench" / "bounded"))
-    ap.add_argument("--out", default=str(Path(__file__).parent.parent / "docs" / "results"))
     args = ap.parse_args()
     commit = git_commit()
     bm.set_shape(args.hidden, args.intermediate, args.heads)

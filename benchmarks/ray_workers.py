@@ -35,17 +35,12 @@ print("RESULT " + json.dumps({"sizes": m["sizes"]}))
 
 def main() -> None:
     import bounded_memory as bm
-    from block_time import child
+    from block_time import add_model_args, child
     from peers import git_commit
     from adamix.io.text import default_calibration_file
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--intermediate", type=int, default=2752)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--blocks", type=int, default=4)
+    add_model_args(ap)
     ap.add_argument("--configs", default="local:1x2,ray:1x2,ray:2x1")
-    ap.add_argument("--work", default=str(Path.home() / ".cache" / "adamix" / "bench" / "bounded"))
-    ap.add_argument("--out", default=str(Path(__file__).parent.parent / "docs" / "results"))
     args = ap.parse_args()
     commit = git_commit()
     bm.set_shape(args.hidden, args.intermediate, args.heads)
