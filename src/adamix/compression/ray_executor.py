@@ -107,7 +107,8 @@ def compress_ray(base: str, finetuned: str, out, **options) -> dict:
     except ray.exceptions.RayTaskError as e:  # an AdamixError (bad input) inside a task: its one line
         cause = e.cause if isinstance(getattr(e, "cause", None), Exception) else e
         if isinstance(cause, AdamixError):
-            shutil.rmtree(work, ignore_errors=True)
+            if not opts.resume:  # bad input found midway: the work is of no use (kept when resuming, e.g. a mismatch)
+                shutil.rmtree(work, ignore_errors=True)
             raise cause from None
         raise
     finally:
