@@ -7,7 +7,8 @@ Each configuration is one `adamix compress` (adamix, 1/16, calibrated) in a chil
 the other: `local:1xT` is the single process with T threads; `ray:NxT` is `--executor ray --workers N
 --threads T` (Ray started on this machine, its start-up counted). Reports the wall time start to
 artifact, the speed-up over the first configuration, and whether the artifact is byte-identical to
-the first one's. Writes docs/results/ray_workers_<hidden>.md and .json with the command and commit.
+the local run with the same threads per process (floating-point sums may differ between thread
+counts, so that is the comparison the byte identity is about). Writes docs/results/ray_workers_<hidden>.md and .json with the command and commit.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def main() -> None:
     from adamix.io.text import default_calibration_file
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_args(ap)
-    ap.add_argument("--configs", default="local:1x2,ray:1x2,ray:2x1")
+    ap.add_argument("--configs", default="local:1x2,local:1x1,ray:1x2,ray:2x1")
     args = ap.parse_args()
     commit = git_commit()
     bm.set_shape(args.hidden, args.intermediate, args.heads)
