@@ -1,14 +1,15 @@
 """Ray on this machine: N workers x T threads against one process, on a synthetic Llama-shaped model.
 
     python benchmarks/ray_workers.py [--hidden 1024 --intermediate 2752 --heads 8] [--blocks 4]
-                                     [--configs local:1x2,ray:1x2,ray:2x1] [--out docs/results]
+                                     [--configs local:1x2,local:1x1,ray:1x2,ray:2x1] [--out docs/results]
 
 Each configuration is one `adamix compress` (adamix, 1/16, calibrated) in a child process, one after
 the other: `local:1xT` is the single process with T threads; `ray:NxT` is `--executor ray --workers N
 --threads T` (Ray started on this machine, its start-up counted). Reports the wall time start to
 artifact, the speed-up over the first configuration, and whether the artifact is byte-identical to
 the local run with the same threads per process (floating-point sums may differ between thread
-counts, so that is the comparison the byte identity is about). Writes docs/results/ray_workers_<hidden>.md and .json with the command and commit.
+counts, so that is the comparison the byte identity is about). Writes docs/results/ray_workers_<hidden>.md
+and .json with the command and commit.
 """
 
 from __future__ import annotations
@@ -71,11 +72,13 @@ def main() -> None:
              f"Produced by `python benchmarks/ray_workers.py {' '.join(sys.argv[1:])}` at commit `{commit}`, CPU, "
              "runs one at a time; adamix at 1/16, calibration 32 windows x 256 tokens. `local:1xT`: one process, T "
              "threads; `ray:NxT`: `--executor ray --workers N --threads T`, Ray started here (its start-up counted).", "",
-             "| configuration | wall s | speed-up over the first | peak RSS MiB (largest process) | same bytes as the first |",
+             "| configuration | wall s | speed-up over the first | peak RSS MiB (largest process) | same bytes as local, same threads |",
              "|---|---|---|---|---|"]
+    local = {r["config"].split("x")[1]: r["sha"] for r in rows if r["config"].startswith("local:")}
     for r in rows:
+        same = local.get(r["config"].split("x")[1])
         lines.append(f"| {r['config']} | {r['wall_s']:.1f} | {first['wall_s'] / r['wall_s']:.2f} | {r['peak_rss_mib']:.0f} | "
-                     f"{'yes' if r['sha'] == first['sha'] else 'NO'} |")
+                     f"{'-' if same is None or r['config'].startswith('local:') else 'yes' if r['sha'] == same else 'NO'} |")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
