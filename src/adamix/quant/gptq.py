@@ -18,33 +18,34 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from scipy.linalg import lapack
 
 from .grid import dequantize, expand_groups, fit_grid, n_groups, quantize, rtn
 from ..timing import timed
 
 
 def cholesky_inverse_upper(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1, float32 (n x n).
+    """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1, float32 (n x n), on H's device.
 
     Columns with H_jj == 0 (inputs that never fire) get H_jj = 1; their mask is returned too.
-    LAPACK in place on one float32 copy (potrf, potri, potrf; float32 as in the reference GPTQ, the
-    damping keeps it well conditioned), which is also the result: for a 11008-wide H that is 0.5 GB of
-    work memory instead of 5.
+    torch.linalg throughout (factor, inverse from the factor, factor of the inverse; float32 as in the
+    reference GPTQ, the damping keeps it well conditioned), so that the threads are torch's, set by
+    `--threads` like every other step (LAPACK called through SciPy used its own thread pool, sized by
+    the environment, and its rounding changed with it), and it runs on a GPU as well. Each step's
+    input is freed before the next: at most two n x n float32 matrices at a time.
     """
     A = H.to(torch.float32, copy=True)
     diag = A.diagonal()
     dead = diag == 0
     diag[dead] = 1.0
     diag.add_(damp * diag.mean())
-    a = A.numpy().T  # Fortran-ordered view of the same memory (A is symmetric)
-    for step, fn, kw in (("factor", lapack.spotrf, {"clean": 0, "overwrite_a": 1}),
-                         ("inverse", lapack.spotri, {"overwrite_c": 1}),
-                         ("factor of the inverse", lapack.spotrf, {"clean": 1, "overwrite_a": 1})):
-        a, info = fn(a, lower=1, **kw)
-        if info != 0:
-            raise RuntimeError(f"GPTQ: Cholesky {step} failed (LAPACK info {info}); the Gram is not positive definite")
-    return torch.from_numpy(a.T), dead  # a holds L with L L^T = Hinv; the upper factor is L^T
+    for step in ("factor", "inverse", "factor of the inverse"):
+        if step == "inverse":
+            A = torch.cholesky_inverse(A)
+            continue
+        A, info = torch.linalg.cholesky_ex(A, upper=step != "factor")
+        if int(info) != 0:
+            raise RuntimeError(f"GPTQ: Cholesky {step} failed (info {int(info)}); the Gram is not positive definite")
+    return A, dead
 
 
 def gptq(
