@@ -53,6 +53,16 @@ def first_difference(old: dict, new: dict) -> str:
     return "run"
 
 
+def tensor_files(folder: Path, chunks: list[str]) -> dict[str, Path]:
+    """Stored tensor name -> the file of `chunks` (in that order) in `folder` that holds it."""
+    where = {}
+    for chunk in chunks:
+        path = folder / f"{chunk}.safetensors"
+        with safe_open(str(path), framework="pt") as f:
+            where.update({k: path for k in f.keys()})
+    return where
+
+
 class PartialRun:
     """The chunks written so far for one run, identified by `key` (a JSON-able dict).
 
@@ -113,13 +123,7 @@ class PartialRun:
 
     def tensor_files(self) -> dict[str, Path]:
         """Stored tensor name -> the chunk file holding it."""
-        where = {}
-        for chunk in self.chunks():
-            path = self.folder / f"{chunk}.safetensors"
-            with safe_open(str(path), framework="pt") as f:
-                for k in f.keys():
-                    where[k] = path
-        return where
+        return tensor_files(self.folder, self.chunks())
 
     def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
         """The stored tensors `keys`, each chunk file opened once."""

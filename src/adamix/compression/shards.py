@@ -26,7 +26,7 @@ from ..errors import AdamixError
 from ..io.artifact import AtomicFolder, prepare_output, write_artifact
 from ..io.manifest import build_manifest
 from ..methods import Settings
-from .partial import PartialRun, first_difference
+from .partial import PartialRun, first_difference, tensor_files
 
 SHARD_FILE = "shard.json"
 SHARD_FORMAT = "adamix-shard"
@@ -131,12 +131,8 @@ def assemble(shards: list[str | os.PathLike], out: str | os.PathLike, overwrite:
     where = {chunk: f for f, rec in zip(folders, recs) for chunk in rec["chunks"]}
     entries, sources = {}, {}
     for chunk in sorted(where):  # the single run's order: chunks by name
-        record = json.loads((where[chunk] / f"{chunk}.json").read_text())
-        entries.update(record["entries"])
-        from safetensors import safe_open
-        path = where[chunk] / f"{chunk}.safetensors"
-        with safe_open(str(path), framework="pt") as fh:
-            sources.update({k: path for k in fh.keys()})
+        entries.update(json.loads((where[chunk] / f"{chunk}.json").read_text())["entries"])
+        sources.update(tensor_files(where[chunk], [chunk]))
     mi = first["manifest"]
     manifest = build_manifest(mi["base_fingerprint"], mi["finetune_config_fingerprint"], entries, mi["dropped"],
                               Settings(**{**mi["settings"], "widths": tuple(mi["settings"]["widths"])}), mi["extra"])

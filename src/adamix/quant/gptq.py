@@ -38,14 +38,19 @@ def cholesky_inverse_upper(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, 
     dead = diag == 0
     diag[dead] = 1.0
     diag.add_(damp * diag.mean())
-    for step in ("factor", "inverse", "factor of the inverse"):
-        if step == "inverse":
-            A = torch.cholesky_inverse(A)
-            continue
-        A, info = torch.linalg.cholesky_ex(A, upper=step != "factor")
-        if int(info) != 0:
-            raise RuntimeError(f"GPTQ: Cholesky {step} failed (info {int(info)}); the Gram is not positive definite")
-    return A, dead
+    L = factor(A, "factor", upper=False)
+    del A
+    Hinv = torch.cholesky_inverse(L)
+    del L
+    return factor(Hinv, "factor of the inverse", upper=True), dead
+
+
+def factor(A: torch.Tensor, step: str, upper: bool) -> torch.Tensor:
+    """Cholesky factor of A (lower, or upper), or a RuntimeError naming the step."""
+    F, info = torch.linalg.cholesky_ex(A, upper=upper)
+    if int(info) != 0:
+        raise RuntimeError(f"GPTQ: Cholesky {step} failed (info {int(info)}); the Gram is not positive definite")
+    return F
 
 
 def gptq(
