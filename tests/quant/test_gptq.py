@@ -397,3 +397,12 @@ def test_target_correction_beats_plain_svd_factor():
     e_star = h_error(Ustar @ Vhat, D, X)
     e_svd = h_error((Uf[:, :k] * s[:k]) @ Vhat, D, X)
     assert e_star < 0.9 * e_svd
+
+
+def test_cholesky_of_a_gram_that_is_not_positive_definite_is_refused():
+    from adamix.quant.gptq import cholesky_inverse_upper
+    with pytest.raises(RuntimeError, match="GPTQ: Cholesky factor failed .* not positive definite"):
+        cholesky_inverse_upper(-torch.eye(8), damp=0.01)
+    C, dead = cholesky_inverse_upper(torch.diag(torch.tensor([4.0, 0.0, 1.0])), damp=0.0)
+    assert dead.tolist() == [False, True, False]
+    torch.testing.assert_close(C.T @ C, torch.diag(torch.tensor([0.25, 1.0, 1.0])))  # C^T C = (H, dead -> 1)^-1
