@@ -66,8 +66,9 @@ class _Catch(Exception):
 class BlockRunner:
     """Runs calibration windows through a checkpoint one block at a time (see module doc)."""
 
-    def __init__(self, ckpt: Checkpoint, windows: list[torch.Tensor], device: str = "cpu"):
+    def __init__(self, ckpt: Checkpoint, windows: list[torch.Tensor], device: str = "cpu", grams_on_device: bool = False):
         self.ckpt, self.device = ckpt, torch.device(device)
+        self.grams_on = self.device if grams_on_device else torch.device("cpu")
         self.model = model_skeleton(ckpt.folder)
         self.names = state_name_map(self.model, ckpt.keys())
         self.blocks_name, self.blocks = find_blocks(self.model)
@@ -125,7 +126,8 @@ class BlockRunner:
 
     def run(self, skip: frozenset[int] = frozenset(), stop: int | None = None
             ) -> Iterator[tuple[int, list[LinearInfo], dict[str, torch.Tensor]]]:
-        """For each block i < stop (default: all): (i, its linears, {weight name: H (n x n float32)}). The
+        """For each block i < stop (default: all): (i, its linears, {weight name: H (n x n float32), on
+        the runner's device with grams_on_device, else on the CPU}). The
         block's outputs become the next block's inputs. Blocks in `skip` (already compressed by an
         interrupted run, or another shard's) are only run forward, without Grams, and not yielded. A
         block's weights are freed before it is yielded, so the caller's work on it shares memory with
@@ -157,7 +159,7 @@ class BlockRunner:
                         raise AdamixError(f"calibration: the inputs of {name} overflow float32 (NaN or Inf)")
                 self.inputs = outs
                 block.to("meta")
-                grams = {k: v.cpu() for k, v in grams.items()}
+                grams = {k: v.to(self.grams_on) for k, v in grams.items()}
                 grams.update({k: grams[v] for k, v in alias.items()})
             if i not in skip:
                 yield i, infos, grams

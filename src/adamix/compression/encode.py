@@ -10,15 +10,18 @@ from typing import Callable
 import torch
 
 from ..memory import release_freed_memory
-from ..methods import Encoded, Settings, budget_bits, compress_with, get
+from ..methods import Encoded, Method, Settings, budget_bits, compress_with, get
 from ..methods.raw import encode_raw
 from ..methods.rows import compress_rows
 from .plan import is_svd_shape
 
 
 def encode_block(names: dict[str, tuple[torch.Tensor | None, bool]], load: Callable[[str], torch.Tensor],
-                 settings: Settings, overhead: float, ilp_workers: int = 0) -> dict[str, tuple[Encoded, bool]]:
+                 settings: Settings, overhead: float, ilp_workers: int = 0,
+                 device: torch.device | str = "cpu") -> dict[str, tuple[Encoded, bool]]:
     """Encode the deltas of one block {name: (H float32 or None, transposed)}; load(name) gives D.
+    Each matrix's linear algebra runs on `device` if the method can (Method.device_resident; see
+    `placed`), its stored tensors are returned on the CPU.
 
     One tensor at a time: entries are popped from `names` as they are encoded, so a Gram is freed once
     the last linear sharing it is done, and a D lives only while it is encoded. The Gram stays float32
@@ -50,6 +53,8 @@ def encode_block(names: dict[str, tuple[torch.Tensor | None, bool]], load: Calla
             H, transposed = names.pop(name)  # float32: products with it run in float32, sums in float64
             D = load(name)
             svd_shaped = bool(D.any()) and is_svd_shape(tuple(D.shape))
+            if svd_shaped:
+                D, H = placed(D, H, method, device)
             if shared and svd_shaped:
                 Dl = D.T if transposed else D
                 joint.append((name, transposed, method.analyse(Dl, H, settings, overhead * D.numel())))
@@ -61,7 +66,7 @@ def encode_block(names: dict[str, tuple[torch.Tensor | None, bool]], load: Calla
                 del D, H, prepared
                 continue
             settle()
-            enc = encode_tensor(D, H, transposed, settings, overhead)
+            enc = encode_tensor(D, H, transposed, settings, overhead, device=device)
             if enc is not None:
                 out[name] = (enc, transposed)
             del D, H
@@ -74,22 +79,34 @@ def encode_block(names: dict[str, tuple[torch.Tensor | None, bool]], load: Calla
 
 
 def encode_tensor(D: torch.Tensor, H: torch.Tensor | None, transposed: bool, settings: Settings,
-                  overhead: float = 0.0, **shared) -> Encoded | None:
+                  overhead: float = 0.0, device: torch.device | str = "cpu", **shared) -> Encoded | None:
     """The stored form of one delta (None if it is exactly zero); overhead: bits per element reserved.
+    The method's linear algebra runs on `device` where it can (`placed`), the row-sparse alternative
+    and raw tensors on the CPU; the stored tensors are on the CPU.
 
     shared: precomputed pieces (factors, analysis: see methods.compress_with; rows: the row-sparse
     alternative of a data-free matrix at this budget)."""
     if not bool(D.any()):
         return None
     if is_svd_shape(tuple(D.shape)):
-        enc = compress_with(D.T if transposed else D, H, settings, overhead * D.numel(),
+        Dm, Hm = placed(D, H, get(settings.method), device)
+        enc = compress_with(Dm.T if transposed else Dm, Hm, settings, overhead * D.numel(),
                             shared.get("factors"), shared.get("analysis"))
+        del Dm, Hm
         if H is None:  # data-free matrices (embeddings, heads): keep the better of the method and row-sparse
-            alt = shared.get("rows") or row_sparse(D, settings, overhead)
+            alt = shared.get("rows") or row_sparse(D.cpu(), settings, overhead)
             if alt.stats["error_measured"] < enc.stats["error_measured"]:
                 return alt
         return enc
-    return encode_raw(D)
+    return encode_raw(D.cpu())
+
+
+def placed(D: torch.Tensor, H: torch.Tensor | None, method: Method, device: torch.device | str
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """D and H where the method's linear algebra runs: on `device` for a Method.device_resident
+    method, else on the CPU (the Grams of a calibration on a GPU come back)."""
+    where = torch.device(device) if method.device_resident else torch.device("cpu")
+    return D.to(where), None if H is None else H.to(where)
 
 
 def row_sparse(D: torch.Tensor, settings: Settings, overhead: float) -> Encoded:

@@ -73,11 +73,10 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
     shard = parse_shard(opts.shard)
     work = PartialRun(out, {**key, "shard": list(shard)} if shard else key, resume=opts.resume, overwrite=opts.overwrite)
     dtype_of = lambda name: base_ck.slice_info(name)[1]  # noqa: E731
-    threads = opts.threads or default_threads()
-    # the ILPs of calibrated matrices in worker threads beside the next ones' linear algebra
-    # (compression.encode), on the cores left; at most 2 (each holds one more matrix's factors)
-    ilp_workers = min(MAX_ILP_WORKERS, available_cores() - threads) if (
-        calib_path is not None and method.staged and not (settings.budget_scope == "block" and method.joint)) else 0
+    device = torch.device(opts.device)
+    on_gpu = device.type == "cuda" and method.device_resident
+    staged = calib_path is not None and method.staged and not (settings.budget_scope == "block" and method.joint)
+    threads, ilp_workers = cpu_plan(opts.threads, on_gpu, staged)
     # the work folder is removed at the end, or on bad input found midway; an interruption keeps it for --resume
     with torch_threads(threads), work:
         todo = set(names)
@@ -102,7 +101,7 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
             except Exception as e:
                 raise AdamixError(f"{ft_ck.folder}: cannot load the fine-tune's tokenizer ({e})") from None
             windows = token_windows(text, tokenizer, opts.samples, opts.seqlen)
-            runner = BlockRunner(ft_ck, windows, opts.device)
+            runner = BlockRunner(ft_ck, windows, opts.device, grams_on_device=on_gpu)
             mine = share(len(runner.blocks), shard) if shard else range(len(runner.blocks))
             skip = frozenset(i for i in range(len(runner.blocks)) if i not in mine or work.done(block_chunk(i)))
             bar = tqdm(runner.run(skip, stop=mine.stop), total=len(mine), initial=len(set(mine) & skip),
@@ -110,14 +109,14 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
             for i, infos, grams in bar:
                 block = {info.name: (grams.pop(info.name), info.transposed) for info in infos if info.name in todo}
                 grams.clear()  # the runner's dict: emptied so that each Gram is freed once its linears are done
-                store(block_chunk(i), list(block), encode_block(block, load, settings, overhead, ilp_workers))
+                store(block_chunk(i), list(block), encode_block(block, load, settings, overhead, ilp_workers, device))
                 del block
         rest = sorted(todo)
         if shard:  # this shard's contiguous share of the data-free tensors (the blocks' linears are never among them)
             data_free = sorted(set(names) - (runner.linear_names() if windows is not None else set()))
             rest = [n for n in (data_free[i] for i in share(len(data_free), shard)) if n in todo]
         for name in tqdm(rest, desc="compress other tensors (data-free)", disable=not opts.progress or not rest, unit="tensor"):
-            enc = encode_tensor(load(name), None, False, settings, overhead)
+            enc = encode_tensor(load(name), None, False, settings, overhead, device=device)
             store("rest-" + name.replace(os.sep, "_"), [name], {name: (enc, False)} if enc is not None else {})
             release_freed_memory()
 
@@ -153,7 +152,24 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
     return manifest
 
 
-MAX_ILP_WORKERS = 2
+MAX_ILP_WORKERS = 2  # on the CPU: each worker holds one more matrix's factors in memory
+MAX_ILP_WORKERS_GPU = 4  # with the linear algebra on a GPU: the factors wait in the device's memory
+
+
+def cpu_plan(threads: int | None, on_gpu: bool, staged: bool) -> tuple[int, int]:
+    """(torch's CPU threads, ILP worker threads) for a run; together never more than the cores.
+
+    CPU: `threads` (default: default_threads()) for the linear algebra; the ILPs of calibrated
+    matrices (a staged method, compression.encode) run in worker threads on the cores left, at most
+    MAX_ILP_WORKERS. GPU: the linear algebra runs on the device, so the ILP workers come first (up to
+    MAX_ILP_WORKERS_GPU, one core kept for the main thread) and torch's threads get the rest.
+    """
+    cores = available_cores()
+    if on_gpu and staged:
+        threads = threads or max(1, cores - min(MAX_ILP_WORKERS_GPU, cores - 1))
+        return threads, max(0, min(MAX_ILP_WORKERS_GPU, cores - threads))
+    threads = threads or default_threads()
+    return threads, max(0, min(MAX_ILP_WORKERS, cores - threads)) if staged else 0
 
 
 def model_context(base_ck: Checkpoint, ft_ck: Checkpoint, windows: list[torch.Tensor] | None, opts: Options) -> ModelContext:

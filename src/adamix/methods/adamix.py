@@ -58,7 +58,7 @@ def analyse(D: torch.Tensor, H: torch.Tensor | None, settings: Settings, overhea
     kept = max_kept(costs, budget) if prune and (costs > 0).any() else None
     if kept is not None and settings.max_rank is not None:
         kept = min(kept, settings.max_rank)  # a cap keeps fewer: the pruning argument holds for the smaller count
-    table = error_table(s, U, V, H, list(settings.widths), g, max_kept=kept).numpy()
+    table = error_table(s, U, V, H, list(settings.widths), g, max_kept=kept).cpu().numpy()
     return Analysis(D, H, U, s, V, table, costs, budget, budget if kept is not None else None,
                     settings.max_rank if kept is not None else None)
 
@@ -150,7 +150,7 @@ def quantize_factors(D: torch.Tensor, H: torch.Tensor | None, U: torch.Tensor, s
     gains (k,): e_i(0) - e_i(b_i) in the error table's units, stored relative to E(0) = ||D X||^2."""
     m, n = D.shape
     g = settings.group_size
-    bits = torch.tensor(widths, dtype=torch.int64)
+    bits = torch.tensor(widths, dtype=torch.int64, device=D.device)
     energy = output_error(None, D, H)
     relative = (gains.double() / energy).clamp(0.0, 1.0) if energy > 0 else torch.zeros(len(widths), dtype=torch.float64)
     if not widths:  # nothing fits the budget: D^ = 0
@@ -167,13 +167,18 @@ def quantize_factors(D: torch.Tensor, H: torch.Tensor | None, U: torch.Tensor, s
         else:  # Delta-CoMe: quantize U S itself, GPTQ on the quantized V's outputs compensating
             Ustar = (U * s).float()
         uq = rtn_columns(Ustar, bits, g) if H is None else gptq_columns(Ustar, Gz.float(), bits, g, damp=settings.damp)
-        enc = encode_factors((m, n), widths, g, vq, uq, relative)
-        Ud, Vd = factors((m, n), enc.meta, enc.tensors)  # what was stored, decoded: D^ = U^ V^ (exact product)
+        enc = encode_factors((m, n), widths, g, on_cpu(vq), on_cpu(uq), relative)
+        Ud, Vd = (t.to(D.device) for t in factors((m, n), enc.meta, enc.tensors))  # what was stored: D^ = U^ V^
         measured = factored_error(Ud, rhs, Gz, energy) if torch.equal(Vd, vq["deq"]) else 0.0
         if measured < 1e-4 * energy:  # V^ not the one of rhs and Gz, or near cancellation: a pass over D H D^T
             measured = output_error(Ud.double() @ Vd.double(), D, H)
         enc.stats = {"rank_kept": len(widths), **relative_errors(measured, energy, predicted)}
     return enc
+
+
+def on_cpu(q: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A GPTQ result (codes, grids, deq) on the CPU, for packing."""
+    return {k: v.cpu() for k, v in q.items()}
 
 
 def target_correction(D: torch.Tensor, H: torch.Tensor | None, Vhat: torch.Tensor, damp: float,
@@ -197,6 +202,7 @@ class Adamix(Method):
     unit = "singular triplet or row"
     options = frozenset({"whiten", "budget_scope", "max_rank", "svd"})
     kinds = ("svd-mixed",)
+    device_resident = True
     joint = True
 
     def item_bits(self, m, n, settings):

@@ -86,7 +86,7 @@ def error_table(s: torch.Tensor, U: torch.Tensor, V: torch.Tensor, H: torch.Tens
     order = torch.argsort(e0, descending=True, stable=True)
     table = e0[:, None].repeat(1, len(widths))
     done = 0
-    while done < r and (done < max_kept or float(e0[order[done]]) >= keep_threshold(table[order[:done]], zero, max_kept)):
+    while done < r and (done < max_kept or float(e0[order[done]]) >= keep_threshold(table[order[:done]].cpu(), zero, max_kept)):
         rows = order[done:done + chunk]
         table[rows] = _table_rows(s2, U, V, H, widths, group_size, rows, chunk)
         done += len(rows)
@@ -98,7 +98,7 @@ def _table_rows(s2: torch.Tensor, U: torch.Tensor, V: torch.Tensor, H: torch.Ten
     """error_table's rows `rows` (in that order), `chunk` triplets at a time; (len(rows), len(widths))."""
     gu, gv = min(group_size, U.shape[0]), min(group_size, V.shape[0])
     dtype = H.dtype if H is not None else torch.float64
-    out = torch.zeros(len(rows), len(widths), dtype=torch.float64)
+    out = torch.zeros(len(rows), len(widths), dtype=torch.float64, device=U.device)
     for i in range(0, len(rows), chunk):
         idx = rows[i:i + chunk]
         u, v = U[:, idx].T.double(), V[:, idx].T.double()  # (c, m), (c, n)
@@ -109,7 +109,7 @@ def _table_rows(s2: torch.Tensor, U: torch.Tensor, V: torch.Tensor, H: torch.Ten
             if b == 0:
                 out[i:i + chunk, j] = s2[idx] * vHv
                 continue
-            full = torch.full((len(idx),), b)
+            full = torch.full((len(idx),), b, device=U.device)
             du = rtn(u, full, gu)["deq"].double() - u
             dv = rtn(v, full, gv)["deq"].double() - v
             dHd, dHv = gram_rows(dv, dv, H), (vH * dv).sum(1)

@@ -68,6 +68,7 @@ class DeltaCoMe(Method):
     unit = "singular triplet or row"
     options = frozenset({"max_rank", "svd"})
     kinds = ("svd-mixed",)
+    device_resident = True
 
     def item_bits(self, m, n, settings):
         b = min(w for w in WIDTHS if w > 0)

@@ -90,6 +90,9 @@ class Method:
     needs_calibration: ClassVar[bool] = False
     kinds: ClassVar[tuple[str, ...]] = ()
     joint: ClassVar[bool] = False
+    # compress runs on the device of D and H (a CUDA GPU with --device cuda) and returns its stored
+    # tensors on the CPU; False: the pipeline gives it D and H on the CPU whatever --device says
+    device_resident: ClassVar[bool] = False
 
     def check(self, settings: Settings) -> None:
         """Refuse settings this method cannot meet (one AdamixError). Default: accept."""

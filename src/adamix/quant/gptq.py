@@ -94,8 +94,8 @@ def gptq_rows(W: torch.Tensor, H: torch.Tensor, bits: torch.Tensor, group_size: 
     """
     k, n = W.shape
     g = min(group_size, n)
-    codes = torch.zeros(k, n, dtype=torch.uint8)
-    scale = torch.zeros(k, n_groups(n, g))
+    codes = torch.zeros(k, n, dtype=torch.uint8, device=W.device)
+    scale = torch.zeros(k, n_groups(n, g), device=W.device)
     offset = torch.zeros_like(scale)
     block = g * max(1, 128 // g)  # a multiple of g: each group is fitted on fully updated values
 
@@ -120,8 +120,8 @@ def gptq_columns(W: torch.Tensor, H: torch.Tensor, bits: torch.Tensor, group_siz
     """
     m, k = W.shape
     g = min(group_size, m)
-    codes = torch.zeros(k, m, dtype=torch.uint8)
-    scale = torch.zeros(k, n_groups(m, g))
+    codes = torch.zeros(k, m, dtype=torch.uint8, device=W.device)
+    scale = torch.zeros(k, n_groups(m, g), device=W.device)
     offset = torch.zeros_like(scale)
 
     def quantize_column(j: int, rest: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,7 @@ def fit_grid(x: torch.Tensor, bits: torch.Tensor, group_size: int) -> tuple[torc
     xg = _grouped(x.float(), group_size)
     maxq = (2.0 ** bits.to(torch.float32) - 1).view(-1, 1, 1)
     lo, hi = xg.amin(dim=2, keepdim=True), xg.amax(dim=2, keepdim=True)
-    best_err = torch.full(lo.shape, float("inf"))
+    best_err = torch.full(lo.shape, float("inf"), device=lo.device)
     best_scale = torch.zeros_like(lo)
     best_offset = torch.zeros_like(lo)
     for p in SHRINKS:

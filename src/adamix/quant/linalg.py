@@ -79,15 +79,15 @@ def gram_rows(A: torch.Tensor, B: torch.Tensor, H: torch.Tensor | None, chunk: i
     for i in range(0, A.shape[0], chunk):
         a, b = A[i:i + chunk].to(dtype), B[i:i + chunk].to(dtype)
         out.append(((a if H is None else a @ H) * b).sum(1, dtype=torch.float64))
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64, device=A.device)
 
 
 def matmul64(A: torch.Tensor, B: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """A B in float64 (r, k) for A (r, n) in any dtype (a float32 Gram H, a float32 delta D) and B (n, k):
     rows of A converted to float64 `chunk` at a time, an exact product without a float64 copy of A
-    (1 GB for an 11008-wide Gram, 360 MB for a 4096 x 11008 delta)."""
+    (1 GB for an 11008-wide Gram, 360 MB for a 4096 x 11008 delta). On A's device."""
     B = B.double()
-    out = torch.empty(A.shape[0], B.shape[1], dtype=torch.float64)
+    out = torch.empty(A.shape[0], B.shape[1], dtype=torch.float64, device=A.device)
     for i in range(0, A.shape[0], chunk):
         out[i:i + chunk] = A[i:i + chunk].double() @ B
     return out
