@@ -12,7 +12,9 @@ The choice x_ib in {0, 1} solves the multiple-choice knapsack
     min sum_ib e_i(b) x_ib   s.t.  sum_b x_ib = 1 (each i),  sum_ib cost_b x_ib <= budget
                                    [sum_{i in g, b > 0} x_ib <= R for each matrix g: a rank cap]
 
-exactly with scipy.optimize.milp (HiGHS branch and bound).
+exactly: by the bounded Pareto frontier of methods.frontier (Lagrangian bound, reduced-cost fixing,
+dynamic programming over the items left free), or, with a rank cap or where that frontier grows too
+large, by scipy.optimize.milp (HiGHS branch and bound).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from scipy.sparse import csr_matrix
 
 from typing import Callable
 
+from . import frontier
 from ..quant.grid import rtn
 from ..quant.linalg import gram_rows
 from ..timing import timed
@@ -120,7 +123,7 @@ def _table_rows(s2: torch.Tensor, U: torch.Tensor, V: torch.Tensor, H: torch.Ten
 
 def solve_allocation(errors: np.ndarray, costs: np.ndarray, budget: float, time_limit: float = 60.0,
                      cap: int | None = None, groups: np.ndarray | None = None) -> np.ndarray:
-    """Exact multiple-choice knapsack by MILP. errors: (r, B); costs: (B,) or (r, B), a zero cost in
+    """Exact multiple-choice knapsack (frontier.solve, else HiGHS's MILP). errors: (r, B); costs: (B,) or (r, B), a zero cost in
     every row (width 0). cap: at most this many rows of each group kept at a width of non-zero cost
     (groups: (r,) a group id per row, e.g. the matrix a triplet belongs to; None: one group).
 
@@ -144,6 +147,11 @@ def solve_allocation(errors: np.ndarray, costs: np.ndarray, budget: float, time_
             choice = np.full(r, int(zero[0]))
             if live.any():
                 choice[live] = solve_allocation(errors[live], costs[0], budget, time_limit, cap, groups[live])
+            return choice
+    if cap is None:  # the exact frontier (methods.frontier); HiGHS where its frontier grows too large
+        zero_cols = costs.argmin(axis=1)
+        choice = frontier.solve(errors[np.arange(r), zero_cols][:, None] - errors, costs, budget)
+        if choice is not None:
             return choice
     # HiGHS stops within an absolute gap of 1e-6 that milp cannot change: scale the objective up so
     # that gap is negligible (1e-13 of the largest error) and the answer exact for practical purposes.
