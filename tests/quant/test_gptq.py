@@ -406,3 +406,18 @@ def test_cholesky_of_a_gram_that_is_not_positive_definite_is_refused():
     C, dead = cholesky_inverse_upper(torch.diag(torch.tensor([4.0, 0.0, 1.0])), damp=0.0)
     assert dead.tolist() == [False, True, False]
     torch.testing.assert_close(C.T @ C, torch.diag(torch.tensor([0.25, 1.0, 1.0])))  # C^T C = (H, dead -> 1)^-1
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_grid_fit_at_once_is_the_loop_bit_for_bit(seed):
+    # fit_grid tries every shrink at once (GPU, small inputs) or one after the other: the same grids
+    g = torch.Generator().manual_seed(seed)
+    for trial in range(40):
+        k, L = int(torch.randint(1, 30, (1,), generator=g)), int(torch.randint(1, 500, (1,), generator=g))
+        x = torch.randn(k, L, generator=g) * 10 ** float(torch.randint(-4, 2, (1,), generator=g))
+        if trial % 5 == 0:
+            x = torch.round(x * 4) / 4  # equal errors between shrinks: the first one must win in both
+        bits = torch.randint(1, 9, (k,), generator=g)
+        xg, maxq = grid._grouped(x, 16), (2.0 ** bits.float() - 1).view(-1, 1, 1)
+        a, b = grid._fit_loop(xg, maxq), grid._fit_at_once(xg, maxq)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

@@ -77,7 +77,8 @@ class Options:
                                f"(default {','.join(map(str, _DEFAULT.widths))})")
     group_size: int = option(_DEFAULT.group_size, f"entries per quantization group (default {_DEFAULT.group_size})",
                              type=int)
-    device: str = option("cpu", "cpu or cuda[:N] for the calibration passes (default cpu)")
+    device: str = option("cpu", "cpu or cuda[:N]: calibration and, for adamix and deltacome, the per-matrix "
+                                "linear algebra (default cpu)")
     threads: int | None = option(None, "CPU threads for the linear algebra (default: OMP_NUM_THREADS if set, else "
                                  "every core this process may use; give fewer when other work shares the cores)", type=int, metavar="N")
     seed: int = option(_DEFAULT.seed, "mixed into the seeds of the random masks (dare, impart, ultradelta); the "

@@ -75,9 +75,11 @@ def fill(choice: np.ndarray, gains: np.ndarray, costs: np.ndarray, budget: float
         choice[i] = o
 
 
-def solve(gains: np.ndarray, costs: np.ndarray, budget: float, max_states: int = 2_000_000) -> np.ndarray | None:
+def solve(gains: np.ndarray, costs: np.ndarray, budget: float, max_states: int = 2_000_000,
+          stats: dict | None = None) -> np.ndarray | None:
     """Optimal option per item (r,) for gains, costs (r, nb) (costs >= 0, one option of cost 0 per
-    item), or None when the frontier grows past max_states. Module doc: the method."""
+    item), or None when the frontier grows past max_states. Module doc: the method. stats, if given,
+    receives "free" (items left free by the fixing) and "states" (the largest frontier)."""
     gains = np.asarray(gains, dtype=np.float64)
     costs = np.asarray(costs, dtype=np.float64)
     r = len(gains)
@@ -97,6 +99,8 @@ def solve(gains: np.ndarray, costs: np.ndarray, budget: float, max_states: int =
     choice[fixed] = np.argmax(allowed[fixed], axis=1)
     room = budget - costs[fixed, choice[fixed]].sum()
     base_gain = gains[fixed, choice[fixed]].sum()
+    if stats is not None:
+        stats.update(free=len(free), states=1)
     if len(free) == 0:
         return choice if room >= 0 else None
     # states: bits spent and gain of the free items decided so far; back-pointers per item
@@ -120,6 +124,8 @@ def solve(gains: np.ndarray, costs: np.ndarray, budget: float, max_states: int =
         s, g, parent, option = s[front], g[front], parent[front], option[front]
         if len(s) == 0:  # cannot happen with the incumbent reachable; give the caller the incumbent
             return incumbent
+        if stats is not None:
+            stats["states"] = max(stats["states"], len(s))
         if len(s) > max_states:
             return None
         trail.append((parent, option))

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from .grid import dequantize, expand_groups, fit_grid, n_groups, quantize, rtn
+from .grid import expand_groups, fit_grid, n_groups, rtn
 from ..timing import timed
 
 
@@ -98,14 +98,19 @@ def gptq_rows(W: torch.Tensor, H: torch.Tensor, bits: torch.Tensor, group_size: 
     scale = torch.zeros(k, n_groups(n, g), device=W.device)
     offset = torch.zeros_like(scale)
     block = g * max(1, 128 // g)  # a multiple of g: each group is fitted on fully updated values
+    maxq = (2.0 ** bits.to(torch.float32) - 1).view(-1, 1)
+    zero = torch.zeros_like(maxq)
 
     def quantize_column(j: int, rest: torch.Tensor) -> torch.Tensor:
+        # grid.quantize and grid.dequantize of one column, inlined (this runs once per column: on a GPU
+        # the number of small operations is its time)
         grp = j // g
         if j % g == 0:
             scale[:, grp], offset[:, grp] = (t[:, 0] for t in fit_grid(rest[:, :g], bits, g))
-        c = quantize(rest[:, :1], scale[:, grp:grp + 1], offset[:, grp:grp + 1], bits)
-        codes[:, j] = c[:, 0]
-        return dequantize(c, scale[:, grp:grp + 1], offset[:, grp:grp + 1])[:, 0]
+        s, o = scale[:, grp:grp + 1], offset[:, grp:grp + 1]
+        q = torch.clamp(torch.round((rest[:, :1] - o) / s), min=zero, max=maxq)
+        codes[:, j] = q[:, 0]
+        return (o + s * q)[:, 0]
 
     deq = gptq(W, H, quantize_column, block=block, damp=damp)
     return {"codes": codes, "scale": scale, "offset": offset, "deq": deq}

@@ -41,10 +41,23 @@ def fit_grid(x: torch.Tensor, bits: torch.Tensor, group_size: int) -> tuple[torc
     """
     xg = _grouped(x.float(), group_size)
     maxq = (2.0 ** bits.to(torch.float32) - 1).view(-1, 1, 1)
+    if not xg.is_cuda and xg.numel() > SMALL:
+        return _fit_loop(xg, maxq)
+    rows = max(1, FIT_CHUNK // max(1, len(SHRINKS) * xg.shape[1] * xg.shape[2]))
+    parts = [_fit_at_once(xg[i:i + rows], maxq[i:i + rows]) for i in range(0, xg.shape[0], rows)]
+    return torch.cat([s for s, _ in parts]), torch.cat([o for _, o in parts])
+
+
+SMALL = 1 << 16  # on the CPU, inputs up to this many entries try every shrink at once, larger ones in a loop
+FIT_CHUNK = 1 << 24  # entries of the (shrinks, rows, groups, g) work tensor per step: 64 MB in float32
+
+
+def _fit_loop(xg: torch.Tensor, maxq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fit_grid on grouped rows xg (k, G, g) with maxq (k, 1, 1), one shrink after the other, keeping
+    strict improvements: the first shrink of least error per group."""
     lo, hi = xg.amin(dim=2, keepdim=True), xg.amax(dim=2, keepdim=True)
     best_err = torch.full(lo.shape, float("inf"), device=lo.device)
-    best_scale = torch.zeros_like(lo)
-    best_offset = torch.zeros_like(lo)
+    best_scale, best_offset = torch.zeros_like(lo), torch.zeros_like(lo)
     for p in SHRINKS:
         scale, offset = _to_fp16_grid(p * lo, p * hi, maxq)
         q = torch.clamp(torch.round((xg - offset) / scale), min=torch.zeros_like(maxq), max=maxq)
@@ -54,6 +67,19 @@ def fit_grid(x: torch.Tensor, bits: torch.Tensor, group_size: int) -> tuple[torc
         best_scale = torch.where(better, scale, best_scale)
         best_offset = torch.where(better, offset, best_offset)
     return best_scale.squeeze(2), best_offset.squeeze(2)
+
+
+def _fit_at_once(xg: torch.Tensor, maxq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """_fit_loop's result, every shrink at once along a leading dimension: a few large operations
+    instead of a loop of small ones (the GPU's case, and the CPU's for small inputs); the first of
+    equal minima, as the loop chooses. Bit for bit the same values (the same operations per entry)."""
+    lo, hi = xg.amin(dim=2, keepdim=True), xg.amax(dim=2, keepdim=True)
+    p = torch.tensor(SHRINKS, dtype=xg.dtype, device=xg.device).view(-1, 1, 1, 1)
+    scale, offset = _to_fp16_grid(p * lo, p * hi, maxq)  # (S, k, G, 1)
+    q = torch.clamp(torch.round((xg - offset) / scale), min=torch.zeros_like(maxq), max=maxq)
+    err = ((offset + scale * q - xg) ** 2).sum(dim=3, keepdim=True)
+    best = err.argmin(dim=0, keepdim=True)  # the first of equal minima
+    return scale.gather(0, best)[0, ..., 0], offset.gather(0, best)[0, ..., 0]
 
 
 def _to_fp16_grid(lo: torch.Tensor, hi: torch.Tensor, maxq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
