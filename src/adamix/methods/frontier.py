@@ -34,7 +34,7 @@ SLACK = 1e-12
 
 
 def priced_choice(gains: np.ndarray, costs: np.ndarray, lam: float) -> np.ndarray:
-    """argmax_o g_i(o) - lam c_i(o) per item (r,), ties to the cheaper option (the first, costs ascending)."""
+    """argmax_o g_i(o) - lam c_i(o) per item (r,); ties go to the first option."""
     return np.argmax(gains - lam * costs, axis=1)
 
 
