@@ -23,4 +23,4 @@ if python -c "import pytest" 2>/dev/null; then
 else
   echo "pytest is not installed here: the CUDA tests were left out" | tee "$out/gpu_check_tests.txt"
 fi
-timeout 330 python benchmarks/gpu_check.py --out "$out" --work "${ADAMIX_GPU_WORK:-/tmp/adamix-gpu-check}" "$@"
+timeout 330 python benchmarks/gpu_check.py --out "$out" --work "${ADAMIX_GPU_WORK:-$(mktemp -d)}" "$@"
