@@ -126,7 +126,9 @@ def run(args: argparse.Namespace) -> int:
                   f"{s['total_bytes']} bytes){resumed}")
             return 0
         print_summary(manifest)
-        threads = (f"{s['workers']} Ray worker{'s' if s['workers'] != 1 else ''} x " if s.get("workers") else "") + \
+        device = manifest["settings"].get("device", "cpu")
+        threads = (f"{device} and " if device != "cpu" else "") + \
+            (f"{s['workers']} Ray worker{'s' if s['workers'] != 1 else ''} x " if s.get("workers") else "") + \
             f"{s['threads']} thread" + ("s" if s["threads"] != 1 else "") + \
             (f" (the ILPs beside them on {s['ilp_workers']} more core{'s' if s['ilp_workers'] != 1 else ''})"
              if s.get("ilp_workers") else "")
