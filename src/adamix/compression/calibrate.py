@@ -21,8 +21,8 @@ from ..io.hf import LinearInfo, find_blocks, linears, load_state, model_skeleton
 from ..timing import phase
 
 
-def token_windows(text: str, tokenizer, samples: int, seqlen: int) -> list[torch.Tensor]:
-    """Up to `samples` token windows of at most `seqlen` tokens, one document (non-empty line) at a
+def token_windows(text: str, tokenizer, samples: int | None, seqlen: int) -> list[torch.Tensor]:
+    """Up to `samples` (None: all) token windows of at most `seqlen` tokens, one document (non-empty line) at a
     time: a document longer than a window is cut into consecutive windows, and each window is
     wrapped with the tokenizer's own special tokens (e.g. [CLS] ... [SEP]), as the model sees text.
 

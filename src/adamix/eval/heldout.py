@@ -46,10 +46,11 @@ def heldout_texts() -> list[str]:
     return [t for texts in heldout_corpora().values() for t in texts]
 
 
-def heldout_grams(finetuned: str, texts: list[str], samples: int = 64, seqlen: int = 256,
+def heldout_grams(finetuned: str, texts: list[str], samples: int | None = 64, seqlen: int = 256,
                   device: str = "cpu") -> dict[str, tuple[torch.Tensor, bool]]:
     """{weight name: (H (n x n float64), transposed)} of every linear of the fine-tune's blocks, H the
-    Gram of its inputs on `texts` (held-out text, never the calibration text)."""
+    Gram of its inputs on the first `samples` windows (None: all) of `texts` (held-out text, never
+    the calibration text)."""
     from transformers import AutoTokenizer
     ft_ck = Checkpoint(finetuned)
     tokenizer = AutoTokenizer.from_pretrained(ft_ck.folder)
@@ -76,7 +77,31 @@ def error_on_grams(base: str, finetuned: str, art: Artifact, grams: dict[str, tu
         a, b = float(((E @ H) * E).sum()), float(((D @ H) * D).sum())
         num, den = num + a, den + b
         per_layer[name] = (a / b) ** 0.5 if b > 0 else 0.0
-    return {"relative_error": (num / den) ** 0.5 if den > 0 else 0.0, "per_layer": per_layer}
+    return {"relative_error": (num / den) ** 0.5 if den > 0 else 0.0, "per_layer": per_layer, "energy": den}
+
+
+def errors_by_corpus(base: str, finetuned: str, art: Artifact, corpora: dict[str, list[str]], seqlen: int = 256,
+                     device: str = "cpu") -> dict:
+    """The relative output error on every window of each corpus, and pooled over all of them.
+
+    Per corpus c: e_c^2 = sum_l ||E_l X_c||^2 / sum_l ||D_l X_c||^2 (error_on_grams on its Grams).
+    Pooled: the same on the Grams summed over the corpora, so every held-out token weighs the same:
+    e^2 = sum_c E(0)_c e_c^2 / sum_c E(0)_c. Returns {"pooled": e, "per_corpus": {c: e_c},
+    "energy": {c: E(0)_c = sum_l ||D_l X_c||^2}, "windows": {c: count}}.
+    """
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(Checkpoint(finetuned).folder)
+    pooled: dict[str, tuple[torch.Tensor, bool]] = {}
+    out = {"per_corpus": {}, "energy": {}, "windows": {}}
+    for corpus, texts in corpora.items():
+        out["windows"][corpus] = len(token_windows("\n".join(texts), tokenizer, None, seqlen))
+        grams = heldout_grams(finetuned, texts, None, seqlen, device)
+        r = error_on_grams(base, finetuned, art, grams)
+        out["per_corpus"][corpus], out["energy"][corpus] = r["relative_error"], r["energy"]
+        for name, (H, transposed) in grams.items():
+            pooled[name] = (pooled[name][0] + H if name in pooled else H, transposed)
+    out["pooled"] = error_on_grams(base, finetuned, art, pooled)["relative_error"]
+    return out
 
 
 def relative_output_error(base: str, finetuned: str, delta: str, texts: list[str], samples: int = 64,
