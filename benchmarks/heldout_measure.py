@@ -26,7 +26,10 @@ def main() -> None:
     from peers import git_commit
 
     from adamix.eval.demo import PAIR, package_folder
-    from adamix.eval.heldout import error_on_grams, errors_by_corpus, heldout_corpora, heldout_grams
+    from adamix.eval.heldout import (corpus_grams, error_on_grams, errors_on_corpora, heldout_corpora, heldout_grams,
+                                     pooled_grams)
+    from adamix.compression.calibrate import token_windows
+    from transformers import AutoTokenizer
     from adamix.io.artifact import Artifact
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", default="adamix,deltacome")
@@ -37,6 +40,10 @@ def main() -> None:
     base, ft = (package_folder(*p) for p in PAIR)
     corpora = heldout_corpora()
     old = heldout_grams(ft, [t for texts in corpora.values() for t in texts], samples=64)
+    by_corpus = corpus_grams(ft, corpora)
+    pooled = pooled_grams(by_corpus)
+    tokenizer = AutoTokenizer.from_pretrained(ft)
+    windows = {c: len(token_windows("\n".join(texts), tokenizer, None, 256)) for c, texts in corpora.items()}
     rows = []
     for method in args.methods.split(","):
         for ratio in args.ratios.split(","):
@@ -44,7 +51,7 @@ def main() -> None:
             if not (folder / "manifest.json").is_file():
                 raise SystemExit(f"{folder}: no artifact; run benchmarks/peers.py --pairs minilm first")
             art = Artifact(folder)
-            new = errors_by_corpus(base, ft, art, corpora)
+            new = {**errors_on_corpora(base, ft, art, by_corpus, pooled), "windows": windows}
             rows.append({"method": method, "ratio": ratio, "alpha": float(Fraction(ratio)),
                          "first_64_windows": error_on_grams(base, ft, art, old)["relative_error"], **new})
             print(json.dumps(rows[-1]), flush=True)

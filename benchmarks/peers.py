@@ -48,8 +48,8 @@ from adamix.io.artifact import AtomicFolder, Artifact, write_artifact  # noqa: E
 from adamix.compression.calibrate import BlockRunner, token_windows  # noqa: E402
 from adamix.io.text import default_calibration_file, read_text  # noqa: E402
 from adamix.io.checkpoint import Checkpoint, config_fingerprint  # noqa: E402
-from adamix.eval.heldout import (embedding_cosine, error_on_grams, gensim_data, heldout_corpora, heldout_grams,  # noqa: E402
-                             mean_pooled, polarity_labelled)
+from adamix.eval.heldout import (corpus_grams, embedding_cosine, errors_on_corpora, gensim_data,  # noqa: E402
+                                 heldout_corpora, mean_pooled, polarity_labelled, pooled_grams)
 from adamix.quant.linalg import svd  # noqa: E402
 from adamix.export.merge import merged_state  # noqa: E402
 from adamix.methods import ModelContext, get, names  # noqa: E402
@@ -403,8 +403,6 @@ def run_pair(pair: str, methods: list[str], ratios: list[float], cli_methods: li
         base_for_cli = base
         title = "all-MiniLM-L6-v2 -> sre-embedding-model"
         metrics = MiniLMMetrics(ft)
-        heldout = [t for texts in heldout_corpora().values() for t in texts]
-        gram_samples = 64
     else:
         from make_smollm_finetune import gguf_location, make_finetune
         folder, name = gguf_location()
@@ -412,21 +410,22 @@ def run_pair(pair: str, methods: list[str], ratios: list[float], cli_methods: li
         base_for_cli = str(Path(folder) / name)
         title = "SmolLM2-135M-Instruct (GGUF) -> its word-reversal fine-tune"
         metrics = SmolLMMetrics(ft)
-        heldout = heldout_corpora()["lee"]
-        gram_samples = 32
     work = work / pair
     work.mkdir(parents=True, exist_ok=True)
     print(f"[{pair}] compressing {len(methods)} methods x {len(ratios)} ratios")
     grid = compress_grid(base, ft, methods, ratios, work)
     print(f"[{pair}] held-out Grams")
-    grams = heldout_grams(ft, heldout, samples=gram_samples)
+    by_corpus = corpus_grams(ft, heldout_corpora())  # every window of every held-out corpus
+    grams = pooled_grams(by_corpus)
     ref = {"base": metrics(restored_model(base, ft, None)), "finetune": metrics(build_model(Checkpoint(ft)))}
     print(f"[{pair}] references {ref}")
     rows = []
     for (m, a) in grid["configs"]:
         art = Artifact(artifact_dir(work, m, a))
         sizes = art.manifest["sizes"]
-        r = {"method": m, "alpha": a, "heldout_error": error_on_grams(base, ft, art, grams)["relative_error"],
+        held = errors_on_corpora(base, ft, art, by_corpus, grams)
+        r = {"method": m, "alpha": a, "heldout_error": held["pooled"],
+             **{f"heldout_{c}": e for c, e in held["per_corpus"].items()},
              "bytes": sizes["total_bytes"], "alpha_achieved": sizes["alpha_achieved"],
              "compute_s": grid["seconds"][(m, a)], "commit": git_commit(), **metrics(restored_model(base, ft, art))}
         rows.append(r)
@@ -467,10 +466,15 @@ def write_report(pair, title, rows, ref, grid, cli, ratios, methods, pred_meas, 
     files = plots(pair, rows, grid, out, ratios, methods, pred_meas)
     files += sorted(f.name for f in out.glob(f"{pair}_*.png") if f.name not in files and ONE_16 not in grid["widths"]
                     and any(r["alpha"] == ONE_16 for r in rows))  # 1/16's plots of a merged earlier run
-    end_keys = [k for k in rows[0] if k not in ("method", "alpha", "heldout_error", "bytes", "alpha_achieved", "compute_s", "commit")]
+    by_corpus = sorted({k for r in rows for k in r if k.startswith("heldout_") and k != "heldout_error"})
+    end_keys = [k for k in rows[0] if k not in ("method", "alpha", "heldout_error", "bytes", "alpha_achieved", "compute_s",
+                                                 "commit", *by_corpus)]
     lines = [f"# {title}", "", f"Produced by `python {' '.join(sys.argv)}` at commit `{git_commit()}`, "
-             f"CPU. Calibration: 128 windows of <= 256 tokens of lee_background.cor; held-out error on "
-             f"{'Lee documents + polarity sentences' if pair == 'minilm' else 'Lee documents'}.", ""]
+             f"CPU. Calibration: 128 windows of <= 256 tokens of lee_background.cor; held-out error on every window "
+             "of the Lee documents and the polarity sentences, pooled (every token weighing the same), and per corpus"
+             + ("" if all(k in r for r in rows for k in by_corpus) else " (rows merged from runs before that measure: " +
+                ("Lee + polarity, first 64 windows" if pair == "minilm" else "Lee, first 32 windows") +
+                ", without per-corpus figures)") + ".", ""]
     by_commit = {}
     for r in rows:
         by_commit.setdefault(r.get("commit", git_commit()), set()).add(r["alpha"])
@@ -486,7 +490,8 @@ def write_report(pair, title, rows, ref, grid, cli, ratios, methods, pred_meas, 
     if pair == "smollm":
         lines += ["", "gain kept = (exact_match - base) / (fine-tune - base)."]
     lines += ["", "## Every method at every ratio", ""]
-    head = ["method", "held-out error", "x deltacome", "x adamix"] + end_keys + \
+    head = ["method", "held-out error", "x deltacome", "x adamix"] + [k.replace("heldout_", "held-out ") for k in by_corpus] + \
+        end_keys + \
         (["gain kept"] if pair == "smollm" else []) + ["bytes", "alpha achieved", "budget used", "compute s"]
     for a in ratios:
         lines += [f"### alpha = {ratio_name(a)}", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
@@ -498,7 +503,8 @@ def write_report(pair, title, rows, ref, grid, cli, ratios, methods, pred_meas, 
                 lines.append(f"| {m} | does not fit (1 bit per weight = 1/16) |" + " |" * (len(head) - 2))
                 continue
             vals = [m, fmt(r["heldout_error"]), fmt(r["heldout_error"] / dc, 3) if dc else "-",
-                    fmt(r["heldout_error"] / ax, 3) if ax else "-"] + [fmt(r[k]) for k in end_keys]
+                    fmt(r["heldout_error"] / ax, 3) if ax else "-"] + [fmt(r.get(k)) for k in by_corpus] + \
+                [fmt(r[k]) for k in end_keys]
             if pair == "smollm":
                 gain = (r["exact_match"] - ref["base"]["exact_match"]) / (ref["finetune"]["exact_match"] - ref["base"]["exact_match"])
                 vals.append(fmt(gain, 3))

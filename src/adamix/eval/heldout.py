@@ -80,28 +80,47 @@ def error_on_grams(base: str, finetuned: str, art: Artifact, grams: dict[str, tu
     return {"relative_error": (num / den) ** 0.5 if den > 0 else 0.0, "per_layer": per_layer, "energy": den}
 
 
-def errors_by_corpus(base: str, finetuned: str, art: Artifact, corpora: dict[str, list[str]], seqlen: int = 256,
-                     device: str = "cpu") -> dict:
-    """The relative output error on every window of each corpus, and pooled over all of them.
+def corpus_grams(finetuned: str, corpora: dict[str, list[str]], seqlen: int = 256,
+                 device: str = "cpu") -> dict[str, dict[str, tuple[torch.Tensor, bool]]]:
+    """{corpus: heldout_grams on every window of its texts}."""
+    return {corpus: heldout_grams(finetuned, texts, None, seqlen, device) for corpus, texts in corpora.items()}
+
+
+def pooled_grams(by_corpus: dict[str, dict[str, tuple[torch.Tensor, bool]]]) -> dict[str, tuple[torch.Tensor, bool]]:
+    """The Grams summed over the corpora: every held-out token weighs the same."""
+    out: dict[str, tuple[torch.Tensor, bool]] = {}
+    for grams in by_corpus.values():
+        for name, (H, transposed) in grams.items():
+            out[name] = (out[name][0] + H if name in out else H.clone(), transposed)
+    return out
+
+
+def errors_on_corpora(base: str, finetuned: str, art: Artifact, by_corpus: dict[str, dict[str, tuple[torch.Tensor, bool]]],
+                      pooled: dict[str, tuple[torch.Tensor, bool]] | None = None) -> dict:
+    """The relative output error on each corpus's Grams (corpus_grams) and on their sum (pooled_grams,
+    computed if not given).
 
     Per corpus c: e_c^2 = sum_l ||E_l X_c||^2 / sum_l ||D_l X_c||^2 (error_on_grams on its Grams).
-    Pooled: the same on the Grams summed over the corpora, so every held-out token weighs the same:
-    e^2 = sum_c E(0)_c e_c^2 / sum_c E(0)_c. Returns {"pooled": e, "per_corpus": {c: e_c},
-    "energy": {c: E(0)_c = sum_l ||D_l X_c||^2}, "windows": {c: count}}.
+    Pooled: e^2 = sum_c E(0)_c e_c^2 / sum_c E(0)_c. Returns {"pooled": e, "per_corpus": {c: e_c},
+    "energy": {c: E(0)_c = sum_l ||D_l X_c||^2}}.
     """
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(Checkpoint(finetuned).folder)
-    pooled: dict[str, tuple[torch.Tensor, bool]] = {}
-    out = {"per_corpus": {}, "energy": {}, "windows": {}}
-    for corpus, texts in corpora.items():
-        out["windows"][corpus] = len(token_windows("\n".join(texts), tokenizer, None, seqlen))
-        grams = heldout_grams(finetuned, texts, None, seqlen, device)
+    out = {"per_corpus": {}, "energy": {}}
+    for corpus, grams in by_corpus.items():
         r = error_on_grams(base, finetuned, art, grams)
         out["per_corpus"][corpus], out["energy"][corpus] = r["relative_error"], r["energy"]
-        for name, (H, transposed) in grams.items():
-            pooled[name] = (pooled[name][0] + H if name in pooled else H, transposed)
-    out["pooled"] = error_on_grams(base, finetuned, art, pooled)["relative_error"]
+    out["pooled"] = error_on_grams(base, finetuned, art, pooled or pooled_grams(by_corpus))["relative_error"]
     return out
+
+
+def errors_by_corpus(base: str, finetuned: str, art: Artifact, corpora: dict[str, list[str]], seqlen: int = 256,
+                     device: str = "cpu") -> dict:
+    """errors_on_corpora on every window of each corpus of `corpora` ({name: texts}), plus
+    "windows": {corpus: the number of windows}."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(Checkpoint(finetuned).folder)
+    windows = {c: len(token_windows("\n".join(texts), tokenizer, None, seqlen)) for c, texts in corpora.items()}
+    return {**errors_on_corpora(base, finetuned, art, corpus_grams(finetuned, corpora, seqlen, device)),
+            "windows": windows}
 
 
 def relative_output_error(base: str, finetuned: str, delta: str, texts: list[str], samples: int = 64,
