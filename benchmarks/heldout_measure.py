@@ -26,10 +26,8 @@ def main() -> None:
     from peers import git_commit
 
     from adamix.eval.demo import PAIR, package_folder
-    from adamix.eval.heldout import (corpus_grams, error_on_grams, errors_on_corpora, heldout_corpora, heldout_grams,
-                                     pooled_grams)
-    from adamix.compression.calibrate import token_windows
-    from transformers import AutoTokenizer
+    from adamix.eval.heldout import (corpus_grams, corpus_windows, error_on_grams, errors_on_corpora, heldout_corpora,
+                                     heldout_grams, pooled_grams)
     from adamix.io.artifact import Artifact
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", default="adamix,deltacome")
@@ -42,8 +40,7 @@ def main() -> None:
     old = heldout_grams(ft, [t for texts in corpora.values() for t in texts], samples=64)
     by_corpus = corpus_grams(ft, corpora)
     pooled = pooled_grams(by_corpus)
-    tokenizer = AutoTokenizer.from_pretrained(ft)
-    windows = {c: len(token_windows("\n".join(texts), tokenizer, None, 256)) for c, texts in corpora.items()}
+    windows = corpus_windows(ft, corpora)
     rows = []
     for method in args.methods.split(","):
         for ratio in args.ratios.split(","):

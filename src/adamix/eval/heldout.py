@@ -112,15 +112,19 @@ def errors_on_corpora(base: str, finetuned: str, art: Artifact, by_corpus: dict[
     return out
 
 
+def corpus_windows(finetuned: str, corpora: dict[str, list[str]], seqlen: int = 256) -> dict[str, int]:
+    """{corpus: how many windows of `seqlen` tokens its texts fill} (what corpus_grams runs)."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(Checkpoint(finetuned).folder)
+    return {c: len(token_windows("\n".join(texts), tokenizer, None, seqlen)) for c, texts in corpora.items()}
+
+
 def errors_by_corpus(base: str, finetuned: str, art: Artifact, corpora: dict[str, list[str]], seqlen: int = 256,
                      device: str = "cpu") -> dict:
     """errors_on_corpora on every window of each corpus of `corpora` ({name: texts}), plus
-    "windows": {corpus: the number of windows}."""
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(Checkpoint(finetuned).folder)
-    windows = {c: len(token_windows("\n".join(texts), tokenizer, None, seqlen)) for c, texts in corpora.items()}
+    "windows": corpus_windows."""
     return {**errors_on_corpora(base, finetuned, art, corpus_grams(finetuned, corpora, seqlen, device)),
-            "windows": windows}
+            "windows": corpus_windows(finetuned, corpora, seqlen)}
 
 
 def relative_output_error(base: str, finetuned: str, delta: str, texts: list[str], samples: int = 64,
