@@ -5,7 +5,8 @@ nothing here is tuned to the held-out text of benchmarks/peers.py).
 
 For every calibrated linear of the pair, one SVD and error table, then variants that change one
 thing at a time: the width choice (ILP or Delta-CoMe's schedule; widths {0,2,3,4,8} or {0,2,3,8}),
-the U step (target correction or U S), group size, GPTQ damping. Reported: the relative output error
+the U step (target correction or U S), group size, GPTQ damping; all on the plain SVD (the whitened one
+is compared in benchmarks/adamix_settings.py). Reported: the relative output error
 sqrt(sum_l E_l / sum_l ||D_l X_l||^2) measured after quantization, and the error the ILP's model
 predicts for the same widths (RTN grids, no cross terms).
 """
@@ -61,7 +62,7 @@ def main() -> None:
         energy += output_error(None, D, H)
         tables = {}
         for v, (widths, rule, tc, g, damp) in VARIANTS.items():
-            s = Settings(alpha=alpha, widths=widths, group_size=g, damp=damp, correct_target=tc)
+            s = Settings(alpha=alpha, widths=widths, group_size=g, damp=damp, correct_target=tc, whiten=False)
             key = (widths, g)
             if key not in tables:
                 tables[key] = analyse(D, H, s, factors=fac)

@@ -106,7 +106,7 @@ def compress_grid(base: str, ft: str, methods: list[str], ratios: list[float], w
         if not bool(D.any()):
             return
         Dl = D.T if transposed else D
-        pieces = {m: {} for m in methods}
+        pieces: dict = {m: {} for m in methods}
         fac = None
         if is_svd_shape(tuple(D.shape)):
             t = time.time()
@@ -126,7 +126,10 @@ def compress_grid(base: str, ft: str, methods: list[str], ratios: list[float], w
             extra = dict(pieces[m])
             t = time.time()
             if m == "adamix" and fac is not None:  # the error table pruned for this ratio, as a standalone run
-                extra["analysis"] = analyse(Dl, H, Settings(alpha=a), factors=fac, prune=True)
+                if settings.whiten and H is not None and "whitened" not in pieces:
+                    pieces["whitened"] = svd(Dl, H, True, settings.svd)  # adamix's own SVD (the default --whiten)
+                whitened = settings.whiten and H is not None
+                extra["analysis"] = analyse(Dl, H, settings, factors=pieces["whitened"] if whitened else fac, prune=True)
             if H is None and is_svd_shape(tuple(D.shape)):
                 key = (min(a, BITDELTA_ALPHA) if m == "bitdelta" else a, overheads[m])
                 if key not in rows_cache:

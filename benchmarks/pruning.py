@@ -61,7 +61,7 @@ def main() -> None:
     full_s, matrices = 0.0, 0
     for _, name, D, H in calibrated_deltas(base, ft, args.samples, args.blocks):
         m, n = D.shape
-        U, sv, V = svd(D)
+        U, sv, V = svd(D, H, s.whiten)
         costs = np.array([triplet_cost(m, n, b, s.group_size) for b in widths], dtype=np.float64)
         t = time.perf_counter()
         full = error_table(sv, U, V, H, widths, s.group_size).numpy()

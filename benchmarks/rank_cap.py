@@ -105,8 +105,8 @@ def run_pair(pair: str, ratios: list[float], samples: int, out: Path, commit: st
     for alpha in ratios:
         shared, uncapped = {}, {}
         for _, name, D, H in mats:
-            fac = svd(D)
-            shared[name] = (fac, analyse(D, H, Settings(alpha=alpha), factors=fac, prune=True))
+            fac = svd(D)  # lowrank's; adamix's own (whitened by default) comes with its analysis
+            shared[name] = (fac, analyse(D, H, Settings(alpha=alpha), prune=True))
         for cap in sorted(caps, key=lambda c: c is not None):  # uncapped first: the export-time cuts start from it
             variants = [("adamix", alpha), ("lowrank", alpha)] + ([("lowrank", None)] if cap is not None else [])
             for method, budget in variants:

@@ -30,7 +30,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         if meta.get("negate"):
             kw["action"] = "store_false"
         elif isinstance(f.default, bool):
-            kw["action"] = "store_true"
+            kw["action"] = argparse.BooleanOptionalAction if meta.get("both_ways") else "store_true"
         else:
             if meta.get("type"):
                 kw["type"] = meta["type"]

@@ -33,7 +33,8 @@ def option(default: Any, help: str, **meta: Any):
     """A field of Options with its help text and CLI metadata: flag (default --<name>), short,
     type, choices (a callable for choices known at run time), metavar, method_specific,
     needs_calibration, cli_value (a function mapping the CLI string to the API value), negate
-    (a store_false flag whose presence sets the field to False)."""
+    (a store_false flag whose presence sets the field to False), both_ways (a switch spelled --x and
+    --no-x)."""
     return field(default=default, metadata={"help": help, **meta})
 
 
@@ -175,7 +176,7 @@ class Options:
                 continue
             if f.metadata.get("method_specific") and f.name not in method.options:
                 shown = "" if isinstance(value, bool) else f" {value}"
-                raise AdamixError(f"{flag(f)}{shown} applies to --method {' / '.join(registry.accepting(f.name))} "
+                raise AdamixError(f"{spelled(f, value)}{shown} applies to --method {' / '.join(registry.accepting(f.name))} "
                                   f"only, not {self.method}")
             if f.metadata.get("needs_calibration") and self.calib is None:
                 raise AdamixError(f"{flag(f)} needs calibration text (not --calib none)")
@@ -199,3 +200,8 @@ class Options:
 def flag(f: dataclasses.Field) -> str:
     """The CLI flag of an Options field: --group-size for group_size."""
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def spelled(f: dataclasses.Field, value: Any) -> str:
+    """The flag that sets `value`: --no-whiten for a two-way switch set to False, else flag(f)."""
+    return "--no-" + flag(f)[2:] if f.metadata.get("both_ways") and value is False else flag(f)
