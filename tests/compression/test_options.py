@@ -29,6 +29,14 @@ def test_cli_spellings_map_to_api_values():
     assert Options(**got).settings().alpha == 1 / 8
 
 
+def test_whiten_is_on_by_default_and_switched_off_by_no_whiten():
+    parse = build_parser().parse_args
+    assert options_from(parse(["compress", "b", "f", "-o", "o"]))["whiten"] is True
+    assert options_from(parse(["compress", "b", "f", "-o", "o", "--whiten"]))["whiten"] is True
+    off = options_from(parse(["compress", "b", "f", "-o", "o", "--no-whiten"]))
+    assert off["whiten"] is False and Options(**off).settings().whiten is False
+
+
 def test_unknown_option_is_refused_in_one_line(tmp_path):
     with pytest.raises(adamix.AdamixError, match="unknown compression option 'ration'"):
         adamix.compress(tmp_path / "b", tmp_path / "f", tmp_path / "o", ration="1/8")
@@ -36,7 +44,7 @@ def test_unknown_option_is_refused_in_one_line(tmp_path):
 
 @pytest.mark.parametrize("changes, message", [
     ({"method": "rtn", "distill_steps": 3}, "--distill-steps 3 applies to --method bitdelta only, not rtn"),
-    ({"method": "lowrank", "whiten": True}, "--whiten applies to --method adamix only, not lowrank"),
+    ({"method": "lowrank", "whiten": False}, "--no-whiten applies to --method adamix only, not lowrank"),
     ({"method": "bitdelta", "distill_steps": 2, "calib": None}, "--distill-steps needs calibration text (not --calib none)"),
     ({"method": "nope"}, "--method 'nope' is not one of adamix, deltacome, lowrank, bitdelta, rtn, gptq, dare, impart, "
                          "deltadct, ultradelta"),

@@ -13,6 +13,7 @@ from adamix.quant import linalg
 from adamix.methods.allocate import error_table, keep_threshold, max_kept, solve_allocation
 from adamix.methods.svd_mixed import triplet_bits as triplet_cost
 from adamix.quant import grid
+from adamix.quant.gptq import gptq_rows
 
 ALL_WIDTHS = (1, 2, 3, 4, 5, 8)
 
@@ -175,8 +176,9 @@ def _problem(m=24, n=40, T=120, seed=0):
     return D, X, U, s, Vh.T
 
 
-def _reference_table(s, U, V, X, widths, group_size):
-    """e_i(b) = ||s_i (u_i v_i^T - u^_i v^_i^T) X||_F^2 computed directly in float64 (numpy)."""
+def _reference_table(s, U, V, X, widths, group_size, gptq_on=None):
+    """e_i(b) = ||s_i (u_i v_i^T - u^_i v^_i^T) X||_F^2 computed directly in float64 (numpy), u^ by RTN,
+    v^ by GPTQ of v_i alone on the Gram `gptq_on` (RTN if None), as the V step stores it."""
     m, n = U.shape[0], V.shape[0]
     Xn = X.double().numpy()
     out = np.zeros((len(s), len(widths)))
@@ -187,7 +189,8 @@ def _reference_table(s, U, V, X, widths, group_size):
                 uq, vq = np.zeros(m), np.zeros(n)
             else:
                 uq = grid.rtn(u[None], torch.tensor([b]), min(group_size, m))["deq"][0].double().numpy()
-                vq = grid.rtn(v[None], torch.tensor([b]), min(group_size, n))["deq"][0].double().numpy()
+                vq = (grid.rtn(v[None], torch.tensor([b]), min(group_size, n)) if gptq_on is None else
+                      gptq_rows(v[None].float(), gptq_on, torch.tensor([b]), group_size))["deq"][0].double().numpy()
             E = float(s[i]) * (np.outer(u.numpy(), v.numpy()) - np.outer(uq, vq)) @ Xn
             out[i, j] = (E ** 2).sum()
     return torch.from_numpy(out)
@@ -200,7 +203,7 @@ def test_error_table_matches_direct_output_error(group_size):
     H = X @ X.T
     table = error_table(s, U, V, H, widths, group_size)
     assert table.dtype == torch.float64 and table.shape == (len(s), len(widths))
-    ref = _reference_table(s, U, V, X, widths, group_size)
+    ref = _reference_table(s, U, V, X, widths, group_size, gptq_on=H)
     torch.testing.assert_close(table, ref, rtol=1e-6, atol=0.0)
     # e_i(0) is the whole energy of the triplet's output
     torch.testing.assert_close(table[:, 0], s ** 2 * ((V.T @ X) ** 2).sum(1), rtol=1e-9, atol=0.0)
@@ -252,7 +255,7 @@ def test_error_table_float32_gram_keeps_small_errors():
     D, X, U, s, V = _problem(m=48, n=256, T=600, seed=3)
     widths = [0, 2, 8]
     H = X @ X.T
-    ref = _reference_table(s, U, V, X, widths, 32)
+    ref = _reference_table(s, U, V, X, widths, 32, gptq_on=H)
     t32 = error_table(s, U, V, H.float(), widths, 32, chunk=5)
     assert float((ref[:, 2] / ref[:, 0]).max()) < 1e-3
     torch.testing.assert_close(t32, ref, rtol=1e-3, atol=0.0)

@@ -175,7 +175,7 @@ def test_method_options_refused(bert_pair, tmp_path, capsys):
     base, ft = bert_pair
     cases = [
         (["--method", "bitdelta", "--ratio", "1/32"], "bitdelta stores 1 bit per weight"),
-        (["--method", "lowrank", "--whiten"], "--whiten applies to --method adamix only"),
+        (["--method", "lowrank", "--no-whiten"], "--no-whiten applies to --method adamix only"),
         (["--method", "gptq", "--budget-scope", "block"], "applies to --method adamix only"),
     ]
     for extra, message in cases:
@@ -215,7 +215,8 @@ def test_shared_factors_and_analysis_give_identical_encodings():
     m, n = 96, 72
     D, H = spectrum_delta(m, n), gram(n)
     fac = svd(D)
-    shared = {"adamix": analyse(D, H, Settings(alpha=1 / 8), factors=fac, prune=True),  # as peers.py
+    own = svd(D, H, Settings().whiten)  # adamix's own SVD (whitened by default), as peers.py computes it
+    shared = {"adamix": analyse(D, H, Settings(alpha=1 / 8), factors=own, prune=True),  # as peers.py
               "deltacome": analyse(D, H, deltacome_settings(Settings()), factors=fac)}
     for method in ("adamix", "deltacome", "lowrank"):
         for alpha in (1 / 8, 1 / 32):

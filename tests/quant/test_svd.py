@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adamix.quant.linalg import svd, thin_svd_gram
+from adamix.quant.linalg import svd, thin_svd_gram, WHITENING_EPS, whitening_factor
 
 
 def spectrum_matrix(m, n, rank, seed=0, decay=0.7):
@@ -85,3 +85,25 @@ def test_factored_error_equals_the_direct_error():
     got = factored_error(U, D @ H @ V.T, V @ H @ V.T, energy)
     assert got == pytest.approx(float(torch.trace((U @ V - D) @ H @ (U @ V - D).T)), rel=1e-10)
     assert got == pytest.approx(output_error(U @ V, D, H), rel=1e-10)
+
+
+def test_whitening_survives_a_singular_float32_gram_and_skips_an_empty_one():
+    """A Gram of fewer tokens than inputs, accumulated in float32 (as calibration does), is singular
+    and slightly indefinite: the ridge grows until the factor exists, and the whitened SVD still
+    reproduces D with H-orthogonal right vectors. A Gram of zeros (no input reached the linear) gives
+    the plain SVD."""
+    g = torch.Generator().manual_seed(3)
+    D = torch.randn(48, 64, generator=g)
+    X = torch.randn(10, 64, generator=g) * torch.logspace(0, 3, 64)  # 10 tokens, 64 inputs, scales 1 ... 1000
+    H = (X.T @ X).float()
+    H -= 3e-6 * torch.diagonal(H).mean() * torch.eye(64)  # indefinite by more than the first ridge
+    with pytest.raises(RuntimeError):  # the first ridge is not enough for this one
+        torch.linalg.cholesky(H.double() + WHITENING_EPS[0] * torch.diagonal(H.double()).mean() * torch.eye(64, dtype=torch.float64))
+    U, s, V = svd(D, H, whiten=True)
+    assert torch.allclose((U * s) @ V.T, D.double(), atol=1e-8 * D.abs().max())
+    L = whitening_factor(H.double())
+    G = V.T @ (L @ L.T) @ V  # Gram of the v_i under the ridged H the whitening used: diagonal
+    assert (G - torch.diag(torch.diagonal(G))).abs().max() <= 1e-8 * torch.diagonal(G).max()
+    plain = svd(D)
+    for a, b in zip(svd(D, torch.zeros(64, 64), whiten=True), plain):
+        assert torch.equal(a, b)

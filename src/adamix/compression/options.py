@@ -84,8 +84,9 @@ class Options:
                                  "every core this process may use; give fewer when other work shares the cores)", type=int, metavar="N")
     seed: int = option(_DEFAULT.seed, "mixed into the seeds of the random masks (dare, impart, ultradelta); the "
                        "result is deterministic for a given seed (default 0)", type=int)
-    whiten: bool = option(_DEFAULT.whiten, "SVD of D H^1/2 instead of D: truncation optimal in the output error",
-                          method_specific=True)
+    whiten: bool = option(_DEFAULT.whiten, "SVD of D H^1/2 instead of D: truncation optimal in the output error, "
+                          "the error model exact for dropped triplets (default on; --no-whiten: the SVD of D)",
+                          method_specific=True, both_ways=True)
     budget_scope: str = option(_DEFAULT.budget_scope, "tensor: every matrix gets alpha of its own size; block: one "
                                "ILP per transformer block shares the block's budget among its linears (default tensor)",
                                choices=lambda: SCOPES, method_specific=True)

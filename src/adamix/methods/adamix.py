@@ -5,7 +5,9 @@ For one delta D (m x n) with input Gram H (n x n; None = data-free, H = I):
 2. Error table e_i(b) for every triplet i and width b (allocate.error_table).
 3. Widths b_i from the 0/1 ILP under budget = alpha * 16 * m * n bits minus this tensor's share of
    the file header and manifest (`overhead_bits`, set by the pipeline) (allocate.solve_allocation).
-4. V step: the kept rows of V^T (k x n) quantized at their widths with GPTQ on H (RTN if data-free).
+4. V step: the kept rows of V^T (k x n) quantized at their widths with GPTQ on H (RTN if data-free);
+   the error table made these very rows when it measured them (GPTQ's rows are independent), so
+   they are taken from it.
 5. U step, reconstruction target correction: U* = D H V^^T (V^ H V^^T + lambda I)^-1 (m x k), the
    least-squares fit of the original outputs D X from the quantized z = V^ x; then U* quantized
    column by column at the same widths with GPTQ on H_z = V^ H V^^T (RTN if data-free).
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .allocate import choose_widths, error_table, max_kept, shrink_to_fit
+from .allocate import choose_widths, error_table, max_kept, shrink_to_fit, stored_rows
 from ..quant.gptq import gptq_columns, gptq_rows, rtn_columns
 from ..quant.grid import rtn
 from ..quant.linalg import factored_error, matmul64, output_error, relative_errors, svd
@@ -42,6 +44,7 @@ class Analysis:
     budget: float       # bits this tensor may take
     pruned_for: float | None = None  # the table serves budgets up to this one (error_table's max_kept)
     pruned_cap: int | None = None    # ... and rank caps up to this one (None: any cap, or none)
+    codes: dict | None = None        # V's GPTQ codes and grids of the measured rows (allocate.error_table)
 
 
 def analyse(D: torch.Tensor, H: torch.Tensor | None, settings: Settings, overhead_bits: float = 0.0,
@@ -58,9 +61,10 @@ def analyse(D: torch.Tensor, H: torch.Tensor | None, settings: Settings, overhea
     kept = max_kept(costs, budget) if prune and (costs > 0).any() else None
     if kept is not None and settings.max_rank is not None:
         kept = min(kept, settings.max_rank)  # a cap keeps fewer: the pruning argument holds for the smaller count
-    table = error_table(s, U, V, H, list(settings.widths), g, max_kept=kept).cpu().numpy()
+    codes: dict = {}
+    table = error_table(s, U, V, H, list(settings.widths), g, max_kept=kept, damp=settings.damp, codes=codes).cpu().numpy()
     return Analysis(D, H, U, s, V, table, costs, budget, budget if kept is not None else None,
-                    settings.max_rank if kept is not None else None)
+                    settings.max_rank if kept is not None else None, codes or None)
 
 
 def compress_matrix(D: torch.Tensor, H: torch.Tensor | None, settings: Settings, overhead_bits: float = 0.0,
@@ -126,8 +130,9 @@ def finish(a: Analysis, choice: np.ndarray, budget: float, settings: Settings) -
     gain = a.table[rows, widths.index(0)] - a.table[rows, choice]  # e_i(0) - e_i(b_i)
     keep = sorted(np.flatnonzero(chosen > 0).tolist(), key=lambda i: (-chosen[i], i))
     kept_widths = [int(chosen[i]) for i in keep]
+    stored = stored_rows(a.codes, keep, kept_widths, settings.group_size) if a.H is not None else None
     enc = quantize_factors(a.D, a.H, a.U[:, keep], a.s[keep], a.V[:, keep], kept_widths, settings, predicted,
-                           torch.from_numpy(gain[keep]))
+                           torch.from_numpy(gain[keep]), stored)
     enc.detail["widths_by_index"] = chosen
     return enc
 
@@ -145,9 +150,11 @@ def fit_packed_size(choice: np.ndarray, table: np.ndarray, widths: list[int], sh
 
 
 def quantize_factors(D: torch.Tensor, H: torch.Tensor | None, U: torch.Tensor, s: torch.Tensor, V: torch.Tensor,
-                     widths: list[int], settings: Settings, predicted: float, gains: torch.Tensor) -> Encoded:
+                     widths: list[int], settings: Settings, predicted: float, gains: torch.Tensor,
+                     stored: dict[str, torch.Tensor] | None = None) -> Encoded:
     """Steps 4-5 for the kept triplets (U (m, k), s (k,), V (n, k), widths (k,) non-increasing);
-    gains (k,): e_i(0) - e_i(b_i) in the error table's units, stored relative to E(0) = ||D X||^2."""
+    gains (k,): e_i(0) - e_i(b_i) in the error table's units, stored relative to E(0) = ||D X||^2.
+    stored: V^T's GPTQ at these widths if the error table already made it (allocate.stored_rows)."""
     m, n = D.shape
     g = settings.group_size
     bits = torch.tensor(widths, dtype=torch.int64, device=D.device)
@@ -158,7 +165,8 @@ def quantize_factors(D: torch.Tensor, H: torch.Tensor | None, U: torch.Tensor, s
         enc.stats = {"rank_kept": 0, **relative_errors(energy, energy, predicted)}
     else:
         Vt = V.T.float().contiguous()
-        vq = rtn(Vt, bits, min(g, n)) if H is None else gptq_rows(Vt, H, bits, g, damp=settings.damp)
+        vq = stored if stored is not None else rtn(Vt, bits, min(g, n)) if H is None else \
+            gptq_rows(Vt, H, bits, g, damp=settings.damp)
         Vhat = vq["deq"].double()
         HV = Vhat.T if H is None else matmul64(H, Vhat.T)  # (n, k): H V^^T
         Gz, rhs = Vhat @ HV, matmul64(D, HV)  # V^ H V^^T (k, k), the Gram of z = V^ x; D H V^^T (m, k)

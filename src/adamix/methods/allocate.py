@@ -31,7 +31,8 @@ from scipy.sparse import csr_matrix
 from typing import Callable
 
 from . import frontier
-from ..quant.grid import rtn
+from ..quant.gptq import cholesky_inverse_upper, gptq_rows
+from ..quant.grid import dequantize, expand_groups, rtn
 from ..quant.linalg import gram_rows
 from ..timing import timed
 
@@ -62,7 +63,8 @@ def keep_threshold(table: np.ndarray | torch.Tensor, zero: int, kept: int) -> fl
 
 @timed("error table")
 def error_table(s: torch.Tensor, U: torch.Tensor, V: torch.Tensor, H: torch.Tensor | None,
-                widths: list[int], group_size: int, chunk: int = 64, max_kept: int | None = None) -> torch.Tensor:
+                widths: list[int], group_size: int, chunk: int = 64, max_kept: int | None = None,
+                damp: float = 0.01, codes: dict | None = None) -> torch.Tensor:
     """e_i(b) for every triplet i and width b. s: (r,), U: (m, r), V: (n, r). Returns (r, len(widths)) float64.
 
     With the rounding errors du = u^ - u, dv = v^ - v, the residual is u v^T - u^ v^^T = -(u dv^T + du v^^T), so
@@ -72,6 +74,13 @@ def error_table(s: torch.Tensor, U: torch.Tensor, V: torch.Tensor, H: torch.Tens
     a sum of small terms, not a difference of large ones: exact enough with H's float32 products
     (linalg.gram_rows). One product with H per triplet and width (dv H) plus one (v H). Triplets in
     chunks of `chunk`: the work memory is a few chunk x n blocks, whatever the rank.
+
+    v^ is what will be stored: v at width b by GPTQ on H with damping `damp` (quant.gptq.gptq_rows,
+    whose rows are independent of each other, so the row of triplet i at width b is the same whichever
+    triplets are quantized beside it), or by RTN without a Gram. u^ is u by RTN: the U step re-fits U
+    and quantizes it on another Gram, which the table cannot know. codes: a dict to receive the GPTQ
+    codes and grids of every measured row at every width ({b: {"rows", "codes", "scale", "offset"}}),
+    which the V step then reuses instead of quantizing V again.
 
     max_kept (at most that many triplets fit the budget, all at the same cost per width): triplets
     are measured in order of decreasing e_i(0) until the next one's e_i(0) is below
@@ -83,25 +92,97 @@ def error_table(s: torch.Tensor, U: torch.Tensor, V: torch.Tensor, H: torch.Tens
     """
     r, zero = len(s), widths.index(0) if 0 in widths else None
     s2 = s.double() ** 2
+    vq = VQuantizer(V, H, widths, group_size, damp, codes)
     if max_kept is None or zero is None:
-        return _table_rows(s2, U, V, H, widths, group_size, torch.arange(r), chunk)
+        return _table_rows(s2, U, V, H, widths, group_size, torch.arange(r), chunk, vq)
     e0 = torch.cat([s2[i:i + chunk] * gram_rows(V[:, i:i + chunk].T, V[:, i:i + chunk].T, H) for i in range(0, r, chunk)])
     order = torch.argsort(e0, descending=True, stable=True)
     table = e0[:, None].repeat(1, len(widths))
     done = 0
     while done < r and (done < max_kept or float(e0[order[done]]) >= keep_threshold(table[order[:done]].cpu(), zero, max_kept)):
-        rows = order[done:done + chunk]
-        table[rows] = _table_rows(s2, U, V, H, widths, group_size, rows, chunk)
+        rows = order[done:done + (max(chunk, -(-max_kept // chunk) * chunk) if done == 0 else chunk)]  # the first
+        table[rows] = _table_rows(s2, U, V, H, widths, group_size, rows, chunk, vq)   # max_kept all at once
         done += len(rows)
     return table
 
 
+GPTQ_ROWS = 1024  # rows per GPTQ call of the error table on the CPU (all widths of GPTQ_ROWS / widths triplets)
+
+
+class VQuantizer:
+    """The error table's v^: rows of V^T quantized at every non-zero width, as the V step stores them
+    (GPTQ on H, or RTN without a Gram); codes and grids kept in `codes` (error_table) if given."""
+
+    def __init__(self, V: torch.Tensor, H: torch.Tensor | None, widths: list[int], group_size: int, damp: float,
+                 codes: dict | None):
+        self.V, self.H, self.g, self.damp, self.codes = V, H, group_size, damp, codes
+        self.widths = [b for b in widths if b > 0]
+        self.factor = None
+
+    def __call__(self, rows: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
+        """{b: {"codes" (len(rows), n) uint8, "scale", "offset" (len(rows), G)}} for the rows `rows` of
+        V^T (v^ = dequantized(...), a chunk at a time: the float32 v^ of every row and width at once
+        would be the table's largest buffer)."""
+        v = self.V[:, rows].T.float()
+        if self.H is None:
+            out = {}
+            for b in self.widths:
+                q = rtn(v, torch.full((len(rows),), b, device=v.device), min(self.g, v.shape[1]))
+                out[b] = {key: q[key] for key in ("codes", "scale", "offset")}
+            return out
+        if self.factor is None:
+            self.factor = cholesky_inverse_upper(self.H, self.damp)
+        parts = {b: [] for b in self.widths}
+        # a GPU's GPTQ time is its column loop's kernel launches: one call for all rows; the CPU's, flops
+        step = len(rows) if v.is_cuda else max(1, GPTQ_ROWS // len(self.widths))
+        for i in range(0, len(rows), step):
+            block = v[i:i + step]
+            k = len(block)
+            bits = torch.tensor(self.widths, device=v.device).repeat_interleave(k)
+            q = gptq_rows(block.repeat(len(self.widths), 1), self.H, bits, self.g, self.damp, self.factor)
+            for j, b in enumerate(self.widths):
+                parts[b].append({key: t[j * k:(j + 1) * k] for key, t in q.items()})
+        out = {}
+        for b, pieces in parts.items():
+            out[b] = {key: torch.cat([p[key] for p in pieces]) for key in ("codes", "scale", "offset")}
+            if self.codes is not None:
+                self.codes.setdefault(b, []).append({**out[b], "rows": rows.to(v.device)})
+        return out
+
+
+def dequantized(q: dict[str, torch.Tensor], group_size: int) -> torch.Tensor:
+    """v^ (k, n) float32 from codes (k, n) and per-group scale, offset (k, G), as gptq_rows' deq."""
+    n = q["codes"].shape[1]
+    g = min(group_size, n)
+    return dequantize(q["codes"], expand_groups(q["scale"], n, g), expand_groups(q["offset"], n, g))
+
+
+def stored_rows(codes: dict | None, rows: list[int], widths: list[int], group_size: int) -> dict[str, torch.Tensor] | None:
+    """The V step's GPTQ result for the V^T rows `rows` at `widths` (one width each), gathered from
+    what error_table kept in `codes`: {"codes", "scale", "offset", "deq"} as gptq_rows returns them;
+    None if a row was not measured at its width (or nothing was kept)."""
+    if not codes or not rows:
+        return None
+    merged = {}
+    for b, parts in codes.items():
+        cat = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+        merged[b] = (cat, {i: j for j, i in enumerate(cat["rows"].tolist())})
+    picked = []
+    for i, b in zip(rows, widths):
+        if b not in merged or i not in merged[b][1]:
+            return None
+        picked.append((merged[b][0], merged[b][1][i]))
+    out = {key: torch.stack([cat[key][j] for cat, j in picked]) for key in ("codes", "scale", "offset")}
+    return {**out, "deq": dequantized(out, group_size)}
+
+
 def _table_rows(s2: torch.Tensor, U: torch.Tensor, V: torch.Tensor, H: torch.Tensor | None, widths: list[int],
-                group_size: int, rows: torch.Tensor, chunk: int) -> torch.Tensor:
+                group_size: int, rows: torch.Tensor, chunk: int, vq: VQuantizer) -> torch.Tensor:
     """error_table's rows `rows` (in that order), `chunk` triplets at a time; (len(rows), len(widths))."""
-    gu, gv = min(group_size, U.shape[0]), min(group_size, V.shape[0])
+    gu = min(group_size, U.shape[0])
     dtype = H.dtype if H is not None else torch.float64
     out = torch.zeros(len(rows), len(widths), dtype=torch.float64, device=U.device)
+    vhat = vq(rows)
     for i in range(0, len(rows), chunk):
         idx = rows[i:i + chunk]
         u, v = U[:, idx].T.double(), V[:, idx].T.double()  # (c, m), (c, n)
@@ -114,7 +195,7 @@ def _table_rows(s2: torch.Tensor, U: torch.Tensor, V: torch.Tensor, H: torch.Ten
                 continue
             full = torch.full((len(idx),), b, device=U.device)
             du = rtn(u, full, gu)["deq"].double() - u
-            dv = rtn(v, full, gv)["deq"].double() - v
+            dv = dequantized({key: t[i:i + chunk] for key, t in vhat[b].items()}, group_size).double() - v
             dHd, dHv = gram_rows(dv, dv, H), (vH * dv).sum(1)
             e = uu * dHd + 2 * (u * du).sum(1) * (dHv + dHd) + (du * du).sum(1) * (vHv + 2 * dHv + dHd)
             out[i:i + chunk, j] = s2[idx] * e.clamp_min(0)

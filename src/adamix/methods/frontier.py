@@ -68,7 +68,8 @@ def fill(choice: np.ndarray, gains: np.ndarray, costs: np.ndarray, budget: float
         ok = (dg > 0) & (dc <= left)
         if not ok.any():
             return choice
-        rate = np.where(ok, dg / np.maximum(dc, 1e-300), -np.inf)
+        with np.errstate(divide="ignore", over="ignore"):  # dc <= 0 where the upgrade is free: set below
+            rate = np.where(ok, dg / np.maximum(dc, 1e-300), -np.inf)
         rate[ok & (dc <= 0)] = np.inf  # more gain for no more bits
         i, o = np.unravel_index(np.argmax(rate), rate.shape)
         left -= dc[i, o]

@@ -48,7 +48,7 @@ class Settings:
     group_size: int = 128
     damp: float = 0.01
     fit_damp: float = 1e-4
-    whiten: bool = False
+    whiten: bool = True           # SVD of D H^1/2: truncation optimal in the output error, the error table exact for drops
     budget_scope: str = "tensor"  # "tensor": alpha per tensor; "block": one ILP per transformer block
     correct_target: bool = True   # U step re-fitted to the original outputs (ADAMIX) or U S kept (Delta-CoMe)
     max_rank: int | None = None   # at most this many triplets (rank-1 terms) kept per matrix (vLLM's LoRA slots)

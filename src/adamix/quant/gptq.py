@@ -59,15 +59,18 @@ def gptq(
     quantize_column: Callable[[int, torch.Tensor], torch.Tensor],
     block: int = 128,
     damp: float = 0.01,
+    factor: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Generic GPTQ loop. W: (k, n); H: (n, n). Returns the dequantized Q (k, n) float32.
 
     quantize_column(j, rest) gets the current (error-updated) columns j..end-of-block as `rest`
-    (k, <= block) and returns the dequantized column j (k,).
+    (k, <= block) and returns the dequantized column j (k,). factor: cholesky_inverse_upper(H, damp)
+    if the caller has it (several calls on the same H). Rows are quantized independently of each
+    other: a row's result does not depend on the rows beside it.
     """
     W = W.float().clone()
     n = W.shape[1]
-    C, dead = cholesky_inverse_upper(H, damp)
+    C, dead = cholesky_inverse_upper(H, damp) if factor is None else factor
     W[:, dead] = 0
     Q = torch.zeros_like(W)
     for i1 in range(0, n, block):
@@ -87,10 +90,11 @@ def gptq(
 
 @timed("gptq")
 def gptq_rows(W: torch.Tensor, H: torch.Tensor, bits: torch.Tensor, group_size: int,
-              damp: float = 0.01) -> dict[str, torch.Tensor]:
+              damp: float = 0.01, factor: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """GPTQ where row i of W (k x n) is quantized at bits[i]; grids per group of columns.
 
     Returns codes (k, n) uint8, scale/offset (k, G) float32 holding fp16 values, deq (k, n).
+    factor: cholesky_inverse_upper(H, damp), if already computed.
     """
     k, n = W.shape
     g = min(group_size, n)
@@ -112,7 +116,7 @@ def gptq_rows(W: torch.Tensor, H: torch.Tensor, bits: torch.Tensor, group_size: 
         codes[:, j] = q[:, 0]
         return (o + s * q)[:, 0]
 
-    deq = gptq(W, H, quantize_column, block=block, damp=damp)
+    deq = gptq(W, H, quantize_column, block=block, damp=damp, factor=factor)
     return {"codes": codes, "scale": scale, "offset": offset, "deq": deq}
 
 

@@ -19,7 +19,7 @@ def svd(D: torch.Tensor, H: torch.Tensor | None = None, whiten: bool = False,
 
     algorithm "gram" (thin_svd_gram: the eigendecomposition of the smaller Gram) or "full" (LAPACK's
     SVD, torch.linalg.svd). Plain: the SVD of D. Whitened (H given): the SVD of D L with
-    H + eps I = L L^T, so that D L = U S W^T and V = L^-T W (columns rescaled to unit norm, the norms
+    H + eps I = L L^T (whitening_factor), so that D L = U S W^T and V = L^-T W (columns rescaled to unit norm, the norms
     moved into s). Its truncation is optimal in the H-weighted error, and the v_i are H-orthogonal, so
     dropping triplets costs exactly the error table's e_i(0) (no cross terms).
     """
@@ -29,13 +29,32 @@ def svd(D: torch.Tensor, H: torch.Tensor | None = None, whiten: bool = False,
     decompose = thin_svd_gram if algorithm == "gram" else thin_svd_full
     if not whiten or H is None:
         return decompose(work)
-    Hd = H.to(work)
-    eye = torch.eye(Hd.shape[0], dtype=Hd.dtype, device=Hd.device)
-    L = torch.linalg.cholesky(Hd + 1e-6 * torch.diagonal(Hd).mean() * eye)
+    L = whitening_factor(H.to(device=work.device, dtype=torch.float64))  # factored in float64 whatever D's dtype
+    if L is None:  # no input ever reached this linear: nothing to weigh by
+        return decompose(work)
+    L = L.to(work.dtype)
     U, s, W = decompose(work @ L)
     V = torch.linalg.solve_triangular(L.T, W, upper=True)
     norms = V.norm(dim=0).clamp_min(1e-30)
     return U, s * norms, V / norms
+
+
+WHITENING_EPS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)  # ridges tried in turn, times the mean of diag(H)
+
+
+def whitening_factor(H: torch.Tensor) -> torch.Tensor | None:
+    """Lower Cholesky factor L of H + eps mean(diag H) I = L L^T (n x n, H's dtype), with the smallest
+    ridge eps of WHITENING_EPS that makes it positive definite: a Gram of fewer tokens than inputs, or
+    one accumulated in float32, is singular or slightly indefinite. None where diag(H) is all zero."""
+    scale = torch.diagonal(H).mean()
+    if not scale > 0:
+        return None
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for eps in WHITENING_EPS:
+        L, info = torch.linalg.cholesky_ex(H + eps * scale * eye)
+        if int(info) == 0:
+            return L
+    raise RuntimeError(f"whitening: the Gram is not positive definite even with a ridge of {eps} x its mean diagonal")
 
 
 def thin_svd_full(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
