@@ -90,6 +90,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent.parent / "docs" / "results"))
     args = ap.parse_args()
     ratios = [float(Fraction(r)) for r in args.ratios.split(",")]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()  # at the start: the code that runs
     base, ft = pair_paths(args.pair)
     t0 = time.time()
     held = pooled_grams(corpus_grams(ft, heldout_corpora()))
@@ -160,8 +162,6 @@ def main() -> None:
     for a in ratios:
         rows.append({"variant": FLOOR, "alpha": a, "calibration_error": (floor[a] / energy["calibration"]) ** 0.5,
                      "x_deltacome_calibration": (floor[a] / calib[REFERENCE, a]) ** 0.5})
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
     command = f"python benchmarks/adamix_settings.py --pair {args.pair} --ratios {args.ratios}" + \
         (f" --blocks {args.blocks}" if args.blocks else "")
     result = {"commit": commit, "command": command, "rows": rows, "seconds": seconds,
