@@ -204,7 +204,8 @@ def test_error_table_matches_direct_output_error(group_size):
     table = error_table(s, U, V, H, widths, group_size)
     assert table.dtype == torch.float64 and table.shape == (len(s), len(widths))
     ref = _reference_table(s, U, V, X, widths, group_size, gptq_on=H)
-    torch.testing.assert_close(table, ref, rtol=1e-6, atol=0.0)
+    # dv^T H dv comes from GPTQ's float32 column errors: exact to float32 rounding of those
+    torch.testing.assert_close(table, ref, rtol=3e-5, atol=0.0)
     # e_i(0) is the whole energy of the triplet's output
     torch.testing.assert_close(table[:, 0], s ** 2 * ((V.T @ X) ** 2).sum(1), rtol=1e-9, atol=0.0)
 
@@ -214,7 +215,8 @@ def test_error_table_without_gram_is_identity_gram():
     widths = [0, 2, 3, 8]
     t_none = error_table(s, U, V, None, widths, 16)
     t_eye = error_table(s, U, V, torch.eye(V.shape[0], dtype=torch.float64), widths, 16)
-    torch.testing.assert_close(t_none, t_eye, rtol=1e-12, atol=1e-15)
+    # the same codes (GPTQ on I is RTN); with H = I the error comes from GPTQ's float32 column errors
+    torch.testing.assert_close(t_none, t_eye, rtol=1e-5, atol=1e-15)
     # and it is the Frobenius error of the rank-1 term (X = I)
     ref = _reference_table(s, U, V, torch.eye(V.shape[0], dtype=torch.float64), widths, 16)
     torch.testing.assert_close(t_none, ref, rtol=1e-6, atol=0.0)

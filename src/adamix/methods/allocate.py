@@ -72,8 +72,9 @@ def error_table(s: torch.Tensor, U: torch.Tensor, V: torch.Tensor, H: torch.Tens
         e_i(b) / s_i^2 = |u|^2 dv^T H dv + 2 (u . du) dv^T H v^ + |du|^2 v^^T H v^,
 
     a sum of small terms, not a difference of large ones: exact enough with H's float32 products
-    (linalg.gram_rows). One product with H per triplet and width (dv H) plus one (v H). Triplets in
-    chunks of `chunk`: the work memory is a few chunk x n blocks, whatever the rank.
+    (linalg.gram_rows). One product with H per triplet (v H); dv^T H dv comes from GPTQ's column
+    errors (quant.gptq.quant_error; without a Gram, |dv|^2). Triplets in chunks of `chunk`: the work
+    memory is a few chunk x n blocks, whatever the rank.
 
     v^ is what will be stored: v at width b by GPTQ on H with damping `damp` (quant.gptq.gptq_rows,
     whose rows are independent of each other, so the row of triplet i at width b is the same whichever
@@ -120,9 +121,10 @@ class VQuantizer:
         self.factor = None
 
     def __call__(self, rows: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
-        """{b: {"codes" (len(rows), n) uint8, "scale", "offset" (len(rows), G)}} for the rows `rows` of
-        V^T (v^ = dequantized(...), a chunk at a time: the float32 v^ of every row and width at once
-        would be the table's largest buffer)."""
+        """{b: {"codes" (len(rows), n) uint8, "scale", "offset" (len(rows), G)[, "error" (len(rows),)]}}
+        for the rows `rows` of V^T (v^ = dequantized(...), a chunk at a time: the float32 v^ of every
+        row and width at once would be the table's largest buffer); with a Gram, "error" is
+        dv^T H dv from GPTQ's own column errors (gptq_rows' with_error), no product with H."""
         v = self.V[:, rows].T.float()
         if self.H is None:
             out = {}
@@ -139,12 +141,12 @@ class VQuantizer:
             block = v[i:i + step]
             k = len(block)
             bits = torch.tensor(self.widths, device=v.device).repeat_interleave(k)
-            q = gptq_rows(block.repeat(len(self.widths), 1), self.H, bits, self.g, self.damp, self.factor)
+            q = gptq_rows(block.repeat(len(self.widths), 1), self.H, bits, self.g, self.damp, self.factor, with_error=True)
             for j, b in enumerate(self.widths):
                 parts[b].append({key: t[j * k:(j + 1) * k] for key, t in q.items()})
         out = {}
         for b, pieces in parts.items():
-            out[b] = {key: torch.cat([p[key] for p in pieces]) for key in ("codes", "scale", "offset")}
+            out[b] = {key: torch.cat([p[key] for p in pieces]) for key in ("codes", "scale", "offset", "error")}
             if self.codes is not None:
                 self.codes.setdefault(b, []).append({**out[b], "rows": rows.to(v.device)})
         return out
@@ -195,8 +197,9 @@ def _table_rows(s2: torch.Tensor, U: torch.Tensor, V: torch.Tensor, H: torch.Ten
                 continue
             full = torch.full((len(idx),), b, device=U.device)
             du = rtn(u, full, gu)["deq"].double() - u
-            dv = dequantized({key: t[i:i + chunk] for key, t in vhat[b].items()}, group_size).double() - v
-            dHd, dHv = gram_rows(dv, dv, H), (vH * dv).sum(1)
+            q = {key: t[i:i + chunk] for key, t in vhat[b].items()}
+            dv = dequantized(q, group_size).double() - v
+            dHd, dHv = q["error"] if "error" in q else gram_rows(dv, dv, H), (vH * dv).sum(1)
             e = uu * dHd + 2 * (u * du).sum(1) * (dHv + dHd) + (du * du).sum(1) * (vHv + 2 * dHv + dHd)
             out[i:i + chunk, j] = s2[idx] * e.clamp_min(0)
     return out

@@ -60,6 +60,7 @@ def gptq(
     block: int = 128,
     damp: float = 0.01,
     factor: tuple[torch.Tensor, torch.Tensor] | None = None,
+    loss: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Generic GPTQ loop. W: (k, n); H: (n, n). Returns the dequantized Q (k, n) float32.
 
@@ -67,6 +68,10 @@ def gptq(
     (k, <= block) and returns the dequantized column j (k,). factor: cholesky_inverse_upper(H, damp)
     if the caller has it (several calls on the same H). Rows are quantized independently of each
     other: a row's result does not depend on the rows beside it.
+
+    loss (k,) float64, if given, receives sum_j err_j^2 per row, which equals (W' - Q) H' (W' - Q)^T
+    exactly (each column's error is final once pushed on): H' = H with H_jj = 1 where H_jj = 0, plus
+    the damping, and W' = W with those columns zeroed (quant_error turns it into the error on H).
     """
     W = W.float().clone()
     n = W.shape[1]
@@ -85,15 +90,32 @@ def gptq(
             W1[:, i:] -= err[:, None] * C1[i, i:][None, :]
             E1[:, i] = err
         W[:, i2:] -= E1 @ C[i1:i2, i2:]
+        if loss is not None:
+            loss += (E1.double() ** 2).sum(1)
     return Q
+
+
+def quant_error(loss: torch.Tensor, W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, damp: float) -> torch.Tensor:
+    """(W - Q) H (W - Q)^T per row (k,) float64 from gptq's `loss` on the same W (k, n), Q and H:
+    the damping's share, damp * mean(diag H') |W' - Q|^2, and the unit diagonal given to the inputs
+    that never fire, sum over those j of Q_j^2, taken off (H is zero in their rows and columns)."""
+    diag = H.diagonal().float().clone()
+    dead = diag == 0
+    diag[dead] = 1.0
+    lam = damp * float(diag.mean())
+    d = Q.double() - W.double().masked_fill(dead, 0.0)
+    return loss - lam * (d * d).sum(1) - (d[:, dead] ** 2).sum(1)
 
 
 @timed("gptq")
 def gptq_rows(W: torch.Tensor, H: torch.Tensor, bits: torch.Tensor, group_size: int,
-              damp: float = 0.01, factor: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+              damp: float = 0.01, factor: tuple[torch.Tensor, torch.Tensor] | None = None,
+              with_error: bool = False) -> dict[str, torch.Tensor]:
     """GPTQ where row i of W (k x n) is quantized at bits[i]; grids per group of columns.
 
-    Returns codes (k, n) uint8, scale/offset (k, G) float32 holding fp16 values, deq (k, n).
+    Returns codes (k, n) uint8, scale/offset (k, G) float32 holding fp16 values, deq (k, n), and with
+    with_error the output error of each row, error (k,) float64 = (w_i - q_i)^T H (w_i - q_i), from
+    GPTQ's own column errors (gptq's loss, quant_error): no product with H.
     factor: cholesky_inverse_upper(H, damp), if already computed.
     """
     k, n = W.shape
@@ -116,8 +138,12 @@ def gptq_rows(W: torch.Tensor, H: torch.Tensor, bits: torch.Tensor, group_size: 
         codes[:, j] = q[:, 0]
         return (o + s * q)[:, 0]
 
-    deq = gptq(W, H, quantize_column, block=block, damp=damp, factor=factor)
-    return {"codes": codes, "scale": scale, "offset": offset, "deq": deq}
+    loss = torch.zeros(k, dtype=torch.float64, device=W.device) if with_error else None
+    deq = gptq(W, H, quantize_column, block=block, damp=damp, factor=factor, loss=loss)
+    out = {"codes": codes, "scale": scale, "offset": offset, "deq": deq}
+    if with_error:
+        out["error"] = quant_error(loss, W, deq, H, damp)
+    return out
 
 
 @timed("gptq")
