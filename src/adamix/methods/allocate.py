@@ -86,10 +86,12 @@ def error_table(s: torch.Tensor, U: torch.Tensor, V: torch.Tensor, H: torch.Tens
     max_kept (at most that many triplets fit the budget, all at the same cost per width): triplets
     are measured in order of decreasing e_i(0) until the next one's e_i(0) is below
     keep_threshold: no optimal choice needs the rest, whose non-zero widths are set to e_i(0) (no
-    gain) unmeasured. One extra pass (v H for all) gives the order. The smaller the ratio and the
+    gain) unmeasured. One extra pass (v H for all) gives the order; the rows are measured in batches,
+    the first max_kept at once, then each half of those done so far (measuring a few rows more than
+    needed costs flops; each batch costs GPTQ column loops). The smaller the ratio and the
     steeper the spectrum, the fewer rows are measured (benchmarks/pruning.py; docs/results/); a flat
-    spectrum (noise) needs nearly all. The measured rows are
-    the same, bit for bit, whatever max_kept (the same chunks of the same order).
+    spectrum (noise) needs nearly all. The measured rows equal the full table's (GPTQ's rows are
+    independent of each other), to the rounding of its float32 products.
     """
     r, zero = len(s), widths.index(0) if 0 in widths else None
     s2 = s.double() ** 2
@@ -101,8 +103,11 @@ def error_table(s: torch.Tensor, U: torch.Tensor, V: torch.Tensor, H: torch.Tens
     table = e0[:, None].repeat(1, len(widths))
     done = 0
     while done < r and (done < max_kept or float(e0[order[done]]) >= keep_threshold(table[order[:done]].cpu(), zero, max_kept)):
-        rows = order[done:done + (max(chunk, -(-max_kept // chunk) * chunk) if done == 0 else chunk)]  # the first
-        table[rows] = _table_rows(s2, U, V, H, widths, group_size, rows, chunk, vq)   # max_kept all at once
+        # the first max_kept rows at once, then batches growing by half of what is done: each batch is one
+        # GPTQ call per GPTQ_ROWS rows, whose column loop is the cost on a GPU
+        size = -(-max_kept // chunk) * chunk if done == 0 else done // 2 // chunk * chunk
+        rows = order[done:done + max(chunk, size)]
+        table[rows] = _table_rows(s2, U, V, H, widths, group_size, rows, chunk, vq)
         done += len(rows)
     return table
 
