@@ -147,8 +147,9 @@ class VQuantizer:
             k = len(block)
             bits = torch.tensor(self.widths, device=v.device).repeat_interleave(k)
             q = gptq_rows(block.repeat(len(self.widths), 1), self.H, bits, self.g, self.damp, self.factor, with_error=True)
-            for j, b in enumerate(self.widths):
-                parts[b].append({key: t[j * k:(j + 1) * k] for key, t in q.items()})
+            for j, b in enumerate(self.widths):  # not deq: v^ is dequantized a chunk at a time
+                parts[b].append({key: q[key][j * k:(j + 1) * k] for key in ("codes", "scale", "offset", "error")})
+            del q
         out = {}
         for b, pieces in parts.items():
             out[b] = {key: torch.cat([p[key] for p in pieces]) for key in ("codes", "scale", "offset", "error")}
