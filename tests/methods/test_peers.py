@@ -96,6 +96,9 @@ def test_deltacome_follows_schedule_and_skips_target_correction():
     # adamix on the same delta: the ILP choice plus target correction must do at least as well
     ada = compress_with(D, H, dataclasses.replace(settings, method="adamix"))
     assert ada.stats["error_measured"] < enc.stats["error_measured"]
+    # Delta-CoMe's SVD is the plain one, whatever adamix's default (the whitened SVD)
+    plain = compress_with(D, H, dataclasses.replace(settings, whiten=False))
+    assert settings.whiten and all(torch.equal(enc.tensors[k], plain.tensors[k]) for k in enc.tensors)
 
 
 @pytest.mark.parametrize("alpha", [1 / 2, 1 / 8, 1 / 16, 1 / 64])
