@@ -123,7 +123,8 @@ def main() -> None:
             r.update(svd=alg, threads=t, outer_wall_s=time.time() - t0)
             runs.append(r)
             print(f"{t} thread(s), svd {alg}: {json.dumps(r)}", flush=True)
-    result = {"commit": commit, "args": vars(args), "yardstick": sticks, "runs": runs}
+    recorded = {k: v for k, v in vars(args).items() if k not in ("work", "out")}  # no paths of this machine in the results
+    result = {"commit": commit, "args": recorded, "yardstick": sticks, "runs": runs}
     out.mkdir(parents=True, exist_ok=True)
     stem = f"block_time_{args.hidden}" + ("_svd" if args.svd_only else "")
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))

@@ -133,7 +133,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(args.device)
-    result = {"commit": args.commit, "args": vars(args), "torch": torch.__version__, "cores": available_cores(),
+    recorded = {k: v for k, v in vars(args).items() if k not in ("work", "out")}  # no paths of this machine in the results
+    result = {"commit": args.commit, "args": recorded, "torch": torch.__version__, "cores": available_cores(),
               "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
 
     def save(step: str, value) -> None:

@@ -52,7 +52,8 @@ def main() -> None:
             rows.append({"method": method, "ratio": ratio, "alpha": float(Fraction(ratio)),
                          "first_64_windows": error_on_grams(base, ft, art, old)["relative_error"], **new})
             print(json.dumps(rows[-1]), flush=True)
-    result = {"commit": git_commit(), "args": vars(args), "rows": rows}
+    recorded = {k: v for k, v in vars(args).items() if k not in ("work", "out")}  # no paths of this machine in the results
+    result = {"commit": git_commit(), "args": recorded, "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "heldout_measure_minilm.json").write_text(json.dumps(result, indent=1))

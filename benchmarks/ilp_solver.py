@@ -80,7 +80,8 @@ def main() -> None:
                "kept": int((mine != list(settings.widths).index(0)).sum())}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    result = {"commit": git_commit(), "args": vars(args), "rows": rows}
+    recorded = {k: v for k, v in vars(args).items() if k not in ("work", "out")}  # no paths of this machine in the results
+    result = {"commit": git_commit(), "args": recorded, "rows": rows}
     stem = f"ilp_solver_{args.hidden}"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))

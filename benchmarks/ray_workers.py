@@ -65,7 +65,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"ray_workers_{args.hidden}"
-    (out / f"{stem}.json").write_text(json.dumps({"commit": commit, "args": vars(args), "rows": rows}, indent=1))
+    recorded = {k: v for k, v in vars(args).items() if k not in ("work", "out")}  # no paths of this machine in the results
+    (out / f"{stem}.json").write_text(json.dumps({"commit": commit, "args": recorded, "rows": rows}, indent=1))
     first = rows[0]
     lines = [f"# Ray workers against one process (hidden {args.hidden}, intermediate {args.intermediate}, "
              f"{args.blocks} blocks)", "",
