@@ -29,10 +29,11 @@ def svd(D: torch.Tensor, H: torch.Tensor | None = None, whiten: bool = False,
     decompose = thin_svd_gram if algorithm == "gram" else thin_svd_full
     if not whiten or H is None:
         return decompose(work)
-    L = whitening_factor(H.to(device=work.device, dtype=torch.float64))  # factored in float64 whatever D's dtype
+    # in D's working dtype: float32 for huge D, where a float64 n x n is 1 GB at n = 11008; any
+    # invertible L gives an exact factorization D = (D L) L^-1, the ridge only bends the weighting
+    L = whitening_factor(H.to(device=work.device, dtype=work.dtype))
     if L is None:  # no input ever reached this linear: nothing to weigh by
         return decompose(work)
-    L = L.to(work.dtype)
     U, s, W = decompose(work @ L)
     V = torch.linalg.solve_triangular(L.T, W, upper=True)
     norms = V.norm(dim=0).clamp_min(1e-30)
@@ -45,15 +46,20 @@ WHITENING_EPS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)  # ridges tried in turn, times th
 def whitening_factor(H: torch.Tensor) -> torch.Tensor | None:
     """Lower Cholesky factor L of H + eps mean(diag H) I = L L^T (n x n, H's dtype), with the smallest
     ridge eps of WHITENING_EPS that makes it positive definite: a Gram of fewer tokens than inputs, or
-    one accumulated in float32, is singular or slightly indefinite. None where diag(H) is all zero."""
-    scale = torch.diagonal(H).mean()
+    one accumulated in float32, is singular or slightly indefinite. None where diag(H) is all zero.
+    At most two n x n matrices at a time (the ridged copy and the factor)."""
+    scale = float(torch.diagonal(H).mean())
     if not scale > 0:
         return None
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    A = H.clone()  # one n x n copy, its diagonal raised in place (no identity matrix)
+    added = 0.0
     for eps in WHITENING_EPS:
-        L, info = torch.linalg.cholesky_ex(H + eps * scale * eye)
+        A.diagonal().add_(eps * scale - added)
+        added = eps * scale
+        L, info = torch.linalg.cholesky_ex(A)
         if int(info) == 0:
             return L
+        del L
     raise RuntimeError(f"whitening: the Gram is not positive definite even with a ridge of {eps} x its mean diagonal")
 
 
