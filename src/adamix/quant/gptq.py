@@ -82,13 +82,15 @@ def gptq(
         i2 = min(i1 + block, n)
         W1 = W[:, i1:i2].clone()
         E1 = torch.zeros_like(W1)
+        Q1 = torch.empty_like(W1)  # the block's columns, written to Q once: a column of Q is k scattered entries
         C1 = C[i1:i2, i1:i2]
         for i in range(i2 - i1):
             q = quantize_column(i1 + i, W1[:, i:])
-            Q[:, i1 + i] = q
+            Q1[:, i] = q
             err = (W1[:, i] - q) / C1[i, i]
             W1[:, i:] -= err[:, None] * C1[i, i:][None, :]
             E1[:, i] = err
+        Q[:, i1:i2] = Q1
         W[:, i2:] -= E1 @ C[i1:i2, i2:]
         if loss is not None:
             loss += (E1.double() ** 2).sum(1)
