@@ -31,7 +31,7 @@ def svd(D: torch.Tensor, H: torch.Tensor | None = None, whiten: bool = False,
         return decompose(work)
     # in D's working dtype: float32 for huge D, where a float64 n x n is 1 GB at n = 11008; any
     # invertible L gives an exact factorization D = (D L) L^-1, the ridge only bends the weighting
-    L = whitening_factor(H.to(device=work.device, dtype=work.dtype))
+    L = whitening_factor(H, work.dtype, work.device)
     if L is None:  # no input ever reached this linear: nothing to weigh by
         return decompose(work)
     U, s, W = decompose(work @ L)
@@ -43,15 +43,17 @@ def svd(D: torch.Tensor, H: torch.Tensor | None = None, whiten: bool = False,
 WHITENING_EPS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)  # ridges tried in turn, times the mean of diag(H)
 
 
-def whitening_factor(H: torch.Tensor) -> torch.Tensor | None:
-    """Lower Cholesky factor L of H + eps mean(diag H) I = L L^T (n x n, H's dtype), with the smallest
+def whitening_factor(H: torch.Tensor, dtype: torch.dtype | None = None,
+                     device: torch.device | str | None = None) -> torch.Tensor | None:
+    """Lower Cholesky factor L of H + eps mean(diag H) I = L L^T (n x n), with the smallest
     ridge eps of WHITENING_EPS that makes it positive definite: a Gram of fewer tokens than inputs, or
     one accumulated in float32, is singular or slightly indefinite. None where diag(H) is all zero.
-    At most two n x n matrices at a time (the ridged copy and the factor)."""
-    scale = float(torch.diagonal(H).mean())
+    In `dtype` on `device` (default H's). At most two n x n matrices at a time (the ridged copy and
+    the factor)."""
+    A = H.to(device=device or H.device, dtype=dtype or H.dtype, copy=True)  # the one copy, raised in place
+    scale = float(torch.diagonal(A).mean())
     if not scale > 0:
         return None
-    A = H.clone()  # one n x n copy, its diagonal raised in place (no identity matrix)
     added = 0.0
     for eps in WHITENING_EPS:
         A.diagonal().add_(eps * scale - added)
