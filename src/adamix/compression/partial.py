@@ -9,6 +9,8 @@ The folder is OUT's hidden sibling `.<OUT name>.adamix-partial/`:
   <chunk>.json          {"names": every tensor the chunk covered (zero deltas included), "entries":
                         their manifest entries}; renamed into place last, so a chunk whose .json exists
                         is complete (a SIGKILL leaves at most a stray .tmp file, which is ignored)
+  pass1/                --budget-scope model only (compression.model_scope): the first pass's chunks
+                        (Stash: each matrix's stashed analysis, the layer weights, the allocation)
 Chunks are "block-0003" (the linears of a calibrated block) and "rest-<tensor name>" (one data-free
 tensor each). The final artifact is assembled from the chunks in a separate temporary folder and renamed
 onto OUT (io.artifact.AtomicFolder); only then is the work folder removed.
@@ -63,6 +65,45 @@ def tensor_files(folder: Path, chunks: list[str]) -> dict[str, Path]:
     return where
 
 
+def block_chunk(i: int) -> str:
+    """The chunk of block i's linears."""
+    return f"block-{i:04d}"
+
+
+def rest_chunk(name: str) -> str:
+    """The chunk of one data-free tensor."""
+    return "rest-" + name.replace(os.sep, "_")
+
+
+class Stash:
+    """Chunks of intermediate results in `folder` (created on the first write): <chunk>.safetensors
+    written first, then <chunk>.json (any JSON-able record) renamed into place, which marks it complete."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def write(self, chunk: str, record, tensors: dict[str, torch.Tensor]) -> None:
+        self.folder.mkdir(exist_ok=True)
+        _write_atomic(self.folder / f"{chunk}.safetensors",
+                      lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, str(p)))
+        _write_atomic(self.folder / f"{chunk}.json", lambda p: p.write_text(json.dumps(record, sort_keys=True)))
+
+    def done(self, chunk: str):
+        """The chunk's record if it was completed, else None."""
+        path = self.folder / f"{chunk}.json"
+        if not path.is_file() or not (self.folder / f"{chunk}.safetensors").is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except ValueError:
+            raise AdamixError(f"{path} is damaged; rerun without --resume (and --overwrite)") from None
+
+    def read(self, chunk: str, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """The chunk's tensors `keys` (default: all)."""
+        with safe_open(str(self.folder / f"{chunk}.safetensors"), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in (f.keys() if keys is None else keys)}
+
+
 class PartialRun:
     """The chunks written so far for one run, identified by `key` (a JSON-able dict).
 
@@ -96,20 +137,16 @@ class PartialRun:
 
     def done(self, chunk: str) -> dict | None:
         """The chunk's record ({"names", "entries"}) if it was completed, else None."""
-        path = self.folder / f"{chunk}.json"
-        if not path.is_file() or not (self.folder / f"{chunk}.safetensors").is_file():
-            return None
-        try:
-            return json.loads(path.read_text())
-        except ValueError:
-            raise AdamixError(f"{path} is damaged; rerun without --resume (and --overwrite)") from None
+        return Stash(self.folder).done(chunk)
 
     def write(self, chunk: str, names: list[str], entries: dict[str, dict], tensors: dict[str, torch.Tensor]) -> None:
         """Store one chunk: tensors first, then the record that marks it complete."""
-        _write_atomic(self.folder / f"{chunk}.safetensors",
-                      lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, str(p)))
-        record = {"names": sorted(names), "entries": entries}
-        _write_atomic(self.folder / f"{chunk}.json", lambda p: p.write_text(json.dumps(record, sort_keys=True)))
+        Stash(self.folder).write(chunk, {"names": sorted(names), "entries": entries}, tensors)
+
+    @property
+    def pass1(self) -> Stash:
+        """The first pass's chunks of a two-pass run (compression.model_scope)."""
+        return Stash(self.folder / "pass1")
 
     def chunks(self) -> list[str]:
         return sorted(p.stem for p in self.folder.glob("*.json") if p.name != RUN_FILE)

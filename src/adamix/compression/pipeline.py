@@ -30,7 +30,7 @@ from ..methods.kinds import stored_suffixes
 from ..version import __version__
 from .encode import encode_block, encode_tensor
 from .options import Options
-from .partial import PartialRun
+from .partial import PartialRun, block_chunk, rest_chunk
 from .plan import delta_of, overhead_per_element, pair_tensors
 from .shards import parse_shard, share, write_shard
 from .preflight import check_before_calibration
@@ -75,7 +75,8 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
     dtype_of = lambda name: base_ck.slice_info(name)[1]  # noqa: E731
     device = torch.device(opts.device)
     on_gpu = device.type == "cuda" and method.device_resident
-    staged = calib_path is not None and method.staged and not (settings.budget_scope == "block" and method.joint)
+    shared = settings.budget_scope != "tensor" and method.joint
+    staged = calib_path is not None and method.staged and not shared
     threads, ilp_workers = cpu_plan(opts.threads, on_gpu, staged)
     # the work folder is removed at the end, or on bad input found midway; an interruption keeps it for --resume
     with torch_threads(threads), work:
@@ -101,23 +102,33 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
             except Exception as e:
                 raise AdamixError(f"{ft_ck.folder}: cannot load the fine-tune's tokenizer ({e})") from None
             windows = token_windows(text, tokenizer, opts.samples, opts.seqlen)
-            runner = BlockRunner(ft_ck, windows, opts.device, grams_on_device=on_gpu)
-            mine = share(len(runner.blocks), shard) if shard else range(len(runner.blocks))
-            skip = frozenset(i for i in range(len(runner.blocks)) if i not in mine or work.done(block_chunk(i)))
-            bar = tqdm(runner.run(skip, stop=mine.stop), total=len(mine), initial=len(set(mine) & skip),
-                       desc="calibrate+compress blocks", disable=not opts.progress, unit="block")
-            for i, infos, grams in bar:
-                block = {info.name: (grams.pop(info.name), info.transposed) for info in infos if info.name in todo}
-                grams.clear()  # the runner's dict: emptied so that each Gram is freed once its linears are done
-                store(block_chunk(i), list(block), encode_block(block, load, settings, overhead, ilp_workers, device))
-                del block
+            if settings.budget_scope == "model" and shared:
+                from .model_scope import Run, compress_model_scope
+                from .preflight import calibrated_names
+                calibrated = calibrated_names(ft_ck, names)
+                extra.update(compress_model_scope(Run(
+                    work, load, lambda: BlockRunner(ft_ck, windows, opts.device, grams_on_device=on_gpu),
+                    [n for n in names if n not in calibrated], store, lambda: build_model(ft_ck, device=opts.device),
+                    lambda model: state_name_map(model, ft_ck.keys()), windows, set(names), settings, overhead,
+                    device, opts.seed, opts.progress)))
+            else:
+                runner = BlockRunner(ft_ck, windows, opts.device, grams_on_device=on_gpu)
+                mine = share(len(runner.blocks), shard) if shard else range(len(runner.blocks))
+                skip = frozenset(i for i in range(len(runner.blocks)) if i not in mine or work.done(block_chunk(i)))
+                bar = tqdm(runner.run(skip, stop=mine.stop), total=len(mine), initial=len(set(mine) & skip),
+                           desc="calibrate+compress blocks", disable=not opts.progress, unit="block")
+                for i, infos, grams in bar:
+                    block = {info.name: (grams.pop(info.name), info.transposed) for info in infos if info.name in todo}
+                    grams.clear()  # the runner's dict: emptied so that each Gram is freed once its linears are done
+                    store(block_chunk(i), list(block), encode_block(block, load, settings, overhead, ilp_workers, device))
+                    del block
         rest = sorted(todo)
         if shard:  # this shard's contiguous share of the data-free tensors (the blocks' linears are never among them)
             data_free = sorted(set(names) - (runner.linear_names() if windows is not None else set()))
             rest = [n for n in (data_free[i] for i in share(len(data_free), shard)) if n in todo]
         for name in tqdm(rest, desc="compress other tensors (data-free)", disable=not opts.progress or not rest, unit="tensor"):
             enc = encode_tensor(load(name), None, False, settings, overhead, device=device)
-            store("rest-" + name.replace(os.sep, "_"), [name], {name: (enc, False)} if enc is not None else {})
+            store(rest_chunk(name), [name], {name: (enc, False)} if enc is not None else {})
             release_freed_memory()
 
         if shard:
@@ -178,10 +189,6 @@ def model_context(base_ck: Checkpoint, ft_ck: Checkpoint, windows: list[torch.Te
                         student=lambda tensor: build_model(base_ck, tensor, opts.device),
                         base_tensor=base_ck.get, param_names=lambda model: state_name_map(model, base_ck.keys()),
                         windows=windows or [], device=opts.device, progress=opts.progress)
-
-
-def block_chunk(i: int) -> str:
-    return f"block-{i:04d}"
 
 
 def peak_rss_mib() -> float:

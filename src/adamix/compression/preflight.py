@@ -8,7 +8,8 @@
    The estimate uses the shapes only: an m x n matrix may spend alpha * 16 m n bits less its share
    of the header and manifest (`overhead` bits per element, plan.overhead_per_element); with
    --budget-scope block (a method that joins shared allocations) the budgets of the calibrated
-   matrices of each block are pooled, less what each sets aside (Method.joint_reserve_bits).
+   matrices of each block are pooled, less what each sets aside (Method.joint_reserve_bits); with
+   --budget-scope model those of every matrix.
    So a refused ratio certainly stores nothing, and the smallest ratio named in the message (rounded
    up to 3 digits) lets at least one matrix keep one item. When even ratio 1 stores nothing
    (matrices too small for their share of the header) nothing is refused.
@@ -49,9 +50,10 @@ def smallest_ratio(matrices: list[tuple[int, int, int | None]], settings: Settin
         best = min(best, (bits + overhead * m * n) / (16 * m * n))
         if block is not None:
             blocks.setdefault(block, []).append((m, n))
-    if settings.budget_scope == "block" and method.joint:
+    if settings.budget_scope != "tensor" and method.joint:
         reserve = method.joint_reserve_bits(settings)
-        for pooled in blocks.values():
+        pools = blocks.values() if settings.budget_scope == "block" else [[(m, n) for m, n, _ in matrices]]
+        for pooled in pools:
             elements = sum(m * n for m, n in pooled)
             cheapest = min(method.item_bits(m, n, settings) for m, n in pooled)
             best = min(best, (cheapest + overhead * elements + reserve * len(pooled)) / (16 * elements))

@@ -104,20 +104,51 @@ def compress_jointly(analyses: list[Analysis], settings: Settings) -> list[Encod
 
     Each tensor reserves joint_reserve_bits for the byte padding of its packed streams.
     """
-    if not analyses:
+    choices = allocate_jointly([(a.table, a.costs, a.budget) for a in analyses], settings)
+    return [complete_joint(a, c, settings) for a, c in zip(analyses, choices)]
+
+
+def allocate_jointly(parts: list[tuple[np.ndarray, np.ndarray, float]], settings: Settings,
+                     weights: list[float] | None = None) -> list[np.ndarray]:
+    """Step 3 for several deltas at once: [(table (r_l, B), costs (B,), budget_l)] -> the width index
+    per triplet of each, from one ILP
+
+        min sum_l w_l sum_i e_li(b_li)   s.t.   sum_li cost(b_li) <= sum_l (budget_l - reserve)
+
+    (w_l = 1 without `weights`; a rank cap holds per delta). Each delta reserves joint_reserve_bits."""
+    if not parts:
         return []
     reserve = joint_reserve_bits(settings)
-    table = np.concatenate([a.table for a in analyses])
-    costs = np.concatenate([np.broadcast_to(a.costs, a.table.shape) for a in analyses])
-    budget = sum(a.budget - reserve for a in analyses)
-    matrix = np.concatenate([np.full(len(a.s), i) for i, a in enumerate(analyses)])  # the cap is per matrix
+    w = [1.0] * len(parts) if weights is None else [float(x) for x in weights]
+    table = np.concatenate([t * wl for (t, _, _), wl in zip(parts, w)])
+    costs = np.concatenate([np.broadcast_to(c, t.shape) for t, c, _ in parts])
+    budget = sum(b - reserve for _, _, b in parts)
+    matrix = np.concatenate([np.full(len(t), i) for i, (t, _, _) in enumerate(parts)])  # the cap is per matrix
     choice = choose_widths(table, costs, budget, cap=settings.max_rank, groups=matrix)
-    out, start = [], 0
-    for a in analyses:
-        c = choice[start:start + len(a.s)]
-        start += len(a.s)
-        out.append(finish(a, c, float(a.costs[c].sum()) + reserve, settings))
+    return list(np.split(choice, np.cumsum([len(t) for t, _, _ in parts])[:-1]))
+
+
+def complete_joint(a: Analysis, choice: np.ndarray, settings: Settings) -> Encoded:
+    """Steps 4-5 of one delta of a shared allocation: its budget is what its choice costs plus its reserve."""
+    return finish(a, choice, float(a.costs[choice].sum()) + joint_reserve_bits(settings), settings)
+
+
+STASHED = ("U", "s", "V", "table", "costs")
+
+
+def stash(a: Analysis) -> dict[str, torch.Tensor]:
+    """What a two-pass allocation keeps of an analysis on disk (the factors, the error table, the
+    costs and the budget), as CPU tensors; D and H are read again for the second pass (unstash)."""
+    out = {k: torch.as_tensor(getattr(a, k)).cpu().contiguous() for k in STASHED}
+    out["budget"] = torch.tensor([a.budget], dtype=torch.float64)
     return out
+
+
+def unstash(tensors: dict[str, torch.Tensor], D: torch.Tensor, H: torch.Tensor | None) -> Analysis:
+    """The Analysis that `stash` kept, with D and H given again (factors on D's device); the V step
+    then quantizes the kept rows afresh (the same codes as the table's: GPTQ's rows are independent)."""
+    U, s, V = (tensors[k].to(D.device) for k in ("U", "s", "V"))
+    return Analysis(D, H, U, s, V, tensors["table"].numpy(), tensors["costs"].numpy(), float(tensors["budget"][0]))
 
 
 def finish(a: Analysis, choice: np.ndarray, budget: float, settings: Settings) -> Encoded:
@@ -225,6 +256,21 @@ class Adamix(Method):
 
     def compress_joint(self, analyses, settings):
         return compress_jointly(analyses, settings)
+
+    def allocate_joint(self, parts, settings, weights=None):
+        return allocate_jointly(parts, settings, weights)
+
+    def complete_joint(self, analysis, choice, settings):
+        return complete_joint(analysis, choice, settings)
+
+    def table_of(self, analysis):
+        return analysis.table, analysis.costs, analysis.budget
+
+    def stash(self, analysis):
+        return stash(analysis)
+
+    def unstash(self, tensors, D, H):
+        return unstash(tensors, D, H)
 
     def joint_reserve_bits(self, settings):
         return joint_reserve_bits(settings)

@@ -13,8 +13,9 @@ What a method declares:
   needs_calibration whether it refuses the data-free mode (`--calib none`);
   kinds             the stored kinds it writes (methods.kinds: each with its registered decoder);
   joint             whether it can join a shared allocation (`--budget-scope block`: one allocation
-                    over the linears of a transformer block): then `analyse`, `compress_joint`
-                    and `joint_reserve_bits` are implemented;
+                    over the linears of a transformer block; `--budget-scope model`: one over every
+                    matrix of the model, in two passes): then the methods of the "shared allocation"
+                    section below are implemented;
 and implements:
   check(settings)                        refuse settings it cannot meet (one AdamixError);
   item_bits(m, n, settings)              its size model: stored bits of the cheapest item it can
@@ -49,7 +50,7 @@ class Settings:
     damp: float = 0.01
     fit_damp: float = 1e-4
     whiten: bool = True           # SVD of D H^1/2: truncation optimal in the output error, the error table exact for drops
-    budget_scope: str = "tensor"  # "tensor": alpha per tensor; "block": one ILP per transformer block
+    budget_scope: str = "tensor"  # "tensor": alpha per tensor; "block": one ILP per block; "model": one over the model
     correct_target: bool = True   # U step re-fitted to the original outputs (ADAMIX) or U S kept (Delta-CoMe)
     max_rank: int | None = None   # at most this many triplets (rank-1 terms) kept per matrix (vLLM's LoRA slots)
     value_bits: int | None = None  # bits per kept value of the sparse peers (16: fp16; 1..8; None: the method's default)
@@ -120,6 +121,30 @@ class Method:
         raise NotImplementedError
 
     def compress_joint(self, analyses: list, settings: Settings) -> list[Encoded]:
+        raise NotImplementedError
+
+    # the two-pass form (`--budget-scope model`): pass 1 analyses each matrix and stashes it on disk,
+    # one allocation over the tables (table_of) decides, pass 2 unstashes and completes each matrix;
+    # compress_joint(analyses) == [complete_joint(a, c) for a, c in zip(analyses,
+    # allocate_joint([table_of(a) for a in analyses]))], byte for byte.
+
+    def table_of(self, analysis: Any) -> tuple[Any, Any, float]:
+        """(error table (r, B), costs (B,), budget in bits) of an analysis."""
+        raise NotImplementedError
+
+    def allocate_joint(self, parts: list, settings: Settings, weights: list[float] | None = None) -> list:
+        """One allocation over several table_of's: minimise sum_l weights[l] * error_l within the sum of
+        the budgets; one decision per part."""
+        raise NotImplementedError
+
+    def complete_joint(self, analysis: Any, decision: Any, settings: Settings) -> Encoded:
+        raise NotImplementedError
+
+    def stash(self, analysis: Any) -> dict[str, torch.Tensor]:
+        """The analysis as CPU tensors to keep on disk (without D and H)."""
+        raise NotImplementedError
+
+    def unstash(self, tensors: dict[str, torch.Tensor], D: torch.Tensor, H: torch.Tensor | None) -> Any:
         raise NotImplementedError
 
     def joint_reserve_bits(self, settings: Settings) -> float:

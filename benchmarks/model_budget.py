@@ -1,0 +1,175 @@
+"""`--budget-scope model` against the per-tensor and per-block budgets, and the linear model behind it.
+
+    python benchmarks/model_budget.py --pair minilm|smollm|smollm-code [--ratios 1/16,1/32,1/64]
+                                      [--work DIR] [--out docs/results]
+
+For each ratio, real `adamix compress` runs (child processes: wall time and peak RSS of each) of
+adamix with --budget-scope tensor, block and model, and of deltacome. Each artifact is measured:
+- the relative output error on held-out text, pooled over its corpora (peers.py's measure);
+- the end divergence from the fine-tune (KL of the next-token distributions for SmolLM2, squared
+  distance of the final hidden states for MiniLM, mean per token) on the calibration windows that
+  the slopes are measured on, and on the held-out text;
+- the linear model: predicted divergence sum_l c_l E_l (c_l the slopes the model-scope run recorded,
+  E_l each matrix's error on those windows, compression.sensitivity.layer_errors) against measured;
+- end metrics: MiniLM: cosine of the mean-pooled embeddings to the fine-tune's; SmolLM2: exact match
+  on the fine-tune's task (200 test prompts) and the kept share of its gain.
+Writes docs/results/model_budget_<pair>.md and .json, naming the commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from adamix.compression.calibrate import token_windows  # noqa: E402
+from adamix.compression.sensitivity import SLOPE_WINDOWS, end_divergence, end_output, layer_errors  # noqa: E402
+from adamix.eval.heldout import corpus_grams, errors_on_corpora, heldout_corpora, pooled_grams  # noqa: E402
+from adamix.io.artifact import Artifact  # noqa: E402
+from adamix.io.checkpoint import Checkpoint  # noqa: E402
+from adamix.io.hf import build_model, state_name_map  # noqa: E402
+from adamix.io.text import default_calibration_file, read_text  # noqa: E402
+from peers import git_commit, restored_model  # noqa: E402
+
+VARIANTS = (("adamix", "tensor"), ("adamix", "block"), ("adamix", "model"), ("deltacome", "tensor"))
+
+
+def pair_folders(pair: str) -> tuple[str, str, dict]:
+    """(base, fine-tune, how to score it) of a benchmark pair."""
+    if pair == "minilm":
+        from adamix.eval.demo import PAIR, package_folder
+        base, ft = (package_folder(*p) for p in PAIR)
+        return base, ft, {"kind": "embedding"}
+    from make_smollm_finetune import CODE_TASK_ID, TASK_ID, make_finetune
+    task = CODE_TASK_ID if pair == "smollm-code" else TASK_ID
+    base, ft = make_finetune(log=print, task=task)
+    return base, ft, {"kind": "task", "task": task}
+
+
+def compress(base: str, ft: str, out: Path, method: str, ratio: str, scope: str) -> dict:
+    """One `adamix compress` in a child process: its wall seconds and peak RSS (MiB)."""
+    cmd = [sys.executable, "-m", "adamix.cli", "compress", base, ft, "-o", str(out), "--method", method,
+           "--ratio", ratio, "--overwrite", "-q"] + (["--budget-scope", scope] if scope != "tensor" else [])
+    t = time.time()
+    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(child.pid, 0)
+    if status != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({status})")
+    return {"wall_s": round(time.time() - t, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024)}
+
+
+def task_score(model, tokenizer, task: str) -> float:
+    from make_smollm_finetune import exact_match, task_examples
+    return exact_match(model, tokenizer, task_examples("test", 200, seed=0, task=task))
+
+
+def cosine_score(model, ft: str, ref: dict) -> float:
+    from adamix.eval.heldout import embedding_cosine, mean_pooled
+    return sum(embedding_cosine(mean_pooled(ft, t, model=model), ref[c]) for c, t in heldout_corpora().items()) / len(ref)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pair", choices=("minilm", "smollm", "smollm-code"), default="minilm")
+    ap.add_argument("--ratios", default="1/16,1/32,1/64")
+    ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "adamix" / "bench" / "model_budget")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "docs" / "results")
+    args = ap.parse_args()
+    commit = git_commit()
+    from transformers import AutoTokenizer
+    base, ft, score = pair_folders(args.pair)
+    work = args.work / args.pair
+    work.mkdir(parents=True, exist_ok=True)
+    ft_ck = Checkpoint(ft)
+    tok = AutoTokenizer.from_pretrained(ft)
+    calib_windows = token_windows(read_text(default_calibration_file()), tok, 128, 256)[:SLOPE_WINDOWS]
+    held_windows = [w for texts in heldout_corpora().values() for t in texts
+                    for w in token_windows(t, tok, None, 256)]
+    ft_model = build_model(ft_ck)
+    params = state_name_map(ft_model, ft_ck.keys())
+    owned = dict(ft_model.named_parameters(remove_duplicate=False))
+    refs = {"calib": [end_output(ft_model, w)[1] for w in calib_windows],
+            "held": [end_output(ft_model, w)[1] for w in held_windows]}
+    by_corpus = corpus_grams(ft, heldout_corpora())
+    grams = pooled_grams(by_corpus)
+    if score["kind"] == "embedding":
+        from adamix.eval.heldout import mean_pooled
+        emb_ref = {c: mean_pooled(ft, t, model=ft_model) for c, t in heldout_corpora().items()}
+        metric = lambda model: {"cosine": cosine_score(model, ft, emb_ref)}  # noqa: E731
+        ref = {}
+    else:
+        metric = lambda model: {"exact_match": task_score(model, tok, score["task"])}  # noqa: E731
+        ref = {"base": metric(restored_model(base, ft, None))["exact_match"], "finetune": metric(ft_model)["exact_match"]}
+    rows, slopes = [], None
+    for ratio in args.ratios.split(","):
+        for method, scope in VARIANTS:
+            out = work / f"{method}-{scope}-{ratio.replace('/', '_')}"
+            run = compress(base, ft, out, method, ratio, scope)
+            art = Artifact(out)
+            if scope == "model":
+                slopes = art.manifest["settings"]["model_scope"]
+            restored = restored_model(base, ft, art)
+            r = {"method": method, "scope": scope, "ratio": ratio, **run,
+                 "heldout_error": errors_on_corpora(base, ft, art, by_corpus, grams)["pooled"],
+                 "div_calib": end_divergence(restored, calib_windows, refs["calib"]),
+                 "div_heldout": end_divergence(restored, held_windows, refs["held"]), **metric(restored)}
+            own = dict(restored.named_parameters(remove_duplicate=False))
+            r["_changes"] = {ck: (p, (own[p] - owned[p]).detach()) for p, ck in params.items()}
+            rows.append(r)
+            print(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}), flush=True)
+    for r in rows:  # the linear model, with the slopes of the model-scope run (the same for every ratio)
+        changes = {ck: r["_changes"][ck] for ck in slopes["slopes"] if ck in r["_changes"]}
+        free = {ck for ck in changes if ck not in grams}
+        E = layer_errors(ft_model, changes, free, calib_windows)
+        r["div_predicted"] = sum(slopes["slopes"][ck] * e for ck, e in E.items())
+        del r["_changes"]
+    write(args, rows, ref, slopes, commit)
+
+
+def write(args, rows: list[dict], ref: dict, slopes: dict, commit: str) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = f"model_budget_{args.pair.replace('-', '_')}"
+    data = {"command": f"python benchmarks/model_budget.py --pair {args.pair} --ratios {args.ratios}",
+            "commit": commit, "reference": ref, "rows": rows,
+            "slopes": {k: v for k, v in slopes.items()} if slopes else None}
+    (args.out / f"{name}.json").write_text(json.dumps(data, indent=1))
+    dc = {r["ratio"]: r for r in rows if r["method"] == "deltacome"}
+    metric = "cosine" if "cosine" in rows[0] else "exact_match"
+    lines = [f"# `--budget-scope model` on the {args.pair} pair", "",
+             f"Command: `{data['command']}` at commit `{commit}`. Each row is a real `adamix compress` "
+             "(child process, this machine's CPU). Divergence: mean per token of "
+             f"{slopes['end_divergence'] if slopes else '?'} from the fine-tune (`hidden`: squared distance of the "
+             "final hidden states; `kl`: KL of the next-token distributions), on the first "
+             f"{SLOPE_WINDOWS} calibration windows (where the slopes are measured) and on all held-out text. "
+             "Predicted: sum_l c_l E_l with the model-scope run's slopes.", ""]
+    if ref:
+        lines += [f"Exact match: base {ref['base']:.3f}, fine-tune {ref['finetune']:.3f}; "
+                  "gain kept = (score - base) / (fine-tune - base).", ""]
+    head = ["ratio", "variant", "held-out error", "x deltacome", "div calib", "predicted", "meas/pred",
+            "div held-out", "x deltacome", metric] + (["gain kept"] if ref else []) + ["wall s", "peak RSS MiB"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        d = dc.get(r["ratio"])
+        cells = [r["ratio"], f"{r['method']} {r['scope']}", f"{r['heldout_error']:.4f}",
+                 f"{r['heldout_error'] / d['heldout_error']:.3f}" if d else "",
+                 f"{r['div_calib']:.3e}", f"{r['div_predicted']:.3e}",
+                 f"{r['div_calib'] / r['div_predicted']:.2f}" if r["div_predicted"] > 0 else "",
+                 f"{r['div_heldout']:.3e}", f"{r['div_heldout'] / d['div_heldout']:.3f}" if d else "",
+                 f"{r[metric]:.4f}"]
+        if ref:
+            cells.append(f"{(r[metric] - ref['base']) / (ref['finetune'] - ref['base']):.3f}")
+        cells += [f"{r['wall_s']:.0f}", f"{r['peak_rss_mib']}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

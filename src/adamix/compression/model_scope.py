@@ -1,0 +1,196 @@
+"""--budget-scope model: one allocation over every matrix of the model, in two passes.
+
+    min  sum_l w_l sum_i e_li(b_li)   s.t.   sum_li cost(b_li) <= sum_l (alpha 16 m_l n_l - overhead_l - reserve)
+
+over the calibrated linears of every block and the data-free matrices (embeddings, heads), where
+e_li(b) is matrix l's error table (Method.analyse) and w_l the weight of its error in the model's
+output: the slope c_l of the end divergence (compression.sensitivity), per unit of the table (c_l / T
+for a calibrated linear, whose table sums over the T calibration tokens; c_l for a data-free one).
+
+Pass 1 streams the blocks as the one-pass run does and stashes each matrix's analysis (its SVD and
+error table, Method.stash) in the work folder (`pass1/table-block-0003`, `pass1/table-rest-<name>`);
+then the slopes (`pass1/slopes`, one perturbed forward pass of the fine-tune per matrix, the whole
+model in memory) and the allocation (`pass1/allocation`, one Method.allocate_joint over every table).
+Pass 2 streams the blocks again (the Grams recomputed: the same forward passes) and completes each
+matrix (Method.complete_joint) into the usual chunks. Memory holds one block and the tables (small);
+disk holds every matrix's factors until the run ends. --resume continues within either pass: every
+step's result is a chunk, read back rather than recomputed. Data-free matrices join the allocation
+with the method's own form only (no row-sparse alternative).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..memory import release_freed_memory
+from ..methods import Encoded, Settings, get
+from ..timing import phase
+from .encode import encode_tensor, placed
+from .partial import PartialRun, block_chunk, rest_chunk
+from .plan import is_svd_shape
+from .sensitivity import SLOPE_WINDOWS, layer_slopes
+
+
+@dataclass
+class Run:
+    """What both passes use: the work folder, the deltas (load: name -> D in the checkpoint's layout),
+    make_runner() -> a fresh calibrate.BlockRunner, the data-free names, store(chunk, covered,
+    encoded) that writes a final chunk, names: every paired tensor, and build_finetune() -> the fine-tune (float32, on the device)
+    with param_names(model) -> {parameter name: checkpoint name}."""
+    work: PartialRun
+    load: Callable[[str], torch.Tensor]
+    make_runner: Callable[[], object]
+    data_free: list[str]
+    store: Callable[[str, list[str], dict], None]
+    build_finetune: Callable[[], torch.nn.Module]
+    param_names: Callable[[torch.nn.Module], dict[str, str]]
+    windows: list[torch.Tensor]
+    names: set[str]
+    settings: Settings
+    overhead: float
+    device: torch.device
+    seed: int = 0
+    progress: bool = True
+
+
+def compress_model_scope(run: Run) -> dict:
+    """Both passes (module doc); returns what to record in the manifest: the divergence's kind, the
+    windows and tokens it was measured on and the slopes c_l (compression.sensitivity)."""
+    tables = first_pass(run)
+    kind, slopes = layer_slopes_of(run, tables)
+    tokens = sum(int(w.numel()) for w in run.windows)  # the calibrated tables sum over every window's tokens
+    weights = {n: slopes[n] if n in run.data_free else slopes[n] / tokens for n in tables}
+    choices = allocation(run, tables, weights)
+    second_pass(run, tables, choices)
+    return {"model_scope": {"end_divergence": kind, "slope_windows": min(SLOPE_WINDOWS, len(run.windows)),
+                            "calibration_tokens": tokens, "slopes": {n: slopes[n] for n in sorted(slopes)}}}
+
+
+def first_pass(run: Run) -> dict[str, tuple[str, bool]]:
+    """Stash the analysis of every non-zero matrix that can take the method's form; returns
+    {name: (its pass-1 chunk, transposed)} in allocation order (blocks, then data-free)."""
+    stash = run.work.pass1
+    runner = run.make_runner()
+    final_done = lambda i: run.work.done(block_chunk(i)) is not None  # noqa: E731
+    table_done = lambda i: stash.done("table-" + block_chunk(i)) is not None  # noqa: E731
+    skip = frozenset(i for i in range(len(runner.blocks)) if final_done(i) or table_done(i))
+    bar = tqdm(runner.run(skip), total=len(runner.blocks), initial=len(skip), unit="block",
+               desc="pass 1 of 2: calibrate+analyse blocks", disable=not run.progress)
+    for i, infos, grams in bar:
+        record, tensors = {}, {}
+        for info in (info for info in infos if info.name in run.names):
+            H = grams.pop(info.name)
+            analysed = analyse(run, info.name, H, info.transposed)
+            if analysed is not None:
+                record[info.name] = info.transposed
+                tensors.update({f"{info.name}:{k}": v for k, v in analysed.items()})
+            del H
+        grams.clear()
+        stash.write("table-" + block_chunk(i), record, tensors)
+        release_freed_memory()
+    for name in tqdm(run.data_free, desc="pass 1 of 2: analyse data-free tensors", unit="tensor",
+                     disable=not run.progress or not run.data_free):
+        chunk = "table-" + rest_chunk(name)
+        if stash.done(chunk) is None and run.work.done(rest_chunk(name)) is None:
+            analysed = analyse(run, name, None, False)
+            stash.write(chunk, {name: False} if analysed is not None else {}, {} if analysed is None else
+                        {f"{name}:{k}": v for k, v in analysed.items()})
+            release_freed_memory()
+    out = {}
+    for i in range(len(runner.blocks)):
+        out.update({n: ("table-" + block_chunk(i), t) for n, t in (stash.done("table-" + block_chunk(i)) or {}).items()})
+    for name in run.data_free:
+        out.update({n: ("table-" + rest_chunk(name), t) for n, t in (stash.done("table-" + rest_chunk(name)) or {}).items()})
+    return out
+
+
+def analyse(run: Run, name: str, H: torch.Tensor | None, transposed: bool) -> dict[str, torch.Tensor] | None:
+    """The stashed analysis of one matrix, or None where it is zero or not a matrix (pass 2 encodes it
+    alone, as the one-pass run does)."""
+    method = get(run.settings.method)
+    D = run.load(name)
+    if not bool(D.any()) or not is_svd_shape(tuple(D.shape)):
+        return None
+    Dp, Hp = placed(D, H, method, run.device)
+    a = method.analyse(Dp.T if transposed else Dp, Hp, run.settings, run.overhead * D.numel())
+    return method.stash(a)
+
+
+def layer_slopes_of(run: Run, tables: dict[str, tuple[str, bool]]) -> tuple[str, dict[str, float]]:
+    """(the divergence's kind, {name: c_l}) for the stashed matrices, measured once (pass1/slopes)."""
+    stash = run.work.pass1
+    done = stash.done("slopes")
+    if done is not None:
+        return done["kind"], done["slopes"]
+    with phase("layer weights"):
+        model = run.build_finetune()
+        params = {ck: p for p, ck in run.param_names(model).items() if ck in tables}
+        kind, slopes = layer_slopes(model, params, run.load, set(run.data_free), run.windows[:SLOPE_WINDOWS],
+                                    run.seed, progress=run.progress)
+        del model
+    stash.write("slopes", {"kind": kind, "slopes": slopes}, {})
+    return kind, slopes
+
+
+def allocation(run: Run, tables: dict[str, tuple[str, bool]], weights: dict[str, float]) -> dict[str, np.ndarray]:
+    """{name: width index per triplet} of the one allocation over every stashed table (pass1/allocation)."""
+    stash = run.work.pass1
+    if stash.done("allocation") is not None:
+        return {k: v.numpy() for k, v in stash.read("allocation").items()}
+    method = get(run.settings.method)
+    names = list(tables)
+    parts = []
+    for name in names:
+        t = stash.read(tables[name][0], [f"{name}:table", f"{name}:costs", f"{name}:budget"])
+        parts.append((t[f"{name}:table"].numpy(), t[f"{name}:costs"].numpy(), float(t[f"{name}:budget"][0])))
+    with phase("ILP"):
+        choices = method.allocate_joint(parts, run.settings, [weights[n] for n in names])
+    out = {n: np.asarray(c) for n, c in zip(names, choices)}
+    stash.write("allocation", {"matrices": len(out)}, {n: torch.from_numpy(c.astype(np.int64)) for n, c in out.items()})
+    return out
+
+
+def second_pass(run: Run, tables: dict[str, tuple[str, bool]], choices: dict[str, np.ndarray]) -> None:
+    """Complete every matrix at its allocated widths into the final chunks, block by block."""
+    runner = run.make_runner()
+    skip = frozenset(i for i in range(len(runner.blocks)) if run.work.done(block_chunk(i)) is not None)
+    bar = tqdm(runner.run(skip), total=len(runner.blocks), initial=len(skip), unit="block",
+               desc="pass 2 of 2: calibrate+quantize blocks", disable=not run.progress)
+    for i, infos, grams in bar:
+        encoded, covered = {}, [info.name for info in infos if info.name in run.names]
+        for name, transposed in ((info.name, info.transposed) for info in infos if info.name in run.names):
+            H = grams.pop(name)
+            enc = complete(run, name, H, transposed, tables, choices)
+            if enc is not None:
+                encoded[name] = (enc, transposed)
+            del H
+        grams.clear()
+        run.store(block_chunk(i), covered, encoded)
+        release_freed_memory()
+    for name in tqdm(run.data_free, desc="pass 2 of 2: quantize data-free tensors", unit="tensor",
+                     disable=not run.progress or not run.data_free):
+        if run.work.done(rest_chunk(name)) is None:
+            enc = complete(run, name, None, False, tables, choices)
+            run.store(rest_chunk(name), [name], {name: (enc, False)} if enc is not None else {})
+            release_freed_memory()
+
+
+def complete(run: Run, name: str, H: torch.Tensor | None, transposed: bool, tables: dict[str, tuple[str, bool]],
+             choices: dict[str, np.ndarray]) -> Encoded | None:
+    """One matrix's stored form: its stashed analysis at its allocated widths, or (not stashed: zero or
+    not a matrix) the one-pass encoding."""
+    D = run.load(name)
+    if name not in tables:
+        return encode_tensor(D, H, transposed, run.settings, run.overhead, device=run.device)
+    method = get(run.settings.method)
+    stashed = run.work.pass1.read(tables[name][0])
+    prefix = name + ":"
+    Dp, Hp = placed(D, H, method, run.device)
+    a = method.unstash({k[len(prefix):]: v for k, v in stashed.items() if k.startswith(prefix)},
+                       Dp.T if transposed else Dp, Hp)
+    return method.complete_joint(a, choices[name], run.settings)
