@@ -1,0 +1,194 @@
+"""`--budget-scope model`: the weighted model-wide knapsack against brute force, the budget held
+across the model, resume between and within the two passes (identical bytes), the slopes of the
+layer weights against known values, and the refusals."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import signal
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import adamix
+from adamix import AdamixError
+from adamix.compression.partial import partial_dir
+from adamix.compression.sensitivity import divergence, layer_errors, layer_slopes
+from adamix.io.artifact import Artifact
+from adamix.io.checkpoint import Checkpoint
+from adamix.methods import Settings
+from adamix.methods.adamix import allocate_jointly, joint_reserve_bits
+from adamix.methods.svd_mixed import triplet_bits
+
+from test_resume import child_env, compress_cmd, files  # noqa: E402 (a sibling test module)
+
+
+# ------------------------------------------------------------------ the weighted knapsack
+
+
+def instance(seed: int):
+    """2-3 matrices of 1-3 triplets, ADAMIX-shaped costs, errors decreasing in width, weights 1e-3..1e3."""
+    rng = np.random.default_rng(seed)
+    settings = Settings(widths=(0, 2, 4), group_size=16)
+    parts = []
+    for _ in range(int(rng.integers(2, 4))):
+        r, (m, n) = int(rng.integers(1, 4)), (int(v) for v in rng.integers(16, 96, size=2))
+        costs = np.array([triplet_bits(m, n, b, 16) for b in settings.widths], dtype=np.float64)
+        s2 = np.sort(rng.lognormal(0, 1, size=r))[::-1]
+        table = s2[:, None] * np.c_[np.ones(r), np.cumprod(rng.uniform(0.05, 0.6, size=(r, 2)), axis=1)]
+        budget = float(rng.uniform(0.2, 1.5) * r * costs[1]) + joint_reserve_bits(settings)
+        parts.append((table, costs, budget))
+    weights = list(10.0 ** rng.uniform(-3, 3, size=len(parts)))
+    return parts, weights, settings
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_weighted_model_knapsack_matches_brute_force(seed):
+    parts, weights, settings = instance(seed)
+    reserve = joint_reserve_bits(settings)
+    budget = sum(b - reserve for _, _, b in parts)
+    rows = [(w * t[i], c) for (t, c, _), w in zip(parts, weights) for i in range(len(t))]
+    best = math.inf
+    for pick in itertools.product(range(3), repeat=len(rows)):
+        if sum(c[k] for (_, c), k in zip(rows, pick)) <= budget:
+            best = min(best, sum(e[k] for (e, _), k in zip(rows, pick)))
+    choices = allocate_jointly(parts, settings, weights)
+    assert [len(c) for c in choices] == [len(t) for t, _, _ in parts]
+    spent = sum(float(c[k].sum()) for (_, c, _), k in zip(parts, choices))
+    assert spent <= budget
+    got = sum(w * float(t[np.arange(len(k)), k].sum()) for (t, _, _), w, k in zip(parts, weights, choices))
+    assert got == pytest.approx(best, rel=1e-9)
+
+
+# ------------------------------------------------------------------ the pipeline
+
+
+@pytest.fixture(scope="module")
+def model_run(deep_pair, calib_file, tmp_path_factory):
+    """The uninterrupted model-scope CLI run, in a child process like the interrupted ones."""
+    out = tmp_path_factory.mktemp("model") / "d"
+    subprocess.run(compress_cmd(deep_pair, calib_file, out, "--budget-scope", "model"), check=True, env=child_env())
+    return out
+
+
+def test_budget_held_across_the_model_and_moved_between_matrices(deep_pair, model_run):
+    art = Artifact(model_run)
+    base = Checkpoint(deep_pair[0])
+    mixed = {n: e for n, e in art.entries.items() if e["kind"] == "svd-mixed"}
+    elements = {n: math.prod(base.slice_info(n)[0]) for n in mixed}
+    with open(model_run / "delta.safetensors", "rb") as f:
+        import json
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    stored = {n: sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k.startswith(n + "."))
+              for n in mixed}
+    alpha = art.manifest["alpha"]
+    assert 8 * sum(stored.values()) <= alpha * 16 * sum(elements.values())
+    shares = [8 * stored[n] / (16 * elements[n]) for n in mixed]
+    assert max(shares) > 1.5 * alpha and min(shares) < 0.5 * alpha  # bits went where the weights sent them
+    record = art.manifest["settings"]["model_scope"]
+    assert record["end_divergence"] == "kl" and set(record["slopes"]) >= set(mixed)
+    assert all(v >= 0 for v in record["slopes"].values())
+
+
+KILLER = """
+import os, signal, sys
+import adamix.compression.partial as partial
+where, count = sys.argv[1], int(sys.argv[2])
+seen = [0]
+write = partial.Stash.write
+def patched(self, chunk, *a, **k):
+    write(self, chunk, *a, **k)
+    first = self.folder.name == "pass1"
+    if (where == "pass1" and first) or (where == "pass2" and not first) or where == chunk:
+        seen[0] += 1
+        if seen[0] == count:
+            os.kill(os.getpid(), signal.SIGKILL)
+partial.Stash.write = patched
+from adamix.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("where, count", [("pass1", 3), ("slopes", 1), ("allocation", 1), ("pass2", 2)])
+def test_sigkill_in_either_pass_then_resume_is_byte_identical(deep_pair, calib_file, model_run, tmp_path, where, count):
+    out = tmp_path / "d"
+    cmd = compress_cmd(deep_pair, calib_file, out, "--budget-scope", "model")
+    r = subprocess.run([sys.executable, "-c", KILLER, where, str(count), *cmd[3:]], env=child_env(), capture_output=True)
+    assert r.returncode == -signal.SIGKILL, r.stderr.decode()[-2000:]
+    assert not out.exists() and (partial_dir(out) / "pass1").is_dir()
+    subprocess.run(cmd + ["--resume"], check=True, env=child_env())
+    assert files(out) == files(model_run)
+    assert not partial_dir(out).exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (dict(calib=None), "--budget-scope model needs calibration text"),
+    (dict(shard="1/2"), "--budget-scope model runs in one process .*: drop --shard"),
+    (dict(executor="ray"), "--budget-scope model runs in one process .*: drop --executor ray"),
+    (dict(method="rtn"), "--budget-scope model applies to --method adamix only, not rtn"),
+])
+def test_model_scope_refusals(bert_pair, calib_file, tmp_path, extra, message):
+    opts = {**dict(calib=calib_file, budget_scope="model", samples=4, seqlen=32, progress=False), **extra}
+    with pytest.raises(AdamixError, match=message):
+        adamix.compress(*bert_pair, tmp_path / "d", **opts)
+    assert not (tmp_path / "d").exists()
+
+
+# ------------------------------------------------------------------ the layer slopes
+
+
+class Linear2(nn.Module):
+    """ids -> embedding -> A -> B, no nonlinearity: the output change of a perturbation d of A is
+    B d x, so with B = c Q (Q orthogonal) A's slope is exactly c^2 and B's is 1."""
+
+    def __init__(self, c: float, vocab: int = 11, d: int = 6):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.emb = nn.Embedding(vocab, d)
+        self.emb.weight.data = torch.randn(vocab, d, generator=g)
+        self.A, self.B = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
+        self.A.weight.data = torch.randn(d, d, generator=g)
+        self.B.weight.data = c * torch.linalg.qr(torch.randn(d, d, generator=g))[0]
+
+    def forward(self, input_ids, attention_mask=None):
+        return SimpleNamespace(last_hidden_state=self.B(self.A(self.emb(input_ids))))
+
+
+def test_slopes_reproduce_known_values_on_a_linear_model():
+    model = Linear2(c=3.0)
+    windows = [torch.tensor([[1, 4, 2, 9, 4]]), torch.tensor([[0, 3, 3]])]
+    deltas = {n: 0.01 * torch.ones(6, 6) if n != "emb" else 0.01 * torch.ones(11, 6) for n in ("A", "B", "emb")}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kind, slopes = layer_slopes(model, {"A": "A.weight", "B": "B.weight", "emb": "emb.weight"}, deltas.__getitem__,
+                                {"emb"}, windows, seed=3)
+    assert kind == "hidden"
+    assert slopes["A"] == pytest.approx(9.0, rel=1e-4) and slopes["B"] == pytest.approx(1.0, rel=1e-4)  # float32 forward
+    # the embedding (data-free: per ||d||_F^2): float64 reference with the same seeded perturbation
+    from adamix.compression.sensitivity import SLOPE_RHO, seeded_normal
+    G = seeded_normal((11, 6), 3, "emb").double()
+    d = G * (SLOPE_RHO ** 0.5 * float(deltas["emb"].norm()) / float(G.norm()))
+    M = (model.B.weight.double() @ model.A.weight.double()).detach()
+    tokens = torch.cat([w[0] for w in windows])
+    expected = float(((d[tokens] @ M.T) ** 2).sum()) / len(tokens) / float((d ** 2).sum())
+    assert slopes["emb"] == pytest.approx(expected, rel=1e-4)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # restored exactly
+    # layer_errors measures E with the same inputs: sum_l c_l E_l predicts the divergence of a linear model exactly
+    change = 0.05 * torch.randn(6, 6, generator=torch.Generator().manual_seed(1))
+    E = layer_errors(model, {"A": ("A.weight", change)}, set(), windows)
+    x = torch.cat([model.emb(w[0]) for w in windows]).double().detach()
+    assert E["A"] == pytest.approx(float(((x @ change.double().T) ** 2).sum()) / len(x), rel=1e-5)
+
+
+def test_kl_divergence_is_float64_and_never_negative():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(5, 50, generator=g)
+    out = ref + 1e-4 * torch.randn(5, 50, generator=g)
+    p, q = torch.log_softmax(ref.double(), -1), torch.log_softmax(out.double(), -1)
+    assert divergence("kl", ref, out) == pytest.approx(float((p.exp() * (p - q)).sum()), rel=1e-9)
+    assert divergence("kl", ref, ref) == 0.0
