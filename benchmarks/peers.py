@@ -1,6 +1,6 @@
 """ADAMIX against its peers at the same size, on the two real pairs.
 
-    python benchmarks/peers.py [--pairs minilm,smollm] [--ratios 1/8,1/16,1/32,1/64,1/128]
+    python benchmarks/peers.py [--pairs minilm,smollm,smollm-code] [--ratios 1/8,1/16,1/32,1/64,1/128]
                                [--methods adamix,deltacome,...,impart+qt]
                                [--cli-methods all] [--out docs/results] [--work DIR] [--merge]
 
@@ -273,12 +273,18 @@ class MiniLMMetrics:
                 "probe_acc": probe_accuracy(emb["polarity"].numpy(), self.labels)}
 
 
+def smollm_task(pair: str) -> str:
+    """The fine-tune task of a SmolLM2 pair: smollm = word reversal, smollm-code = the word code."""
+    from make_smollm_finetune import CODE_TASK_ID, TASK_ID
+    return CODE_TASK_ID if pair == "smollm-code" else TASK_ID
+
+
 class SmolLMMetrics:
-    def __init__(self, ft: str):
+    def __init__(self, ft: str, task: str):
         from transformers import AutoTokenizer
         from make_smollm_finetune import task_examples
         self.tok = AutoTokenizer.from_pretrained(ft)
-        self.examples = task_examples("test", 200, seed=0)
+        self.examples = task_examples("test", 200, seed=0, task=task)
         self.lee = heldout_corpora()["lee"]
 
     def __call__(self, model) -> dict:
@@ -409,10 +415,10 @@ def run_pair(pair: str, methods: list[str], ratios: list[float], cli_methods: li
     else:
         from make_smollm_finetune import gguf_location, make_finetune
         folder, name = gguf_location()
-        base, ft = make_finetune(log=print)
+        base, ft = make_finetune(log=print, task=smollm_task(pair))
         base_for_cli = str(Path(folder) / name)
-        title = "SmolLM2-135M-Instruct (GGUF) -> its word-reversal fine-tune"
-        metrics = SmolLMMetrics(ft)
+        title = f"SmolLM2-135M-Instruct (GGUF) -> its {'word-code' if pair == 'smollm-code' else 'word-reversal'} fine-tune"
+        metrics = SmolLMMetrics(ft, smollm_task(pair))
     work = work / pair
     work.mkdir(parents=True, exist_ok=True)
     print(f"[{pair}] compressing {len(methods)} methods x {len(ratios)} ratios")
@@ -490,12 +496,12 @@ def write_report(pair, title, rows, ref, grid, cli, ratios, methods, pred_meas, 
     lines += ["## References", "", "| model | " + " | ".join(end_keys) + " |", "|---|" + "---|" * len(end_keys)]
     for k, v in ref.items():
         lines.append(f"| {k} | " + " | ".join(fmt(v[e]) for e in end_keys) + " |")
-    if pair == "smollm":
+    if pair != "minilm":
         lines += ["", "gain kept = (exact_match - base) / (fine-tune - base)."]
     lines += ["", "## Every method at every ratio", ""]
     head = ["method", "held-out error", "x deltacome", "x adamix"] + [k.replace("heldout_", "held-out ") for k in by_corpus] + \
         end_keys + \
-        (["gain kept"] if pair == "smollm" else []) + ["bytes", "alpha achieved", "budget used", "compute s"]
+        (["gain kept"] if pair != "minilm" else []) + ["bytes", "alpha achieved", "budget used", "compute s"]
     for a in ratios:
         lines += [f"### alpha = {ratio_name(a)}", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
         dc = next((r["heldout_error"] for r in rows if r["method"] == "deltacome" and r["alpha"] == a), None)
@@ -508,7 +514,7 @@ def write_report(pair, title, rows, ref, grid, cli, ratios, methods, pred_meas, 
             vals = [m, fmt(r["heldout_error"]), fmt(r["heldout_error"] / dc, 3) if dc else "-",
                     fmt(r["heldout_error"] / ax, 3) if ax else "-"] + [fmt(r.get(k)) for k in by_corpus] + \
                 [fmt(r[k]) for k in end_keys]
-            if pair == "smollm":
+            if pair != "minilm":
                 gain = (r["exact_match"] - ref["base"]["exact_match"]) / (ref["finetune"]["exact_match"] - ref["base"]["exact_match"])
                 vals.append(fmt(gain, 3))
             vals += [fmt(r["bytes"]), fmt(r["alpha_achieved"], 4), fmt(r["alpha_achieved"] / a, 3), fmt(r["compute_s"], 3)]
@@ -568,7 +574,7 @@ def rerun_cli(pair: str, methods: list[str], work: Path, out: Path, reuse: bool 
     else:
         from make_smollm_finetune import gguf_location, make_finetune
         folder, name = gguf_location()
-        base, ft = str(Path(folder) / name), make_finetune(log=print)[1]
+        base, ft = str(Path(folder) / name), make_finetune(log=print, task=smollm_task(pair))[1]
     cli = {}
     for m in methods:
         if m != DISTILLED:
