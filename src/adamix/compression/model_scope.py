@@ -9,8 +9,8 @@ for a calibrated linear, whose table sums over the T calibration tokens; c_l for
 
 Pass 1 streams the blocks as the one-pass run does and stashes each matrix's analysis (its SVD and
 error table, Method.stash) in the work folder (`pass1/table-block-0003`, `pass1/table-rest-<name>`);
-then the slopes (`pass1/slopes`, one perturbed forward pass of the fine-tune per matrix, the whole
-model in memory) and the allocation (`pass1/allocation`, one Method.allocate_joint over every table).
+then the slopes (`pass1/slopes`, compression.sensitivity.fisher_slopes: a few backward passes of
+the fine-tune, the whole model in memory) and the allocation (`pass1/allocation`, one Method.allocate_joint over every table).
 Pass 2 streams the blocks again (the Grams recomputed: the same forward passes) and completes each
 matrix (Method.complete_joint) into the usual chunks. Memory holds one block and the tables (small);
 disk holds every matrix's factors until the run ends. --resume continues within either pass: every
@@ -33,7 +33,7 @@ from ..timing import phase
 from .encode import encode_tensor, placed
 from .partial import PartialRun, block_chunk, rest_chunk
 from .plan import is_svd_shape
-from .sensitivity import SLOPE_WINDOWS, layer_slopes
+from .sensitivity import SLOPE_WINDOWS, fisher_slopes
 
 
 @dataclass
@@ -130,8 +130,8 @@ def layer_slopes_of(run: Run, tables: dict[str, tuple[str, bool]]) -> tuple[str,
     with phase("layer weights"):
         model = run.build_finetune()
         params = {ck: p for p, ck in run.param_names(model).items() if ck in tables}
-        kind, slopes = layer_slopes(model, params, run.load, set(run.data_free), run.windows[:SLOPE_WINDOWS],
-                                    run.seed, progress=run.progress)
+        kind, slopes = fisher_slopes(model, params, set(run.data_free), run.windows[:SLOPE_WINDOWS], run.seed,
+                                     progress=run.progress)
         del model
     stash.write("slopes", {"kind": kind, "slopes": slopes}, {})
     return kind, slopes

@@ -9,17 +9,19 @@ with a slope c_l per layer. For a calibrated linear E_l is its output error on t
 (the error table's unit, divided by the token count); for a data-free matrix (an embedding, a head)
 E_l = ||W^_l - W_l||_F^2, its table's unit.
 
-The slope is measured: add a Gaussian perturbation d_l = sigma G (G ~ N(0, 1), seeded by the
-matrix's name) to one matrix of the fine-tune at a time, with sigma such that ||d_l||_F^2 =
-rho ||D_l||_F^2 (D_l the matrix's delta), run the windows, and take
-
-    c_l = div / E_l(d_l),
-
-where E_l(d_l) is measured on the same forward pass (a hook on the layer: its input is the
-fine-tune's, as only this layer is perturbed). div is the mean over tokens of KL(p_ft || p) of the
-next-token distributions for a model with logits (causal LMs), else of ||h_ft - h||^2 of the final
-hidden states (encoders). Both are second order in the perturbation, so c_l does not depend on rho
-where the model is linear (the benchmark checks the prediction on whole compressed models).
+Two estimates of the slope, with the same meaning and units:
+- layer_slopes, by perturbation: add a Gaussian perturbation d_l = sigma G (G ~ N(0, 1), seeded by
+  the matrix's name) to one matrix of the fine-tune at a time, with sigma such that ||d_l||_F^2 =
+  rho ||D_l||_F^2 (D_l the matrix's delta), run the windows, and take c_l = div / E_l(d_l), with
+  E_l(d_l) measured on the same forward pass (a hook on the layer: its input is the fine-tune's,
+  as only this layer is perturbed). One forward pass per matrix.
+- fisher_slopes, the expectation of the same over G to second order, from the gradients of all
+  matrices at once: a few backward passes in all. The pipeline uses this one; the tests check the
+  two against each other.
+div is the mean over tokens of KL(p_ft || p) of the next-token distributions for a model with
+logits (causal LMs), else of ||h_ft - h||^2 of the final hidden states (encoders). Both are second
+order in the perturbation, so c_l does not depend on its size where the model is linear (the
+benchmark checks the prediction on whole compressed models).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from tqdm import tqdm
 from ..io.hf import is_conv1d
 
 SLOPE_WINDOWS = 8   # calibration windows the slopes are measured on (the first ones)
-SLOPE_RHO = 0.1     # ||perturbation||^2 / ||delta||^2 of the matrix perturbed
+SLOPE_RHO = 0.1     # ||perturbation||^2 / ||delta||^2 of the matrix perturbed (layer_slopes)
+SLOPE_PROBES = 2    # sampled outputs per window (fisher_slopes)
 
 
 def end_output(model: nn.Module, ids: torch.Tensor) -> tuple[str, torch.Tensor]:
@@ -156,3 +159,83 @@ def layer_errors(model: nn.Module, changes: dict[str, tuple[str, torch.Tensor]],
     tokens = sum(ids.shape[1] for ids in windows)
     return {n: float((d.double() ** 2).sum()) if n in data_free else energy.get(n, 0.0) / tokens
             for n, (_, d) in changes.items()}
+
+
+def fisher_slopes(model: nn.Module, params: dict[str, str], data_free: set[str], windows: list[torch.Tensor],
+                  seed: int = 0, probes: int = SLOPE_PROBES, progress: bool = False) -> tuple[str, dict[str, float]]:
+    """The slopes of layer_slopes (same meaning, same units) in expectation over its Gaussian
+    perturbations, from `probes` backward passes per window for all matrices at once.
+
+    To second order the divergence of outputs o_t perturbed by d_t is 1/2 sum_ts d_t^T F_ts d_s (KL:
+    F the Fisher, E_y[g g^T] with g = grad_o log p(y), y sampled from the model) or sum_ts d_t^T
+    J_t^T J_s d_s (hidden states h: J = dh/do, J^T J = E_r[g g^T] with g = grad_o (r . h), r ~ N(0, I)).
+    For d_t = G x_t with G ~ N(0, sigma^2) (m x n) this is, in expectation over G,
+
+        k sigma^2 E ||grad_W l||_F^2      (k = 1/2 for KL, 1 for hidden states; W = the matrix),
+
+    while E_l = sigma^2 m sum_t |x_t|^2 / T (calibrated) or sigma^2 m n (data-free). So
+
+        c_l = k E||grad_W l||^2 / (m sum_t |x_t|^2)     or     k E||grad_W l||^2 / (T m n),
+
+    the expectation estimated over `probes` draws per window (windows are independent: their cross
+    terms vanish in expectation, so the squared gradients of the windows add). Only the matrices'
+    own gradients are computed; `model` is left as it was.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    owned = dict(model.named_parameters(remove_duplicate=False))
+    wanted = {ck: owned[p] for ck, p in params.items()}
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    squares = {ck: 0.0 for ck in wanted}
+    inputs: dict[str, float] = {}
+    hooks = [input_hook(model, params[ck], inputs, ck) for ck in wanted if ck not in data_free]
+    gen = torch.Generator().manual_seed(seed)
+    kind = "hidden"
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in wanted.values():
+            p.requires_grad_(True)
+        for k in tqdm(range(probes), desc="layer weights (Fisher probes)", disable=not progress, unit="probe"):
+            for ids in windows:
+                out = model(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device))
+                logits = getattr(out, "logits", None)
+                if logits is not None:
+                    kind, logp = "kl", F.log_softmax(logits[0].float(), dim=-1)
+                    y = torch.multinomial(logp.detach().exp().cpu(), 1, generator=gen).to(device)
+                    loss = logp.gather(1, y).sum()
+                else:
+                    hidden = getattr(out, "last_hidden_state", None)
+                    h = (hidden if hidden is not None else out[0])[0].float()
+                    loss = (torch.randn(h.shape, generator=gen).to(device) * h).sum()
+                grads = torch.autograd.grad(loss, list(wanted.values()), allow_unused=True)
+                for ck, g in zip(wanted, grads):
+                    if g is not None:
+                        squares[ck] += float((g.double() ** 2).sum())
+            for h in hooks:  # the inputs' energy once
+                h.remove()
+            hooks = []
+    finally:
+        for h in hooks:
+            h.remove()
+        for p in model.parameters():
+            p.requires_grad_(flags[id(p)])
+    factor = 0.5 if kind == "kl" else 1.0
+    tokens = sum(ids.shape[1] for ids in windows)
+    slopes = {}
+    for ck, p in wanted.items():
+        mean = factor * squares[ck] / probes
+        if ck in data_free:
+            slopes[ck] = mean / (tokens * p.numel())
+        else:
+            module = model.get_submodule(params[ck].rsplit(".", 1)[0])
+            m = p.shape[1] if is_conv1d(module) else p.shape[0]
+            slopes[ck] = mean / (m * inputs[ck]) if inputs.get(ck, 0.0) > 0 else 0.0
+    return kind, slopes
+
+
+def input_hook(model: nn.Module, pname: str, energy: dict[str, float], key: str):
+    """A forward hook on the layer of parameter `pname` that adds sum_t |x_t|^2 of its inputs to energy[key]."""
+    def measure(_mod, inp, _out):
+        energy[key] = energy.get(key, 0.0) + float((inp[0].detach().double() ** 2).sum())
+    return model.get_submodule(pname.rsplit(".", 1)[0]).register_forward_hook(measure)
