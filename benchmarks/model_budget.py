@@ -1,6 +1,7 @@
 """`--budget-scope model` against the per-tensor and per-block budgets, and the linear model behind it.
 
     python benchmarks/model_budget.py --pair minilm|smollm|smollm-code [--ratios 1/16,1/32,1/64]
+                                      [--variants adamix:tensor,adamix:block,adamix:model,deltacome:tensor]
                                       [--work DIR] [--out docs/results]
 
 For each ratio, real `adamix compress` runs (child processes: wall time and peak RSS of each) of
@@ -38,7 +39,7 @@ from adamix.io.hf import build_model, state_name_map  # noqa: E402
 from adamix.io.text import default_calibration_file, read_text  # noqa: E402
 from peers import git_commit, restored_model  # noqa: E402
 
-VARIANTS = (("adamix", "tensor"), ("adamix", "block"), ("adamix", "model"), ("deltacome", "tensor"))
+VARIANTS = "adamix:tensor,adamix:block,adamix:model,deltacome:tensor"  # method:budget scope
 
 
 def pair_folders(pair: str) -> tuple[str, str, dict]:
@@ -79,6 +80,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pair", choices=("minilm", "smollm", "smollm-code"), default="minilm")
     ap.add_argument("--ratios", default="1/16,1/32,1/64")
+    ap.add_argument("--variants", default=VARIANTS, help="method:scope, comma-separated (one of them adamix:model)")
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "adamix" / "bench" / "model_budget")
     ap.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "docs" / "results")
     args = ap.parse_args()
@@ -109,7 +111,7 @@ def main() -> None:
         ref = {"base": metric(restored_model(base, ft, None))["exact_match"], "finetune": metric(ft_model)["exact_match"]}
     rows, slopes = [], None
     for ratio in args.ratios.split(","):
-        for method, scope in VARIANTS:
+        for method, scope in (v.split(":") for v in args.variants.split(",")):
             out = work / f"{method}-{scope}-{ratio.replace('/', '_')}"
             run = compress(base, ft, out, method, ratio, scope)
             art = Artifact(out)
@@ -136,7 +138,8 @@ def main() -> None:
 def write(args, rows: list[dict], ref: dict, slopes: dict, commit: str) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"model_budget_{args.pair.replace('-', '_')}"
-    data = {"command": f"python benchmarks/model_budget.py --pair {args.pair} --ratios {args.ratios}",
+    data = {"command": f"python benchmarks/model_budget.py --pair {args.pair} --ratios {args.ratios}"
+            + ("" if args.variants == VARIANTS else f" --variants {args.variants}"),
             "commit": commit, "reference": ref, "rows": rows,
             "slopes": {k: v for k, v in slopes.items()} if slopes else None}
     (args.out / f"{name}.json").write_text(json.dumps(data, indent=1))

@@ -188,8 +188,8 @@ def complete(run: Run, name: str, H: torch.Tensor | None, transposed: bool, tabl
     if name not in tables:
         return encode_tensor(D, H, transposed, run.settings, run.overhead, device=run.device)
     method = get(run.settings.method)
-    stashed = run.work.pass1.read(tables[name][0])
     prefix = name + ":"
+    stashed = run.work.pass1.read(tables[name][0], prefix=prefix)
     Dp, Hp = placed(D, H, method, run.device)
     a = method.unstash({k[len(prefix):]: v for k, v in stashed.items() if k.startswith(prefix)},
                        Dp.T if transposed else Dp, Hp)

@@ -98,10 +98,11 @@ class Stash:
         except ValueError:
             raise AdamixError(f"{path} is damaged; rerun without --resume (and --overwrite)") from None
 
-    def read(self, chunk: str, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
-        """The chunk's tensors `keys` (default: all)."""
+    def read(self, chunk: str, keys: list[str] | None = None, prefix: str = "") -> dict[str, torch.Tensor]:
+        """The chunk's tensors `keys` (default: all those whose name starts with `prefix`)."""
         with safe_open(str(self.folder / f"{chunk}.safetensors"), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in (f.keys() if keys is None else keys)}
+            return {k: f.get_tensor(k) for k in (keys if keys is not None else
+                                                  [k for k in f.keys() if k.startswith(prefix)])}
 
 
 class PartialRun:
