@@ -27,11 +27,13 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from adamix.compression.calibrate import token_windows  # noqa: E402
-from adamix.compression.sensitivity import SLOPE_WINDOWS, end_divergence, end_output, layer_errors  # noqa: E402
+from adamix.compression.sensitivity import SLOPE_WINDOWS, divergence, end_divergence, end_output, layer_errors  # noqa: E402
 from adamix.eval.heldout import corpus_grams, errors_on_corpora, heldout_corpora, pooled_grams  # noqa: E402
 from adamix.io.artifact import Artifact  # noqa: E402
 from adamix.io.checkpoint import Checkpoint  # noqa: E402
@@ -76,6 +78,18 @@ def cosine_score(model, ft: str, ref: dict) -> float:
     return sum(embedding_cosine(mean_pooled(ft, t, model=model), ref[c]) for c, t in heldout_corpora().items()) / len(ref)
 
 
+def divergence_from(ft_model, model, windows) -> float:
+    """Mean per token of `model`'s divergence from the fine-tune's outputs, window by window (the
+    fine-tune run beside it: its outputs for all held-out text would not fit in memory as logits)."""
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for ids in windows:
+            kind, ref = end_output(ft_model, ids)
+            total += divergence(kind, ref, end_output(model, ids)[1])
+            tokens += ids.shape[1]
+    return total / tokens
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pair", choices=("minilm", "smollm", "smollm-code"), default="minilm")
@@ -97,8 +111,8 @@ def main() -> None:
     ft_model = build_model(ft_ck)
     params = state_name_map(ft_model, ft_ck.keys())
     owned = dict(ft_model.named_parameters(remove_duplicate=False))
-    refs = {"calib": [end_output(ft_model, w)[1] for w in calib_windows],
-            "held": [end_output(ft_model, w)[1] for w in held_windows]}
+    with torch.no_grad():
+        refs = [end_output(ft_model, w)[1] for w in calib_windows]
     by_corpus = corpus_grams(ft, heldout_corpora())
     grams = pooled_grams(by_corpus)
     if score["kind"] == "embedding":
@@ -120,18 +134,17 @@ def main() -> None:
             restored = restored_model(base, ft, art)
             r = {"method": method, "scope": scope, "ratio": ratio, **run,
                  "heldout_error": errors_on_corpora(base, ft, art, by_corpus, grams)["pooled"],
-                 "div_calib": end_divergence(restored, calib_windows, refs["calib"]),
-                 "div_heldout": end_divergence(restored, held_windows, refs["held"]), **metric(restored)}
+                 "div_calib": end_divergence(restored, calib_windows, refs),
+                 "div_heldout": divergence_from(ft_model, restored, held_windows), **metric(restored)}
             own = dict(restored.named_parameters(remove_duplicate=False))
-            r["_changes"] = {ck: (p, (own[p] - owned[p]).detach()) for p, ck in params.items()}
+            changes = {ck: (p, (own[p] - owned[p]).detach()) for p, ck in params.items() if own[p].dim() == 2}
+            r["_errors"] = layer_errors(ft_model, changes, {ck for ck in changes if ck not in grams}, calib_windows)
+            del changes, own, restored
             rows.append(r)
             print(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}), flush=True)
     for r in rows:  # the linear model, with the slopes of the model-scope run (the same for every ratio)
-        changes = {ck: r["_changes"][ck] for ck in slopes["slopes"] if ck in r["_changes"]}
-        free = {ck for ck in changes if ck not in grams}
-        E = layer_errors(ft_model, changes, free, calib_windows)
-        r["div_predicted"] = sum(slopes["slopes"][ck] * e for ck, e in E.items())
-        del r["_changes"]
+        E = r.pop("_errors")
+        r["div_predicted"] = sum(slopes["slopes"][ck] * E[ck] for ck in slopes["slopes"] if ck in E)
     write(args, rows, ref, slopes, commit)
 
 
