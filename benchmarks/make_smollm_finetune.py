@@ -22,11 +22,16 @@ The fine-tune is made by loading the saved base folder and saving it again
 with the same class and the same ``save_pretrained`` call, so both folders
 have the same tensor names and treat the tied embeddings the same way.
 
-The task (see :func:`task_examples`) is word reversal: ``"Reverse the words:
-apple river stone ->"`` must be answered with ``"stone river apple"`` (3 to 5
-words). The base model almost never answers it right in this format (1.5%
-exact match on 200 held-out examples); 120 full fine-tuning steps of batch 8
-teach it (98.5%). :func:`exact_match` scores any causal LM on it with batched
+Two tasks (see :func:`task_examples`). The default is word reversal: ``"Reverse
+the words: apple river stone ->"`` must be answered with ``"stone river apple"``
+(3 to 5 words). The base model almost never answers it right in this format
+(1.5% exact match on 200 held-out examples); 120 full fine-tuning steps of
+batch 8 teach it (98.5%). The harder one, ``--task word-code-v1``, answers
+each word with its code word from a fixed random permutation of the
+vocabulary (:func:`word_code`): 160 arbitrary facts that the base cannot know
+(0% exact match), learnt in 3000 steps at twice the rate (100%), with a delta
+4 to 8 times larger than word reversal's (relative norms printed by
+``main``; about 85 minutes on 1 CPU thread). :func:`exact_match` scores any causal LM on it with batched
 greedy generation, so base, fine-tune and compressed models can be compared
 the same way. Training is deterministic: the same settings give bit-identical
 weights (the thread count only changes speed).
