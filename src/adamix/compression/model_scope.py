@@ -64,7 +64,8 @@ def compress_model_scope(run: Run) -> dict:
     tables = first_pass(run)
     kind, slopes = layer_slopes_of(run, tables)
     tokens = sum(int(w.numel()) for w in run.windows)  # the calibrated tables sum over every window's tokens
-    weights = {n: slopes[n] if n in run.data_free else slopes[n] / tokens for n in tables}
+    # a stashed tensor that the built model does not use has no effect on its output: weight 0
+    weights = {n: slopes.get(n, 0.0) if n in run.data_free else slopes.get(n, 0.0) / tokens for n in tables}
     choices = allocation(run, tables, weights)
     second_pass(run, tables, choices)
     return {"model_scope": {"end_divergence": kind, "slope_windows": min(SLOPE_WINDOWS, len(run.windows)),
