@@ -263,9 +263,6 @@ class Adamix(Method):
     def complete_joint(self, analysis, choice, settings):
         return complete_joint(analysis, choice, settings)
 
-    def table_of(self, analysis):
-        return analysis.table, analysis.costs, analysis.budget
-
     def stash(self, analysis):
         return stash(analysis)
 

@@ -123,25 +123,22 @@ class Method:
     def compress_joint(self, analyses: list, settings: Settings) -> list[Encoded]:
         raise NotImplementedError
 
-    # the two-pass form (`--budget-scope model`): pass 1 analyses each matrix and stashes it on disk,
-    # one allocation over the tables (table_of) decides, pass 2 unstashes and completes each matrix;
-    # compress_joint(analyses) == [complete_joint(a, c) for a, c in zip(analyses,
-    # allocate_joint([table_of(a) for a in analyses]))], byte for byte.
-
-    def table_of(self, analysis: Any) -> tuple[Any, Any, float]:
-        """(error table (r, B), costs (B,), budget in bits) of an analysis."""
-        raise NotImplementedError
+    # the two-pass form (`--budget-scope model`): pass 1 analyses each matrix and stashes it on disk
+    # (stash), one allocation over the stashed tables decides (allocate_joint), pass 2 unstashes and
+    # completes each matrix; compress_joint(analyses) == [complete_joint(a, c) for a, c in
+    # zip(analyses, allocate_joint([(a's table, costs, budget) for a in analyses]))], byte for byte.
 
     def allocate_joint(self, parts: list, settings: Settings, weights: list[float] | None = None) -> list:
-        """One allocation over several table_of's: minimise sum_l weights[l] * error_l within the sum of
-        the budgets; one decision per part."""
+        """One allocation over several (error table (r, B), costs (B,), budget in bits): minimise
+        sum_l weights[l] * error_l within the sum of the budgets; one decision per part."""
         raise NotImplementedError
 
     def complete_joint(self, analysis: Any, decision: Any, settings: Settings) -> Encoded:
         raise NotImplementedError
 
     def stash(self, analysis: Any) -> dict[str, torch.Tensor]:
-        """The analysis as CPU tensors to keep on disk (without D and H)."""
+        """The analysis as CPU tensors to keep on disk (without D and H), among them "table" (r, B),
+        "costs" (B,) and "budget" (1,): the allocation reads these three alone."""
         raise NotImplementedError
 
     def unstash(self, tensors: dict[str, torch.Tensor], D: torch.Tensor, H: torch.Tensor | None) -> Any:
