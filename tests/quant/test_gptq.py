@@ -228,13 +228,13 @@ def h_trace(E: torch.Tensor, H: torch.Tensor | None) -> float:
 def captured(monkeypatch):
     """Record the in-memory quantized factors that compress_matrix hands to the encoder."""
     calls = []
-    real = adamix_method.encode_factors
+    real = adamix_method.svd_mixed.encode_factors
 
     def spy(shape, widths, group_size, V, U, stats=None):
         calls.append({"widths": list(widths), "V": V, "U": U})
         return real(shape, widths, group_size, V, U, stats)
 
-    monkeypatch.setattr(adamix_method, "encode_factors", spy)
+    monkeypatch.setattr(adamix_method.svd_mixed, "encode_factors", spy)
     return calls
 
 

@@ -105,6 +105,10 @@ class Options:
     svd: str = option(_DEFAULT.svd, "how the delta's SVD is computed: gram = eigendecomposition of the smaller "
                       "Gram D^T D (several times faster), full = LAPACK's SVD (default gram)",
                       choices=lambda: SVD_ALGORITHMS, method_specific=True)
+    grid: str = option(_DEFAULT.grid, "uniform: an fp16 scale and offset per group of --group-size entries; normal: "
+                       "the delta rotated by a seeded random Hadamard transform, its vectors on the Gaussian "
+                       "(Lloyd-Max) grid with one fp16 scale each (stored kind svd-rotated; the runtime applies it "
+                       "de-quantized; default uniform)", choices=lambda: registry.GRIDS, method_specific=True)
     shard: str | None = option(None, "compress only share K of N of the blocks and data-free tensors into a shard "
                                "folder; `adamix assemble` joins the N shards into the artifact", metavar="K/N")
     executor: str = option("local", "local: this process; ray: the run's shards as Ray tasks, on this machine or "
@@ -143,6 +147,10 @@ class Options:
                               f"got {self.threads!r}")
         if self.svd not in SVD_ALGORITHMS:
             raise AdamixError(f"--svd must be one of {', '.join(SVD_ALGORITHMS)}, got {self.svd!r}")
+        if self.grid not in registry.GRIDS:
+            raise AdamixError(f"--grid must be one of {', '.join(registry.GRIDS)}, got {self.grid!r}")
+        if self.grid == "normal" and self.group_size != _DEFAULT.group_size:
+            raise AdamixError("--group-size applies to --grid uniform (the normal grid has one scale per vector)")
         if self.budget_scope not in SCOPES:
             raise AdamixError(f"--budget-scope must be one of {', '.join(SCOPES)}, got {self.budget_scope!r}")
         if self.budget_scope == "model":
@@ -179,7 +187,8 @@ class Options:
             raise AdamixError(f"--value-bits must be 16 (fp16) or 1..8, got {self.value_bits!r}")
         settings = Settings(method=self.method, alpha=alpha, widths=widths, group_size=self.group_size,
                             whiten=self.whiten, budget_scope=self.budget_scope, max_rank=self.max_rank,
-                            value_bits=self.value_bits, quantize=self.quantize, seed=self.seed, svd=self.svd)
+                            value_bits=self.value_bits, quantize=self.quantize, seed=self.seed, svd=self.svd,
+                            grid=self.grid)
         for f in fields(self):
             value = getattr(self, f.name)
             if value == f.default:

@@ -12,6 +12,10 @@ For one delta D (m x n) with input Gram H (n x n; None = data-free, H = I):
    least-squares fit of the original outputs D X from the quantized z = V^ x; then U* quantized
    column by column at the same widths with GPTQ on H_z = V^ H V^^T (RTN if data-free).
    With Settings.correct_target False (the Delta-CoMe peer) U S itself is quantized that way.
+With Settings.grid "normal" every step runs on the rotated delta D' = R_m D R_n^T and Gram
+H' = R_n H R_n^T (quant.hadamard, seeded by Settings.seed), whose output error equals D's, and the
+vectors take quant.normal's Gaussian grid (one scale each) instead of per-group uniform grids; the
+stored kind is then "svd-rotated" (methods.svd_rotated), which undoes the rotation when decoding.
 """
 
 from __future__ import annotations
@@ -22,13 +26,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import svd_mixed, svd_rotated
 from .allocate import choose_widths, error_table, max_kept, shrink_to_fit, stored_rows
+from ..quant import hadamard, normal
 from ..quant.gptq import gptq_columns, gptq_rows, rtn_columns
 from ..quant.grid import rtn
 from ..quant.linalg import factored_error, matmul64, output_error, relative_errors, svd
 from .kinds import Encoded
 from .registry import Method, Settings, budget_bits, register
-from .svd_mixed import PACK_PAD_BITS, encode_factors, factors, stored_bits, triplet_bits, width_meta
+from .svd_mixed import PACK_PAD_BITS
 
 
 @dataclass
@@ -45,6 +51,7 @@ class Analysis:
     pruned_for: float | None = None  # the table serves budgets up to this one (error_table's max_kept)
     pruned_cap: int | None = None    # ... and rank caps up to this one (None: any cap, or none)
     codes: dict | None = None        # V's GPTQ codes and grids of the measured rows (allocate.error_table)
+    seed: int | None = None          # grid "normal": D, H, U, V are rotated with this seed (quant.hadamard)
 
 
 def analyse(D: torch.Tensor, H: torch.Tensor | None, settings: Settings, overhead_bits: float = 0.0,
@@ -55,16 +62,39 @@ def analyse(D: torch.Tensor, H: torch.Tensor | None, settings: Settings, overhea
     the table then serves the ILP of this budget or a smaller one, not a fixed schedule."""
     m, n = D.shape
     g = settings.group_size
+    seed = None
+    if settings.grid == "normal":  # the whole method on R_m D R_n^T and R_n H R_n^T
+        seed = settings.seed
+        D = hadamard.rotate_matrix(D, seed)
+        H = None if H is None else hadamard.rotate_gram(H, seed)
+        if factors is not None:
+            U, s, V = factors
+            factors = (hadamard.rotate(U.T, seed).T, s, hadamard.rotate(V.T, seed).T)
     U, s, V = factors if factors is not None else svd(D, H, settings.whiten, settings.svd)
-    costs = np.array([triplet_bits(m, n, b, g) for b in settings.widths], dtype=np.float64)
+    costs = np.array([triplet_bits(m, n, b, settings) for b in settings.widths], dtype=np.float64)
     budget = budget_bits(m, n, settings.alpha, overhead_bits)
     kept = max_kept(costs, budget) if prune and (costs > 0).any() else None
     if kept is not None and settings.max_rank is not None:
         kept = min(kept, settings.max_rank)  # a cap keeps fewer: the pruning argument holds for the smaller count
     codes: dict = {}
-    table = error_table(s, U, V, H, list(settings.widths), g, max_kept=kept, damp=settings.damp, codes=codes).cpu().numpy()
+    table = error_table(s, U, V, H, list(settings.widths), g, max_kept=kept, damp=settings.damp, codes=codes,
+                        grid=settings.grid).cpu().numpy()
     return Analysis(D, H, U, s, V, table, costs, budget, budget if kept is not None else None,
-                    settings.max_rank if kept is not None else None, codes or None)
+                    settings.max_rank if kept is not None else None, codes or None, seed)
+
+
+def triplet_bits(m: int, n: int, width: int, settings: Settings) -> int:
+    """What the ILP counts for one triplet of an m x n delta at `width`, on settings' grid."""
+    if settings.grid == "normal":
+        return svd_rotated.triplet_bits(m, n, width)
+    return svd_mixed.triplet_bits(m, n, width, settings.group_size)
+
+
+def stored_size(shape: tuple[int, int], groups: list[list[int]], settings: Settings) -> int:
+    """Exact stored bits of an entry keeping `groups` ([[b, count], ...], widest first) on settings' grid."""
+    if settings.grid == "normal":
+        return svd_rotated.stored_bits(shape, svd_rotated.width_meta(settings.seed, groups))
+    return svd_mixed.stored_bits(shape, svd_mixed.width_meta(settings.group_size, groups))
 
 
 def compress_matrix(D: torch.Tensor, H: torch.Tensor | None, settings: Settings, overhead_bits: float = 0.0,
@@ -138,23 +168,31 @@ STASHED = ("U", "s", "V", "table", "costs")
 
 def stash(a: Analysis) -> dict[str, torch.Tensor]:
     """What a two-pass allocation keeps of an analysis on disk (the factors, the error table, the
-    costs and the budget), as CPU tensors; D and H are read again for the second pass (unstash)."""
+    costs and the budget, and the rotation's seed where there is one), as CPU tensors; D and H are
+    read again for the second pass (unstash)."""
     out = {k: torch.as_tensor(getattr(a, k)).cpu().contiguous() for k in STASHED}
     out["budget"] = torch.tensor([a.budget], dtype=torch.float64)
+    if a.seed is not None:
+        out["seed"] = torch.tensor([a.seed], dtype=torch.int64)
     return out
 
 
 def unstash(tensors: dict[str, torch.Tensor], D: torch.Tensor, H: torch.Tensor | None) -> Analysis:
-    """The Analysis that `stash` kept, with D and H given again (factors on D's device); the V step
-    then quantizes the kept rows afresh (the same codes as the table's: GPTQ's rows are independent)."""
+    """The Analysis that `stash` kept, with D and H given again (factors on D's device; D and H rotated
+    again where the stash has a seed); the V step then quantizes the kept rows afresh (the same codes
+    as the table's: GPTQ's rows are independent)."""
     U, s, V = (tensors[k].to(D.device) for k in ("U", "s", "V"))
-    return Analysis(D, H, U, s, V, tensors["table"].numpy(), tensors["costs"].numpy(), float(tensors["budget"][0]))
+    seed = int(tensors["seed"][0]) if "seed" in tensors else None
+    if seed is not None:
+        D, H = hadamard.rotate_matrix(D, seed), None if H is None else hadamard.rotate_gram(H, seed)
+    return Analysis(D, H, U, s, V, tensors["table"].numpy(), tensors["costs"].numpy(), float(tensors["budget"][0]),
+                    seed=seed)
 
 
 def finish(a: Analysis, choice: np.ndarray, budget: float, settings: Settings) -> Encoded:
     """Steps 4-5 for the widths `choice` (index into settings.widths per triplet)."""
     widths = list(settings.widths)
-    choice = fit_packed_size(choice, a.table, widths, tuple(a.D.shape), settings.group_size, budget)
+    choice = fit_packed_size(choice, a.table, widths, tuple(a.D.shape), settings, budget)
     chosen = np.array(widths)[choice]
     rows = np.arange(len(a.s))
     predicted = float(a.table[rows, choice].sum())
@@ -169,13 +207,13 @@ def finish(a: Analysis, choice: np.ndarray, budget: float, settings: Settings) -
 
 
 def fit_packed_size(choice: np.ndarray, table: np.ndarray, widths: list[int], shape: tuple[int, int],
-                    group_size: int, budget: float) -> np.ndarray:
+                    settings: Settings, budget: float) -> np.ndarray:
     """The ILP counts b (m + n) bits per triplet; packing pads each width's two code streams to whole
     bytes. Drop the kept triplet that costs least error until the exact stored size fits the budget."""
     def fits(c: np.ndarray) -> bool:
         counts = np.bincount(c, minlength=len(widths))
-        meta = width_meta(group_size, [[b, int(k)] for b, k in zip(widths, counts) if b > 0 and k > 0])
-        return stored_bits(shape, meta) <= max(budget, 0.0)
+        groups = [[b, int(k)] for b, k in sorted(zip(widths, counts), reverse=True) if b > 0 and k > 0]
+        return stored_size(shape, groups, settings) <= max(budget, 0.0)
 
     return shrink_to_fit(choice, table, widths.index(0), fits)
 
@@ -191,13 +229,24 @@ def quantize_factors(D: torch.Tensor, H: torch.Tensor | None, U: torch.Tensor, s
     bits = torch.tensor(widths, dtype=torch.int64, device=D.device)
     energy = output_error(None, D, H)
     relative = (gains.double() / energy).clamp(0.0, 1.0) if energy > 0 else torch.zeros(len(widths), dtype=torch.float64)
+    rotated = settings.grid == "normal"  # D, H (and U, V) are the rotated ones (analyse)
+
+    def encode(V_: dict, U_: dict):
+        if rotated:
+            return svd_rotated.encode_factors((m, n), widths, settings.seed, V_, U_, relative)
+        return svd_mixed.encode_factors((m, n), widths, g, V_, U_, relative)
+
     if not widths:  # nothing fits the budget: D^ = 0
-        enc = encode_factors((m, n), [], g, {}, {}, relative)
+        enc = encode({}, {})
         enc.stats = {"rank_kept": 0, **relative_errors(energy, energy, predicted)}
     else:
         Vt = V.T.float().contiguous()
-        vq = stored if stored is not None else rtn(Vt, bits, min(g, n)) if H is None else \
-            gptq_rows(Vt, H, bits, g, damp=settings.damp)
+        if stored is not None:
+            vq = stored
+        elif H is None:
+            vq = normal.rtn(Vt, bits) if rotated else rtn(Vt, bits, min(g, n))
+        else:
+            vq = gptq_rows(Vt, H, bits, g, damp=settings.damp, grid=settings.grid)
         Vhat = vq["deq"].double()
         HV = Vhat.T if H is None else matmul64(H, Vhat.T)  # (n, k): H V^^T
         Gz, rhs = Vhat @ HV, matmul64(D, HV)  # V^ H V^^T (k, k), the Gram of z = V^ x; D H V^^T (m, k)
@@ -205,9 +254,11 @@ def quantize_factors(D: torch.Tensor, H: torch.Tensor | None, U: torch.Tensor, s
             Ustar = target_correction(D, H, Vhat, settings.fit_damp, HV, Gz, rhs).float()
         else:  # Delta-CoMe: quantize U S itself, GPTQ on the quantized V's outputs compensating
             Ustar = (U * s).float()
-        uq = rtn_columns(Ustar, bits, g) if H is None else gptq_columns(Ustar, Gz.float(), bits, g, damp=settings.damp)
-        enc = encode_factors((m, n), widths, g, on_cpu(vq), on_cpu(uq), relative)
-        Ud, Vd = (t.to(D.device) for t in factors((m, n), enc.meta, enc.tensors))  # what was stored: D^ = U^ V^
+        uq = rtn_columns(Ustar, bits, g, settings.grid) if H is None else \
+            gptq_columns(Ustar, Gz.float(), bits, g, damp=settings.damp, grid=settings.grid)
+        enc = encode(on_cpu(vq), on_cpu(uq))
+        decode = svd_rotated.rotated_factors if rotated else svd_mixed.factors  # in D's coordinates
+        Ud, Vd = (t.to(D.device) for t in decode((m, n), enc.meta, enc.tensors))  # what was stored: D^ = U^ V^
         measured = factored_error(Ud, rhs, Gz, energy) if torch.equal(Vd, vq["deq"]) else 0.0
         if measured < 1e-4 * energy:  # V^ not the one of rhs and Gz, or near cancellation: a pass over D H D^T
             measured = output_error(Ud.double() @ Vd.double(), D, H)
@@ -239,14 +290,14 @@ class Adamix(Method):
     name = "adamix"
     help = "adamix (default): ADAMIX, per-triplet widths from an exact ILP on the measured error, GPTQ, target correction"
     unit = "singular triplet or row"
-    options = frozenset({"whiten", "budget_scope", "max_rank", "svd"})
-    kinds = ("svd-mixed",)
+    options = frozenset({"whiten", "budget_scope", "max_rank", "svd", "grid"})
+    kinds = ("svd-mixed", "svd-rotated")
     device_resident = True
     joint = True
 
     def item_bits(self, m, n, settings):
         b = min(w for w in settings.widths if w > 0)
-        return stored_bits((m, n), width_meta(settings.group_size, [[b, 1]]))
+        return stored_size((m, n), [[b, 1]], settings)
 
     def compress(self, D, H, settings, overhead_bits=0.0, factors=None, analysis=None):
         return compress_matrix(D, H, settings, overhead_bits, analysis)

@@ -31,6 +31,7 @@ from scipy.sparse import csr_matrix
 from typing import Callable
 
 from . import frontier
+from ..quant import normal
 from ..quant.gptq import cholesky_inverse_upper, gptq_rows
 from ..quant.grid import dequantize, expand_groups, rtn
 from ..quant.linalg import gram_rows
@@ -64,7 +65,7 @@ def keep_threshold(table: np.ndarray | torch.Tensor, zero: int, kept: int) -> fl
 @timed("error table")
 def error_table(s: torch.Tensor, U: torch.Tensor, V: torch.Tensor, H: torch.Tensor | None,
                 widths: list[int], group_size: int, chunk: int = 64, max_kept: int | None = None,
-                damp: float = 0.01, codes: dict | None = None) -> torch.Tensor:
+                damp: float = 0.01, codes: dict | None = None, grid: str = "uniform") -> torch.Tensor:
     """e_i(b) for every triplet i and width b. s: (r,), U: (m, r), V: (n, r). Returns (r, len(widths)) float64.
 
     With the rounding errors du = u^ - u, dv = v^ - v, the residual is u v^T - u^ v^^T = -(u dv^T + du v^^T), so
@@ -81,7 +82,8 @@ def error_table(s: torch.Tensor, U: torch.Tensor, V: torch.Tensor, H: torch.Tens
     triplets are quantized beside it), or by RTN without a Gram. u^ is u by RTN: the U step re-fits U
     and quantizes it on another Gram, which the table cannot know. codes: a dict to receive the GPTQ
     codes and grids of every measured row at every width ({b: {"rows", "codes", "scale", "offset"}}),
-    which the V step then reuses instead of quantizing V again.
+    which the V step then reuses instead of quantizing V again. grid: "uniform" (quant.grid: per group
+    of `group_size` entries) or "normal" (quant.normal: one scale per vector), for u^ and v^ alike.
 
     max_kept (at most that many triplets fit the budget, all at the same cost per width): triplets
     are measured in order of decreasing e_i(0) until the next one's e_i(0) is below
@@ -95,7 +97,7 @@ def error_table(s: torch.Tensor, U: torch.Tensor, V: torch.Tensor, H: torch.Tens
     """
     r, zero = len(s), widths.index(0) if 0 in widths else None
     s2 = s.double() ** 2
-    vq = VQuantizer(V, H, widths, group_size, damp, codes)
+    vq = VQuantizer(V, H, widths, group_size, damp, codes, grid)
     if max_kept is None or zero is None:
         return _table_rows(s2, U, V, H, widths, group_size, torch.arange(r), chunk, vq)
     e0 = torch.cat([s2[i:i + chunk] * gram_rows(V[:, i:i + chunk].T, V[:, i:i + chunk].T, H) for i in range(0, r, chunk)])
@@ -120,13 +122,14 @@ class VQuantizer:
     (GPTQ on H, or RTN without a Gram); codes and grids kept in `codes` (error_table) if given."""
 
     def __init__(self, V: torch.Tensor, H: torch.Tensor | None, widths: list[int], group_size: int, damp: float,
-                 codes: dict | None):
-        self.V, self.H, self.g, self.damp, self.codes = V, H, group_size, damp, codes
+                 codes: dict | None, grid: str = "uniform"):
+        self.V, self.H, self.g, self.damp, self.codes, self.grid = V, H, group_size, damp, codes, grid
         self.widths = [b for b in widths if b > 0]
         self.factor = None
 
     def __call__(self, rows: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
         """{b: {"codes" (len(rows), n) uint8, "scale", "offset" (len(rows), G)[, "error" (len(rows),)]}}
+        (grid "normal": "scale" (len(rows),) and "bits" (len(rows),) instead of the per-group grids)
         for the rows `rows` of V^T (v^ = dequantized(...), a chunk at a time: the float32 v^ of every
         row and width at once would be the table's largest buffer); with a Gram, "error" is
         dv^T H dv from GPTQ's own column errors (gptq_rows' with_error), no product with H."""
@@ -134,8 +137,9 @@ class VQuantizer:
         if self.H is None:
             out = {}
             for b in self.widths:
-                q = rtn(v, torch.full((len(rows),), b, device=v.device), min(self.g, v.shape[1]))
-                out[b] = {key: q[key] for key in ("codes", "scale", "offset")}
+                full = torch.full((len(rows),), b, device=v.device)
+                q = {**normal.rtn(v, full), "bits": full} if self.grid == "normal" else rtn(v, full, min(self.g, v.shape[1]))
+                out[b] = {key: q[key] for key in GRID_KEYS[self.grid]}
             return out
         if self.factor is None:
             self.factor = cholesky_inverse_upper(self.H, self.damp)
@@ -146,20 +150,30 @@ class VQuantizer:
             block = v[i:i + step]
             k = len(block)
             bits = torch.tensor(self.widths, device=v.device).repeat_interleave(k)
-            q = gptq_rows(block.repeat(len(self.widths), 1), self.H, bits, self.g, self.damp, self.factor, with_error=True)
+            q = gptq_rows(block.repeat(len(self.widths), 1), self.H, bits, self.g, self.damp, self.factor,
+                          with_error=True, grid=self.grid)
+            if self.grid == "normal":
+                q["bits"] = bits
+            keys = [*GRID_KEYS[self.grid], "error"]
             for j, b in enumerate(self.widths):  # not deq: v^ is dequantized a chunk at a time
-                parts[b].append({key: q[key][j * k:(j + 1) * k] for key in ("codes", "scale", "offset", "error")})
+                parts[b].append({key: q[key][j * k:(j + 1) * k] for key in keys})
             del q
         out = {}
         for b, pieces in parts.items():
-            out[b] = {key: torch.cat([p[key] for p in pieces]) for key in ("codes", "scale", "offset", "error")}
+            out[b] = {key: torch.cat([p[key] for p in pieces]) for key in pieces[0]}
             if self.codes is not None:
                 self.codes.setdefault(b, []).append({**out[b], "rows": rows.to(v.device)})
         return out
 
 
+GRID_KEYS = {"uniform": ("codes", "scale", "offset"), "normal": ("codes", "scale", "bits")}  # a quantized row's grid
+
+
 def dequantized(q: dict[str, torch.Tensor], group_size: int) -> torch.Tensor:
-    """v^ (k, n) float32 from codes (k, n) and per-group scale, offset (k, G), as gptq_rows' deq."""
+    """v^ (k, n) float32 from codes (k, n) and per-group scale, offset (k, G), as gptq_rows' deq
+    (or, without an offset, quant.normal's grid: scale (k,) at widths bits (k,))."""
+    if "offset" not in q:
+        return normal.dequantize(q["codes"], q["scale"], q["bits"])
     n = q["codes"].shape[1]
     g = min(group_size, n)
     return dequantize(q["codes"], expand_groups(q["scale"], n, g), expand_groups(q["offset"], n, g))
@@ -180,14 +194,19 @@ def stored_rows(codes: dict | None, rows: list[int], widths: list[int], group_si
         if b not in merged or i not in merged[b][1]:
             return None
         picked.append((merged[b][0], merged[b][1][i]))
-    out = {key: torch.stack([cat[key][j] for cat, j in picked]) for key in ("codes", "scale", "offset")}
-    return {**out, "deq": dequantized(out, group_size)}
+    keys = [key for key in picked[0][0] if key not in ("rows", "error")]
+    out = {key: torch.stack([cat[key][j] for cat, j in picked]) for key in keys}
+    deq = dequantized(out, group_size)
+    out.pop("bits", None)
+    return {**out, "deq": deq}
 
 
 def _table_rows(s2: torch.Tensor, U: torch.Tensor, V: torch.Tensor, H: torch.Tensor | None, widths: list[int],
                 group_size: int, rows: torch.Tensor, chunk: int, vq: VQuantizer) -> torch.Tensor:
     """error_table's rows `rows` (in that order), `chunk` triplets at a time; (len(rows), len(widths))."""
     gu = min(group_size, U.shape[0])
+    round_u = (lambda x, bits: normal.rtn(x, bits)["deq"]) if vq.grid == "normal" else \
+        (lambda x, bits: rtn(x, bits, gu)["deq"])
     dtype = H.dtype if H is not None else torch.float64
     out = torch.zeros(len(rows), len(widths), dtype=torch.float64, device=U.device)
     vhat = vq(rows)
@@ -202,7 +221,7 @@ def _table_rows(s2: torch.Tensor, U: torch.Tensor, V: torch.Tensor, H: torch.Ten
                 out[i:i + chunk, j] = s2[idx] * vHv
                 continue
             full = torch.full((len(idx),), b, device=U.device)
-            du = rtn(u, full, gu)["deq"].double() - u
+            du = round_u(u, full).double() - u
             q = {key: t[i:i + chunk] for key, t in vhat[b].items()}
             dv = dequantized(q, group_size).double() - v
             dHd, dHv = q["error"] if "error" in q else gram_rows(dv, dv, H), (vH * dv).sum(1)

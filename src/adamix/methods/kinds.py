@@ -195,25 +195,27 @@ def is_int(v) -> bool:
 MAX_COUNT = 2**31 - 1  # bound on group sizes and counts read from a manifest (no dimension is larger)
 
 
-def parse_width_meta(meta: dict, kind: str) -> tuple[int, list[tuple[int, int]]]:
+def _integer(v) -> int:
+    if not isinstance(v, numbers.Integral) or isinstance(v, bool):  # no floats, strings or bools
+        raise TypeError(f"{v!r} is not an integer")
+    return int(v)
+
+
+def parse_width_meta(meta: dict, kind: str, group_size: bool = True) -> tuple[int, list[tuple[int, int]]]:
     """(group size, [(bits, count), ...]) from a kind's metadata, validated: group_size an integer in
     1..MAX_COUNT, widths a list of [bits, count] integer pairs with 1 <= bits <= 8, 0 <= count <= MAX_COUNT,
-    gains (where present) a bool."""
-    def integer(v) -> int:
-        if not isinstance(v, numbers.Integral) or isinstance(v, bool):  # no floats, strings or bools
-            raise TypeError(f"{v!r} is not an integer")
-        return int(v)
-
+    gains (where present) a bool. group_size False: a kind without groups (the size returned is 0)."""
     try:
-        g = integer(meta["group_size"])
+        g = _integer(meta["group_size"]) if group_size else 1
         widths = meta["widths"]
         if not isinstance(widths, list) or any(not isinstance(p, list) or len(p) != 2 for p in widths):
             raise TypeError("widths must be a list of [bits, count] pairs")
-        groups = [(integer(b), integer(c)) for b, c in widths]
+        groups = [(_integer(b), _integer(c)) for b, c in widths]
     except (KeyError, TypeError, ValueError) as e:
         raise AdamixError(f"malformed {kind} metadata: {e}") from None
     if not 1 <= g <= MAX_COUNT or any(not 1 <= b <= 8 or not 0 <= c <= MAX_COUNT for b, c in groups):
         raise AdamixError(f"malformed {kind} metadata: group size {g}, widths {groups}")
+    g = g if group_size else 0
     if not isinstance(meta.get("gains", False), bool):
         raise AdamixError(f"malformed {kind} metadata: gains must be true or false, not {meta['gains']!r}")
     return g, groups

@@ -57,6 +57,10 @@ class Settings:
     quantize: bool = False        # ImPart-Qt: the kept factor values quantized by mixed-precision GPTQ
     seed: int = 0                 # mixed into the seeds of the random masks (the result is deterministic)
     svd: str = "gram"             # the SVD's algorithm (quant.linalg.SVD_ALGORITHMS): smaller Gram's eigh, or LAPACK's SVD
+    grid: str = "uniform"         # GRIDS: per-group uniform grids, or a Hadamard rotation and quant.normal's Gaussian grid
+
+
+GRIDS = ("uniform", "normal")
 
 
 def budget_bits(m: int, n: int, alpha: float, overhead_bits: float = 0.0) -> float:

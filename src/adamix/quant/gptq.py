@@ -11,6 +11,8 @@ Two ways of attaching a grid to the vectors, both used by ADAMIX:
   grids are per group of `group_size` consecutive columns, fitted when GPTQ reaches the group.
 - `gptq_columns`: each COLUMN of W is one vector with its own width (U: one column per singular
   vector); a column's grid (groups of `group_size` rows) is fitted when GPTQ reaches the column.
+Both also on the Gaussian grid of quant.normal (grid="normal"): one scale per vector, fitted on the
+row before GPTQ starts (`gptq_rows`) or on the column when GPTQ reaches it (`gptq_columns`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from . import normal
 from .grid import expand_groups, fit_grid, n_groups, rtn
 from ..timing import timed
 
@@ -113,14 +116,17 @@ def quant_error(loss: torch.Tensor, W: torch.Tensor, Q: torch.Tensor, H: torch.T
 @timed("gptq")
 def gptq_rows(W: torch.Tensor, H: torch.Tensor, bits: torch.Tensor, group_size: int,
               damp: float = 0.01, factor: tuple[torch.Tensor, torch.Tensor] | None = None,
-              with_error: bool = False) -> dict[str, torch.Tensor]:
+              with_error: bool = False, grid: str = "uniform") -> dict[str, torch.Tensor]:
     """GPTQ where row i of W (k x n) is quantized at bits[i]; grids per group of columns.
 
     Returns codes (k, n) uint8, scale/offset (k, G) float32 holding fp16 values, deq (k, n), and with
     with_error the output error of each row, error (k,) float64 = (w_i - q_i)^T H (w_i - q_i), from
     GPTQ's own column errors (gptq's loss, quant_error): no product with H.
-    factor: cholesky_inverse_upper(H, damp), if already computed.
+    factor: cholesky_inverse_upper(H, damp), if already computed. grid "normal": quant.normal's grid,
+    scale (k,) instead of scale and offset per group (group_size unused).
     """
+    if grid == "normal":
+        return _gptq_rows_normal(W, H, bits, damp, factor, with_error)
     k, n = W.shape
     g = min(group_size, n)
     codes = torch.zeros(k, n, dtype=torch.uint8, device=W.device)
@@ -149,13 +155,38 @@ def gptq_rows(W: torch.Tensor, H: torch.Tensor, bits: torch.Tensor, group_size: 
     return out
 
 
+def _gptq_rows_normal(W: torch.Tensor, H: torch.Tensor, bits: torch.Tensor, damp: float,
+                      factor: tuple[torch.Tensor, torch.Tensor] | None, with_error: bool) -> dict[str, torch.Tensor]:
+    """gptq_rows on quant.normal's grid: each row's scale fitted on the row as given, then GPTQ."""
+    k, n = W.shape
+    book = normal.Codebook(bits, W.device)
+    scale = normal.fit_scale(W, bits)
+    codes = torch.zeros(k, n, dtype=torch.uint8, device=W.device)
+
+    def quantize_column(j: int, rest: torch.Tensor) -> torch.Tensor:
+        q = book.quantize(rest[:, :1], scale)
+        codes[:, j] = q[:, 0]
+        return book.dequantize(q, scale)[:, 0]
+
+    loss = torch.zeros(k, dtype=torch.float64, device=W.device) if with_error else None
+    deq = gptq(W, H, quantize_column, damp=damp, factor=factor, loss=loss)
+    out = {"codes": codes, "scale": scale, "deq": deq}
+    if with_error:
+        out["error"] = quant_error(loss, W, deq, H, damp)
+    return out
+
+
 @timed("gptq")
 def gptq_columns(W: torch.Tensor, H: torch.Tensor, bits: torch.Tensor, group_size: int,
-                 damp: float = 0.01) -> dict[str, torch.Tensor]:
-    """GPTQ where column j of W (m x k) is one vector quantized at bits[j]; grids per group of rows.
+                 damp: float = 0.01, grid: str = "uniform") -> dict[str, torch.Tensor]:
+    """GPTQ where column j of W (m x k) is one vector quantized at bits[j]; grids per group of rows
+    (grid "normal": quant.normal's, one scale per column).
 
-    Returns codes (k, m) uint8 (one row per column of W), scale/offset (k, G), deq (m, k).
+    Returns codes (k, m) uint8 (one row per column of W), scale/offset (k, G) (normal: scale (k,)),
+    deq (m, k).
     """
+    if grid == "normal":
+        return _gptq_columns_normal(W, H, bits, damp)
     m, k = W.shape
     g = min(group_size, m)
     codes = torch.zeros(k, m, dtype=torch.uint8, device=W.device)
@@ -171,9 +202,24 @@ def gptq_columns(W: torch.Tensor, H: torch.Tensor, bits: torch.Tensor, group_siz
     return {"codes": codes, "scale": scale, "offset": offset, "deq": deq}
 
 
-def rtn_columns(W: torch.Tensor, bits: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
+def _gptq_columns_normal(W: torch.Tensor, H: torch.Tensor, bits: torch.Tensor, damp: float) -> dict[str, torch.Tensor]:
+    """gptq_columns on quant.normal's grid."""
+    m, k = W.shape
+    codes = torch.zeros(k, m, dtype=torch.uint8, device=W.device)
+    scale = torch.zeros(k, device=W.device)
+
+    def quantize_column(j: int, rest: torch.Tensor) -> torch.Tensor:
+        r = normal.rtn(rest[:, 0][None, :], bits[j:j + 1])
+        codes[j], scale[j] = r["codes"][0], r["scale"][0]
+        return r["deq"][0]
+
+    deq = gptq(W, H, quantize_column, block=128, damp=damp)
+    return {"codes": codes, "scale": scale, "deq": deq}
+
+
+def rtn_columns(W: torch.Tensor, bits: torch.Tensor, group_size: int, grid: str = "uniform") -> dict[str, torch.Tensor]:
     """RTN counterpart of gptq_columns (same outputs), for the data-free mode."""
-    r = rtn(W.T, bits, min(group_size, W.shape[0]))
+    r = normal.rtn(W.T, bits) if grid == "normal" else rtn(W.T, bits, min(group_size, W.shape[0]))
     return {**r, "deq": r["deq"].T}
 
 
