@@ -65,7 +65,7 @@ from adamix.compression.plan import delta_of, is_svd_shape, overhead_per_element
 
 SVD_METHODS = {"adamix", "deltacome", "lowrank", "impart"}
 DISTILLED = "bitdelta+distill"
-VARIANTS = {"impart+qt": {"quantize": True}}  # a method with options: its Settings changes
+VARIANTS = {"impart+qt": {"quantize": True}, "adamix+normal": {"grid": "normal"}}  # methods with options: Settings changes
 DISTILL_STEPS = 100
 ONE_16 = 1 / 16
 t0 = time.time()
@@ -125,7 +125,7 @@ def compress_grid(base: str, ft: str, methods: list[str], ratios: list[float], w
             settings = settings_of(m, a)
             extra = dict(pieces[m])
             t = time.time()
-            if m == "adamix" and fac is not None:  # the error table pruned for this ratio, as a standalone run
+            if m.split("+")[0] == "adamix" and fac is not None:  # the error table pruned for this ratio, as a standalone run
                 if settings.whiten and H is not None and "whitened" not in pieces:
                     pieces["whitened"] = svd(Dl, H, True, settings.svd)  # adamix's own SVD (the default --whiten)
                 whitened = settings.whiten and H is not None
@@ -205,7 +205,8 @@ def artifact_dir(work: Path, method: str, alpha: float) -> Path:
 def cli_run(base: str, ft: str, method: str, out: Path) -> dict:
     """`adamix compress --method M --ratio 1/16` in a child process: wall time, peak RSS, bytes hash."""
     from core_numbers import run_compress
-    flags = [f"--{k.replace('_', '-')}" for k, v in VARIANTS.get(method, {}).items() if v is True]
+    flags = [f for k, v in VARIANTS.get(method, {}).items()
+             for f in ([f"--{k.replace('_', '-')}"] if v is True else [f"--{k.replace('_', '-')}", str(v)])]
     r = run_compress(base, ft, out, "1/16", "--method", method.split("+")[0], *flags, "--overwrite")
     return {"wall_s": r["wall_s"], "peak_rss_mib": r["peak_rss_mib"], "sha": sha256(out / "delta.safetensors")}
 
