@@ -330,6 +330,8 @@ def test_ctrl_c_during_merge_writes_nothing(llama_pair, delta, tmp_path, capsys,
     (["--ratio", "1/32", "--method", "bitdelta"], "bitdelta stores 1 bit per weight (ratio 1/16); it cannot meet --ratio 0.03125"),
     (["--max-rank", "0"], "--max-rank must be a positive integer, got 0"),
     (["--max-rank", "8", "--method", "bitdelta"], "--max-rank 8 applies to --method adamix / deltacome / lowrank only, not bitdelta"),
+    (["--grid", "normal", "--method", "deltacome"], "--grid normal applies to --method adamix only, not deltacome"),
+    (["--grid", "normal", "--group-size", "64"], "--group-size applies to --grid uniform (the normal grid has one scale per vector)"),
 ])
 def test_bad_ratio_refused(llama_pair, tmp_path, capsys, args, message):
     assert_refused(capsys, ["compress", *llama_pair, "-o", tmp_path / "out", *FAST, *args], message, tmp_path)

@@ -50,6 +50,7 @@ def argparse_error(capsys, argv: list[str]) -> str:
     ([*COMPRESS, "--samples", "x"], r"argument --samples: invalid int value: 'x'"),
     ([*COMPRESS, "--seqlen", "1.5"], r"argument --seqlen: invalid int value: '1.5'"),
     ([*COMPRESS, "--budget-scope", "x"], r"argument --budget-scope: invalid choice: 'x' \(choose from .*'?tensor'?.*\)"),
+    ([*COMPRESS, "--grid", "x"], r"argument --grid: invalid choice: 'x' \(choose from .*'?uniform'?.*\)"),
     # merge, export-peft, inspect, demo
     (["merge", "base", "delta"], r"the following arguments are required: -o/--out"),
     (["merge", "base"], r"the following arguments are required: delta, -o/--out"),

@@ -236,3 +236,21 @@ def test_bad_grid_options_are_refused_in_one_line(llama_pair, tmp_path, options,
     with pytest.raises(AdamixError, match=message):
         adamix.compress(base, ft, tmp_path / "x", calib=None, progress=False, **options)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("alpha", [1e-4, 1 / 512])
+def test_tiny_budgets_hold_and_decode(alpha):
+    D, H = delta_and_gram(m=200, n=150)
+    enc = compress_matrix(D, H, Settings(alpha=alpha, grid="normal"))
+    assert 8 * enc.nbytes <= alpha * 16 * 200 * 150
+    out = decode(enc.kind, enc.shape, enc.meta, enc.tensors)
+    assert out.shape == (200, 150) and bool(torch.isfinite(out).all())
+
+
+@pytest.mark.parametrize("suffix", ["codes", "params"])
+def test_truncated_tensors_are_one_adamix_error(suffix):
+    D, H = delta_and_gram(m=64, n=48)
+    enc = compress_matrix(D, H, Settings(alpha=1 / 8, grid="normal"))
+    cut = {**enc.tensors, suffix: enc.tensors[suffix][:-1]}
+    with pytest.raises(AdamixError, match="the manifest implies"):
+        decode(enc.kind, enc.shape, enc.meta, cut)
