@@ -164,9 +164,9 @@ def _gptq_rows_normal(W: torch.Tensor, H: torch.Tensor, bits: torch.Tensor, damp
     codes = torch.zeros(k, n, dtype=torch.uint8, device=W.device)
 
     def quantize_column(j: int, rest: torch.Tensor) -> torch.Tensor:
-        q = book.quantize(rest[:, :1], scale)
+        q, deq = book.round(rest[:, :1], scale)
         codes[:, j] = q[:, 0]
-        return book.dequantize(q, scale)[:, 0]
+        return deq[:, 0]
 
     loss = torch.zeros(k, dtype=torch.float64, device=W.device) if with_error else None
     deq = gptq(W, H, quantize_column, damp=damp, factor=factor, loss=loss)

@@ -51,29 +51,45 @@ def levels(bits: int) -> torch.Tensor:
 
 
 class Codebook:
-    """The grids of k rows at widths bits (k,): the rows grouped by width once, so that quantizing a
-    column of k entries (GPTQ's inner loop) is one search per width, not per row."""
+    """The grids of k rows at widths bits (k,), set up once so that quantizing a column of k entries
+    (GPTQ's inner loop) is one search: each width's midpoints are shifted into a window of its own,
+    SPAN apart, so that one sorted array serves all rows (x_i / scale_i is clamped to the window,
+    which holds every level: the 8-bit grid ends at 4.6)."""
+
+    SPAN = 16.0
 
     def __init__(self, bits: torch.Tensor | list[int], device: torch.device | str | None = None):
         bits = torch.as_tensor(bits, device=device)
-        self.groups = []
-        for b in torch.unique(bits).tolist():
-            lv = levels(b).to(bits.device)
-            self.groups.append((torch.nonzero(bits == b).flatten(), lv, (lv[1:] + lv[:-1]) / 2))
+        widths = torch.unique(bits).tolist()
+        lv = [levels(b).to(bits.device) for b in widths]
+        self.mids = torch.cat([(c[1:] + c[:-1]) / 2 + j * self.SPAN for j, c in enumerate(lv)])
+        self.levels = torch.cat(lv)
+        slot = torch.searchsorted(torch.tensor(widths, device=bits.device), bits)  # the width's index per row
+        mids_before = torch.tensor([0] + [len(c) - 1 for c in lv], device=bits.device).cumsum(0)
+        levels_before = torch.tensor([0] + [len(c) for c in lv], device=bits.device).cumsum(0)
+        self.shift = (slot * self.SPAN).float()[:, None]  # (k, 1)
+        self.first_mid = mids_before[slot][:, None]       # (k, 1): the row's codes start there in the search
+        self.first_level = levels_before[slot][:, None]   # (k, 1): and there in self.levels
+        self.to_level = self.first_level - self.first_mid  # (k, 1): search index -> index in self.levels
+
+    def search(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The index into the shifted midpoints of the nearest level of x_i / scale_i (k, L) int64."""
+        half = self.SPAN / 2
+        v = (x.float() / scale[:, None]).clamp_(-half + 0.5, half - 0.5).add_(self.shift)
+        return torch.bucketize(v, self.mids)
 
     def quantize(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Codes (k, L) uint8: the nearest level of x_i / scale_i, rows x (k, L), scale (k,)."""
-        codes = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
-        for rows, _, mids in self.groups:
-            codes[rows] = torch.bucketize(x[rows].float() / scale[rows, None], mids).to(torch.uint8)
-        return codes
+        return (self.search(x, scale) - self.first_mid).to(torch.uint8)
+
+    def round(self, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(quantize(x, scale), dequantize of those codes) in one search: GPTQ's inner loop."""
+        idx = self.search(x, scale)
+        return idx - self.first_mid, self.levels[idx + self.to_level] * scale[:, None].float()
 
     def dequantize(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """x^ (k, L) float32 = scale_i * c[code] for codes (k, L), scale (k,)."""
-        out = torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
-        for rows, lv, _ in self.groups:
-            out[rows] = lv[codes[rows].long()] * scale[rows, None].float()
-        return out
+        return self.levels[codes.long() + self.first_level] * scale[:, None].float()
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
