@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import subprocess
+from fractions import Fraction
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -33,3 +37,18 @@ def calibrated_deltas(base: str, ft: str, samples: int, blocks: int = 0) -> Iter
         for info in infos:
             D = delta_of(base_ck, ft_ck, info.name)
             yield i, info.name, D.T if info.transposed else D, grams[info.name]
+
+
+def pair_arguments(description: str, ratios: str) -> tuple[argparse.Namespace, list[float], str]:
+    """The analysis benchmarks' command line (--pair, --ratios, --blocks, --samples, --out), the ratios
+    as numbers, and the commit of the code that runs (read at the start)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--pair", default="minilm", choices=("minilm", "smollm"))
+    ap.add_argument("--ratios", default=ratios)
+    ap.add_argument("--blocks", type=int, default=0, help="only the first N blocks (0 = all)")
+    ap.add_argument("--samples", type=int, default=128, help="calibration windows of 256 tokens")
+    ap.add_argument("--out", default=str(Path(__file__).parent.parent / "docs" / "results"))
+    args = ap.parse_args()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    return args, [float(Fraction(r)) for r in args.ratios.split(",")], commit

@@ -18,20 +18,18 @@ per-triplet choice the prediction alone: no stored format mixes grids).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import subprocess
 import sys
 import time
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from calibrated import calibrated_deltas, pair_paths  # noqa: E402
+from calibrated import calibrated_deltas, pair_arguments, pair_paths  # noqa: E402
+from pages import ratio_tables  # noqa: E402
 from adamix.eval.heldout import corpus_grams, heldout_corpora, pooled_grams  # noqa: E402
 from adamix.methods import Settings  # noqa: E402
 from adamix.methods.adamix import analyse, budget_bits, finish  # noqa: E402
@@ -74,16 +72,7 @@ def mixed_prediction(analyses: list, alpha: float) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pair", default="minilm", choices=("minilm", "smollm"))
-    ap.add_argument("--ratios", default="1/8,1/16,1/32,1/64,1/128,1/256")
-    ap.add_argument("--blocks", type=int, default=0, help="only the first N blocks (0 = all)")
-    ap.add_argument("--samples", type=int, default=128, help="calibration windows of 256 tokens")
-    ap.add_argument("--out", default=str(Path(__file__).parent.parent / "docs" / "results"))
-    args = ap.parse_args()
-    ratios = [float(Fraction(r)) for r in args.ratios.split(",")]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()  # at the start: the code that runs
+    args, ratios, commit = pair_arguments(__doc__.split("\n\n")[0], "1/8,1/16,1/32,1/64,1/128,1/256")
     base, ft = pair_paths(args.pair)
     t0 = time.time()
     held = pooled_grams(corpus_grams(ft, heldout_corpora()))
@@ -136,12 +125,6 @@ def main() -> None:
 
 def markdown(result: dict, pair: str, ratios: list[float]) -> str:
     """The result page: one table per measure, grids by ratio."""
-    def name(a: float) -> str:
-        return str(Fraction(a).limit_denominator(1024))
-
-    by = {(r["grid"], r["alpha"]): r for r in result["rows"]}
-    grids = list(dict.fromkeys(r["grid"] for r in result["rows"]))
-    head = "| grid | " + " | ".join(name(a) for a in ratios) + " |\n|---|" + "---|" * len(ratios) + "\n"
     secs = ", ".join(f"{v} {s:.0f} s" for v, s in result["analysis_seconds"].items())
     lines = [f"# Grids on the {pair} pair: which pays for its bits\n",
              f"Produced by `{result['command']}` at commit `{result['commit']}`, CPU, {result['wall_s']:.0f} s "
@@ -155,12 +138,7 @@ def markdown(result: dict, pair: str, ratios: list[float]) -> str:
               ("Calibration error", "calibration_error", ".4f"),
               ("Held-out error", "heldout_error", ".4f"),
               ("Predicted error (calibration)", "predicted_error", ".4f")]
-    for title, key, fmt in tables:
-        lines.append(f"\n## {title}\n\n" + head)
-        for v in grids:
-            if key in by.get((v, ratios[0]), {}):
-                lines.append(f"| {v} | " + " | ".join(format(by[v, a][key], fmt) for a in ratios) + " |\n")
-    return "".join(lines)
+    return "".join(lines) + ratio_tables(result["rows"], "grid", ratios, tables)
 
 
 if __name__ == "__main__":

@@ -103,8 +103,12 @@ def expected_sizes(shape: tuple[int, int], meta: dict) -> tuple[int, int]:
 
 def checked_tensors(shape: tuple[int, int], meta: dict, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes, params) after checking their dtypes and sizes against what `meta` implies."""
+    return sized_tensors(tensors, *expected_sizes(shape, meta))
+
+
+def sized_tensors(tensors: dict[str, torch.Tensor], nbytes: int, nparams: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, params) after checking that they are `nbytes` uint8 codes and `nparams` fp16 params."""
     codes, params = tensors["codes"], tensors["params"]
-    nbytes, nparams = expected_sizes(shape, meta)
     if codes.dtype != torch.uint8 or codes.numel() != nbytes or params.dtype != torch.float16 or params.numel() != nparams:
         raise AdamixError(f"stored factors have {codes.numel()} code bytes and {params.numel()} params, "
                           f"the manifest implies {nbytes} and {nparams}")

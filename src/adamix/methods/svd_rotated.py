@@ -26,7 +26,7 @@ from ..quant import hadamard, normal
 from ..quant.pack import pack, packed_nbytes, unpack
 from .kinds import (Encoded, is_int, parse_width_meta, register_decoder, register_factors, register_gains,
                     register_meta_check)
-from .svd_mixed import GAIN_BITS, width_groups
+from .svd_mixed import GAIN_BITS, sized_tensors, width_groups
 
 KIND = "svd-rotated"
 GRID = "normal"
@@ -94,12 +94,7 @@ def check_meta(shape: tuple[int, ...], meta: dict) -> None:
 def checked_tensors(shape: tuple[int, int], meta: dict, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes, params) after checking the metadata, and the tensors' dtypes and sizes against it."""
     check_meta(shape, meta)
-    codes, params = tensors["codes"], tensors["params"]
-    nbytes, nparams = expected_sizes(shape, meta)
-    if codes.dtype != torch.uint8 or codes.numel() != nbytes or params.dtype != torch.float16 or params.numel() != nparams:
-        raise AdamixError(f"stored factors have {codes.numel()} code bytes and {params.numel()} params, "
-                          f"the manifest implies {nbytes} and {nparams}")
-    return codes, params
+    return sized_tensors(tensors, *expected_sizes(shape, meta))
 
 
 def rotated_factors(shape: tuple[int, int], meta: dict, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
