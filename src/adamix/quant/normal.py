@@ -75,7 +75,7 @@ class Codebook:
     def search(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """The index into the shifted midpoints of the nearest level of x_i / scale_i (k, L) int64."""
         half = self.SPAN / 2
-        v = (x.float() / scale[:, None]).clamp_(-half + 0.5, half - 0.5).add_(self.shift)
+        v = (x.float() / scale[:, None]).contiguous().clamp_(-half + 0.5, half - 0.5).add_(self.shift)
         return torch.bucketize(v, self.mids)
 
     def quantize(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
