@@ -103,15 +103,19 @@ def rotated_factors(shape: tuple[int, int], meta: dict, tensors: dict[str, torch
     codes, params = checked_tensors(shape, meta, tensors)
     _, groups = parse_width_meta(meta, KIND, group_size=False)
     V, Ut, cpos, ppos = [torch.zeros(0, n)], [torch.zeros(0, m)], 0, 0
+
+    def take_codes(count: int, length: int, b: int) -> torch.Tensor:
+        nonlocal cpos
+        size = packed_nbytes(count * length, b)
+        cpos += size
+        return unpack(codes[cpos - size:cpos], b, count * length).reshape(count, length)
+
     for b, count in groups:
-        for out, length in ((V, n), (Ut, m)):
-            size = packed_nbytes(count * length, b)
-            c = unpack(codes[cpos:cpos + size], b, count * length).reshape(count, length)
-            cpos += size
-            out.append((c, b))
+        cv, cu = take_codes(count, n, b), take_codes(count, m, b)
         sv, su = params[ppos:ppos + count].float(), params[ppos + count:ppos + 2 * count].float()
         ppos += 2 * count
-        V[-1], Ut[-1] = (normal.dequantize(V[-1][0], sv, [b] * count), normal.dequantize(Ut[-1][0], su, [b] * count))
+        V.append(normal.dequantize(cv, sv, [b] * count))
+        Ut.append(normal.dequantize(cu, su, [b] * count))
     return torch.cat(Ut).T, torch.cat(V)
 
 
