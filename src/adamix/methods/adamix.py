@@ -30,7 +30,6 @@ from . import svd_mixed, svd_rotated
 from .allocate import choose_widths, error_table, max_kept, shrink_to_fit, stored_rows
 from ..quant import hadamard, normal
 from ..quant.gptq import gptq_columns, gptq_rows, rtn_columns
-from ..quant.grid import rtn
 from ..quant.linalg import factored_error, matmul64, output_error, relative_errors, svd
 from .kinds import Encoded
 from .registry import Method, Settings, budget_bits, register
@@ -244,7 +243,7 @@ def quantize_factors(D: torch.Tensor, H: torch.Tensor | None, U: torch.Tensor, s
         if stored is not None:
             vq = stored
         elif H is None:
-            vq = normal.rtn(Vt, bits) if rotated else rtn(Vt, bits, min(g, n))
+            vq = normal.rtn_on(settings.grid, Vt, bits, g)
         else:
             vq = gptq_rows(Vt, H, bits, g, damp=settings.damp, grid=settings.grid)
         Vhat = vq["deq"].double()

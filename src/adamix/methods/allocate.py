@@ -33,7 +33,7 @@ from typing import Callable
 from . import frontier
 from ..quant import normal
 from ..quant.gptq import cholesky_inverse_upper, gptq_rows
-from ..quant.grid import dequantize, expand_groups, rtn
+from ..quant.grid import dequantize, expand_groups
 from ..quant.linalg import gram_rows
 from ..timing import timed
 
@@ -138,7 +138,7 @@ class VQuantizer:
             out = {}
             for b in self.widths:
                 full = torch.full((len(rows),), b, device=v.device)
-                q = {**normal.rtn(v, full), "bits": full} if self.grid == "normal" else rtn(v, full, min(self.g, v.shape[1]))
+                q = {**normal.rtn_on(self.grid, v, full, self.g), "bits": full}
                 out[b] = {key: q[key] for key in GRID_KEYS[self.grid]}
             return out
         if self.factor is None:
@@ -204,9 +204,6 @@ def stored_rows(codes: dict | None, rows: list[int], widths: list[int], group_si
 def _table_rows(s2: torch.Tensor, U: torch.Tensor, V: torch.Tensor, H: torch.Tensor | None, widths: list[int],
                 group_size: int, rows: torch.Tensor, chunk: int, vq: VQuantizer) -> torch.Tensor:
     """error_table's rows `rows` (in that order), `chunk` triplets at a time; (len(rows), len(widths))."""
-    gu = min(group_size, U.shape[0])
-    round_u = (lambda x, bits: normal.rtn(x, bits)["deq"]) if vq.grid == "normal" else \
-        (lambda x, bits: rtn(x, bits, gu)["deq"])
     dtype = H.dtype if H is not None else torch.float64
     out = torch.zeros(len(rows), len(widths), dtype=torch.float64, device=U.device)
     vhat = vq(rows)
@@ -221,7 +218,7 @@ def _table_rows(s2: torch.Tensor, U: torch.Tensor, V: torch.Tensor, H: torch.Ten
                 out[i:i + chunk, j] = s2[idx] * vHv
                 continue
             full = torch.full((len(idx),), b, device=U.device)
-            du = round_u(u, full).double() - u
+            du = normal.rtn_on(vq.grid, u, full, group_size)["deq"].double() - u
             q = {key: t[i:i + chunk] for key, t in vhat[b].items()}
             dv = dequantized(q, group_size).double() - v
             dHd, dHv = q["error"] if "error" in q else gram_rows(dv, dv, H), (vH * dv).sum(1)

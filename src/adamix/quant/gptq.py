@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from . import normal
-from .grid import expand_groups, fit_grid, n_groups, rtn
+from .grid import expand_groups, fit_grid, n_groups
 from ..timing import timed
 
 
@@ -185,41 +185,24 @@ def gptq_columns(W: torch.Tensor, H: torch.Tensor, bits: torch.Tensor, group_siz
     Returns codes (k, m) uint8 (one row per column of W), scale/offset (k, G) (normal: scale (k,)),
     deq (m, k).
     """
-    if grid == "normal":
-        return _gptq_columns_normal(W, H, bits, damp)
     m, k = W.shape
-    g = min(group_size, m)
     codes = torch.zeros(k, m, dtype=torch.uint8, device=W.device)
-    scale = torch.zeros(k, n_groups(m, g), device=W.device)
-    offset = torch.zeros_like(scale)
+    grids: dict[str, torch.Tensor] = {}  # scale (and offset) per column, allocated at the first one
 
     def quantize_column(j: int, rest: torch.Tensor) -> torch.Tensor:
-        r = rtn(rest[:, 0][None, :], bits[j:j + 1], g)
-        codes[j], scale[j], offset[j] = r["codes"][0], r["scale"][0], r["offset"][0]
+        r = normal.rtn_on(grid, rest[:, 0][None, :], bits[j:j + 1], group_size)
+        codes[j] = r["codes"][0]
+        for key in r.keys() - {"codes", "deq"}:
+            grids.setdefault(key, torch.zeros(k, *r[key].shape[1:], device=W.device))[j] = r[key][0]
         return r["deq"][0]
 
     deq = gptq(W, H, quantize_column, block=128, damp=damp)
-    return {"codes": codes, "scale": scale, "offset": offset, "deq": deq}
-
-
-def _gptq_columns_normal(W: torch.Tensor, H: torch.Tensor, bits: torch.Tensor, damp: float) -> dict[str, torch.Tensor]:
-    """gptq_columns on quant.normal's grid."""
-    m, k = W.shape
-    codes = torch.zeros(k, m, dtype=torch.uint8, device=W.device)
-    scale = torch.zeros(k, device=W.device)
-
-    def quantize_column(j: int, rest: torch.Tensor) -> torch.Tensor:
-        r = normal.rtn(rest[:, 0][None, :], bits[j:j + 1])
-        codes[j], scale[j] = r["codes"][0], r["scale"][0]
-        return r["deq"][0]
-
-    deq = gptq(W, H, quantize_column, block=128, damp=damp)
-    return {"codes": codes, "scale": scale, "deq": deq}
+    return {"codes": codes, **grids, "deq": deq}
 
 
 def rtn_columns(W: torch.Tensor, bits: torch.Tensor, group_size: int, grid: str = "uniform") -> dict[str, torch.Tensor]:
     """RTN counterpart of gptq_columns (same outputs), for the data-free mode."""
-    r = normal.rtn(W.T, bits) if grid == "normal" else rtn(W.T, bits, min(group_size, W.shape[0]))
+    r = normal.rtn_on(grid, W.T, bits, group_size)
     return {**r, "deq": r["deq"].T}
 
 

@@ -118,6 +118,15 @@ def fit_scale(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     return best
 
 
+def rtn_on(grid: str, x: torch.Tensor, bits: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
+    """Round-to-nearest of the rows of x (k, L) on `grid`: "uniform" (quant.grid.rtn, groups of
+    min(group_size, L) entries) or "normal" (rtn below; group_size unused)."""
+    if grid == "normal":
+        return rtn(x, bits)
+    from .grid import rtn as uniform_rtn
+    return uniform_rtn(x, bits, min(group_size, x.shape[1]))
+
+
 def rtn(x: torch.Tensor, bits: torch.Tensor) -> dict[str, torch.Tensor]:
     """Round-to-nearest of each row of x (k, L) at width bits (k,): codes (k, L) uint8, scale (k,)
     float32 (fp16 values), deq (k, L) float32."""
