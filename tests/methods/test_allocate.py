@@ -299,3 +299,58 @@ def test_native_stdout_is_silenced_only_inside_the_solve():
             "print('after')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout == "before after\n" and r.stderr == ""
+
+
+def test_priced_out_against_brute_force():
+    # random small knapsacks: whenever the Lagrangian certificate says the rows outside the measured
+    # ones (the top k by e_i(0)) are not needed, no optimal choice (brute force) keeps one of them
+    from adamix.methods.allocate import priced_out
+    rng = np.random.default_rng(0)
+    costs = np.array([0.0, 2.0, 3.0])
+    held = 0
+    for _ in range(60):
+        r = 9
+        e0 = np.sort(rng.gamma(0.7, size=r))[::-1] * rng.uniform(1, 5)
+        table = np.stack([e0, e0 * rng.uniform(0.05, 0.6, r), e0 * rng.uniform(0.0, 0.3, r)], axis=1)
+        table[:, 2] = np.minimum(table[:, 2], table[:, 1])
+        budget = float(rng.uniform(3, 14))
+        best = min(itertools.product(range(3), repeat=r),
+                   key=lambda c: np.inf if costs[list(c)].sum() > budget else table[np.arange(r), c].sum())
+        optimum = table[np.arange(r), best].sum()
+        for k in range(1, r):
+            if priced_out(table[:k], 0, costs, budget, float(e0[k])):
+                held += 1
+                for c in itertools.product(range(3), repeat=r):
+                    if costs[list(c)].sum() <= budget and any(c[k:]):
+                        assert table[np.arange(r), c].sum() > optimum
+                break
+    assert held > 10  # the certificate is not vacuous
+
+
+def test_the_price_certificate_measures_fewer_rows_for_the_same_optimum():
+    # error_table with the budget (priced_out) stops earlier than with the swap argument alone; the
+    # optimum at that budget is the full table's. Decaying spectrum plus noise, as real deltas.
+    from adamix.methods.adamix import budget_bits
+    g = torch.Generator().manual_seed(5)
+    m, n, k = 160, 200, 40
+    D = (torch.randn(m, k, generator=g, dtype=torch.float64) * torch.linspace(1, 0.2, k, dtype=torch.float64)) \
+        @ torch.randn(k, n, generator=g, dtype=torch.float64) / 10 + torch.randn(m, n, generator=g, dtype=torch.float64) * 0.03
+    X = torch.randn(n, 600, generator=g, dtype=torch.float64)
+    H = (X @ X.T).float()
+    U, s, Vh = torch.linalg.svd(D, full_matrices=False)
+    V = Vh.T
+    widths, gs = [0, 2, 3, 4, 8], 32
+    costs = np.array([triplet_cost(m, n, b, gs) for b in widths], dtype=np.float64)
+    full = error_table(s, U, V, H, widths, gs, chunk=8).numpy()
+    fewer = []
+    for alpha in (1 / 8, 1 / 16, 1 / 32):
+        budget = budget_bits(m, n, alpha)
+        swap = error_table(s, U, V, H, widths, gs, chunk=8, max_kept=max_kept(costs, budget)).numpy()
+        price = error_table(s, U, V, H, widths, gs, chunk=8, max_kept=max_kept(costs, budget),
+                            costs=costs, budget=budget).numpy()
+        measured = lambda t: int((t[:, 1:] != t[:, :1]).any(axis=1).sum())  # noqa: E731
+        assert measured(price) <= measured(swap) < len(s)
+        fewer.append(measured(price) < measured(swap))
+        assert objective(full, solve_allocation(price, costs, budget)) == pytest.approx(
+            objective(full, solve_allocation(full, costs, budget)), rel=1e-9)
+    assert any(fewer)

@@ -9,12 +9,13 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 import adamix
 from adamix.compression.options import Options
 from adamix.methods import Settings, compress_with
 from adamix.methods.adamix import analyse, compress_jointly, compress_matrix
-from adamix.methods.allocate import solve_allocation, within_cap
+from adamix.methods.allocate import max_kept, solve_allocation, within_cap
 from adamix.methods.registry import budget_bits
 from adamix.methods.svd_mixed import stored_bits
 from synthetic import delta_and_gram
@@ -67,12 +68,17 @@ def test_adamix_cap_holds_with_the_budget_and_frees_bits_for_widths():
     assert capped.stats["error_predicted"] >= free.stats["error_predicted"] - 1e-12
 
 
-def test_a_pruned_table_is_not_reused_beyond_its_cap():
-    D, H = delta_and_gram()
+def test_a_pruned_table_serves_the_budgets_and_caps_its_swap_argument_covers():
+    D, H = delta_and_gram(m=300, n=260)
     s = Settings(alpha=1 / 4, group_size=32, max_rank=3)
     a = analyse(D, H, s, prune=True)
-    with pytest.raises(ValueError, match="pruned for rank 3"):
+    assert a.pruned_count < max_kept(a.costs, a.budget) < len(a.s)  # measured for the cap, not for the budget
+    with pytest.raises(ValueError, match="and rank 3; it cannot serve"):
         compress_matrix(D, H, dataclasses.replace(s, max_rank=None), analysis=a)
+    within = dataclasses.replace(s, max_rank=a.pruned_count)  # a larger cap, still within what it serves
+    reused, alone = compress_matrix(D, H, within, analysis=a), compress_matrix(D, H, within)
+    assert reused.meta == alone.meta and reused.tensors.keys() == alone.tensors.keys()
+    assert all(torch.equal(reused.tensors[k], alone.tensors[k]) for k in alone.tensors)
 
 
 def test_joint_allocation_caps_every_matrix():

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from . import svd_mixed, svd_rotated
-from .allocate import choose_widths, error_table, max_kept, shrink_to_fit, stored_rows
+from .allocate import choose_widths, error_table, max_kept, served_count, shrink_to_fit, stored_rows
 from ..quant import hadamard, normal
 from ..quant.gptq import gptq_columns, gptq_rows, rtn_columns
 from ..quant.linalg import factored_error, matmul64, output_error, relative_errors, svd
@@ -47,8 +47,9 @@ class Analysis:
     table: np.ndarray   # (r, len(widths)) e_i(b)
     costs: np.ndarray   # (len(widths),) bits of one triplet at each width
     budget: float       # bits this tensor may take
-    pruned_for: float | None = None  # the table serves budgets up to this one (error_table's max_kept)
-    pruned_cap: int | None = None    # ... and rank caps up to this one (None: any cap, or none)
+    pruned_for: float | None = None  # a pruned table (error_table's max_kept) serves this budget (no cap or
+    pruned_cap: int | None = None    # this cap), and any budget and cap under which at most
+    pruned_count: int | None = None  # pruned_count triplets fit (allocate.served_count)
     codes: dict | None = None        # V's GPTQ codes and grids of the measured rows (allocate.error_table)
     seed: int | None = None          # grid "normal": D, H, U, V are rotated with this seed (quant.hadamard)
 
@@ -76,10 +77,13 @@ def analyse(D: torch.Tensor, H: torch.Tensor | None, settings: Settings, overhea
     if kept is not None and settings.max_rank is not None:
         kept = min(kept, settings.max_rank)  # a cap keeps fewer: the pruning argument holds for the smaller count
     codes: dict = {}
+    priced = kept is not None and settings.max_rank is None  # allocate.priced_out: this budget, no cap
     table = error_table(s, U, V, H, list(settings.widths), g, max_kept=kept, damp=settings.damp, codes=codes,
-                        grid=settings.grid).cpu().numpy()
-    return Analysis(D, H, U, s, V, table, costs, budget, budget if kept is not None else None,
-                    settings.max_rank if kept is not None else None, codes or None, seed)
+                        grid=settings.grid, costs=costs if priced else None,
+                        budget=budget if priced else None).cpu().numpy()
+    pruned = (budget, settings.max_rank, served_count(table, list(settings.widths).index(0))) if kept is not None \
+        else (None, None, None)
+    return Analysis(D, H, U, s, V, table, costs, budget, *pruned, codes or None, seed)
 
 
 def triplet_bits(m: int, n: int, width: int, settings: Settings) -> int:
@@ -101,19 +105,27 @@ def compress_matrix(D: torch.Tensor, H: torch.Tensor | None, settings: Settings,
     """ADAMIX on one delta D (m x n) with input Gram H (n x n) or None. Returns an Encoded "svd-mixed".
 
     The stored codes and grids take at most budget_bits(m, n, settings.alpha, overhead_bits) bits.
-    analysis: analyse(D, H, settings) if already computed (its budget is replaced by this one, which
-    must not exceed the one a pruned table was made for).
+    analysis: analyse(D, H, settings) if already computed (its budget is replaced by this one, which a
+    pruned table must serve: check_served).
     """
     m, n = D.shape
     if analysis is None:
         a = analyse(D, H, settings, overhead_bits, prune=True)
     else:
         a = dataclasses.replace(analysis, budget=budget_bits(m, n, settings.alpha, overhead_bits))
-        if a.pruned_for is not None and a.budget > a.pruned_for:
-            raise ValueError(f"the error table was pruned for {a.pruned_for:.0f} bits, not {a.budget:.0f}")
-        if a.pruned_cap is not None and (settings.max_rank is None or settings.max_rank > a.pruned_cap):
-            raise ValueError(f"the error table was pruned for rank {a.pruned_cap}, not {settings.max_rank}")
+        check_served(a, settings.max_rank)
     return finish(a, decide(a, settings), a.budget, settings)
+
+
+def check_served(a: Analysis, cap: int | None) -> None:
+    """ValueError unless a's (pruned) table has the full table's optimum at a.budget under rank cap `cap`."""
+    if a.pruned_for is None or (a.budget == a.pruned_for and cap == a.pruned_cap):
+        return
+    count = max_kept(a.costs, a.budget) if cap is None else min(max_kept(a.costs, a.budget), cap)
+    if count > a.pruned_count:
+        made = f"{a.pruned_for:.0f} bits" + ("" if a.pruned_cap is None else f" and rank {a.pruned_cap}")
+        asked = f"{a.budget:.0f} bits" + ("" if cap is None else f" and rank {cap}")
+        raise ValueError(f"the error table was pruned for {made}; it cannot serve {asked}")
 
 
 def decide(a: Analysis, settings: Settings) -> np.ndarray:

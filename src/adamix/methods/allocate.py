@@ -65,7 +65,8 @@ def keep_threshold(table: np.ndarray | torch.Tensor, zero: int, kept: int) -> fl
 @timed("error table")
 def error_table(s: torch.Tensor, U: torch.Tensor, V: torch.Tensor, H: torch.Tensor | None,
                 widths: list[int], group_size: int, chunk: int = 64, max_kept: int | None = None,
-                damp: float = 0.01, codes: dict | None = None, grid: str = "uniform") -> torch.Tensor:
+                damp: float = 0.01, codes: dict | None = None, grid: str = "uniform",
+                costs: np.ndarray | None = None, budget: float | None = None) -> torch.Tensor:
     """e_i(b) for every triplet i and width b. s: (r,), U: (m, r), V: (n, r). Returns (r, len(widths)) float64.
 
     With the rounding errors du = u^ - u, dv = v^ - v, the residual is u v^T - u^ v^^T = -(u dv^T + du v^^T), so
@@ -87,13 +88,16 @@ def error_table(s: torch.Tensor, U: torch.Tensor, V: torch.Tensor, H: torch.Tens
 
     max_kept (at most that many triplets fit the budget, all at the same cost per width): triplets
     are measured in order of decreasing e_i(0) until the next one's e_i(0) is below
-    keep_threshold: no optimal choice needs the rest, whose non-zero widths are set to e_i(0) (no
-    gain) unmeasured. One extra pass (v H for all) gives the order; the rows are measured in batches,
-    the first max_kept at once, then each half of those done so far (measuring a few rows more than
-    needed costs flops; each batch costs GPTQ column loops). The smaller the ratio and the
-    steeper the spectrum, the fewer rows are measured (benchmarks/pruning.py; docs/results/); a flat
-    spectrum (noise) needs nearly all. The measured rows equal the full table's (GPTQ's rows are
-    independent of each other), to the rounding of its float32 products.
+    keep_threshold (the swap argument: no optimal choice needs the rest, at this budget or any
+    smaller one), or, given the per-width `costs` (B,) and the `budget` itself, until priced_out
+    proves by the Lagrangian bound that no optimal choice at this budget needs them; the rest keep
+    e_i(0) at every width (no gain), unmeasured. One extra pass (v H for all) gives the order; the
+    rows are measured in batches, the first max_kept at once, then max_kept / 8, doubling each time
+    (measuring a few rows more than needed costs flops; each batch costs GPTQ column loops). The
+    smaller the ratio and the steeper the spectrum, the fewer rows are measured
+    (benchmarks/pruning.py; docs/results/); a flat spectrum (noise) needs nearly all. The measured
+    rows equal the full table's (GPTQ's rows are independent of each other), to the rounding of its
+    float32 products.
     """
     r, zero = len(s), widths.index(0) if 0 in widths else None
     s2 = s.double() ** 2
@@ -103,18 +107,62 @@ def error_table(s: torch.Tensor, U: torch.Tensor, V: torch.Tensor, H: torch.Tens
     e0 = torch.cat([s2[i:i + chunk] * gram_rows(V[:, i:i + chunk].T, V[:, i:i + chunk].T, H) for i in range(0, r, chunk)])
     order = torch.argsort(e0, descending=True, stable=True)
     table = e0[:, None].repeat(1, len(widths))
-    done = 0
-    while done < r and (done < max_kept or float(e0[order[done]]) >= keep_threshold(table[order[:done]].cpu(), zero, max_kept)):
-        # the first max_kept rows at once, then batches growing by half of what is done: each batch is one
-        # GPTQ call per GPTQ_ROWS rows, whose column loop is the cost on a GPU
-        size = -(-max_kept // chunk) * chunk if done == 0 else done // 2 // chunk * chunk
-        rows = order[done:done + max(chunk, size)]
+    done, size = 0, max(chunk, -(-max_kept // chunk) * chunk)  # the first max_kept rows at once
+    extra = max(chunk, max_kept // 8 // chunk * chunk)  # then batches that double: each batch is one
+    while done < r:                                     # GPTQ call per GPTQ_ROWS rows, whose column loop is
+        if done > 0:                                    # the cost on a GPU
+            measured, below = table[order[:done]].cpu().numpy(), float(e0[order[done]])
+            if below < keep_threshold(measured, zero, max_kept) or (
+                    budget is not None and priced_out(measured, zero, costs, budget, below)):
+                break
+            size, extra = extra, 2 * extra
+        rows = order[done:done + size]
         table[rows] = _table_rows(s2, U, V, H, widths, group_size, rows, chunk, vq)
         done += len(rows)
     return table
 
 
-GPTQ_ROWS = 1024  # rows per GPTQ call of the error table on the CPU (all widths of GPTQ_ROWS / widths triplets)
+def priced_out(measured: np.ndarray, zero: int, costs: np.ndarray, budget: float, below: float) -> bool:
+    """Whether no optimal choice within `budget` keeps a triplet outside `measured` (k, B) whose
+    e_j(0) is at most `below` (costs (B,) per width, equal for all rows, cost 0 at column `zero`).
+
+    With gains g_i(b) = e_i(0) - e_i(b) of the measured rows and a price lam per bit
+    (frontier.bit_price), every choice gains at most U = lam budget + sum_i max_b (g_i(b) - lam c_b)
+    plus, for each triplet j outside, max(0, g_j(b) - lam c_b) <= max(0, e_j(0) - lam c_min) = 0 when
+    e_j(0) <= below < lam c_min. Keeping such a j at width b lowers that bound by lam c_b - g_j(b) >=
+    lam c_min - e_j(0). The best choice among the measured rows (frontier.solve, else frontier.fill
+    of the priced choice) gains L. So if below < lam c_min - (U - L), every choice keeping a triplet
+    outside gains less than L, and the optimum is one among the measured rows (at this budget: a
+    smaller one has its own price; keep_threshold's swap argument serves any smaller budget)."""
+    gains = measured[:, [zero]] - measured
+    C = np.broadcast_to(np.asarray(costs, dtype=np.float64), gains.shape)
+    lam = frontier.bit_price(gains, C, budget)
+    upper = lam * budget + (gains - lam * C).max(axis=1).sum()
+    choice = frontier.solve(gains, C, budget)
+    if choice is None:
+        choice = frontier.fill(frontier.priced_choice(gains, C, lam), gains, C, budget)
+    lower = gains[np.arange(len(gains)), choice].sum()
+    cheapest = float(C[0][C[0] > 0].min())
+    return below < lam * cheapest - (upper - lower) - frontier.SLACK * max(abs(upper), 1e-300)
+
+
+def served_count(table: np.ndarray, zero: int) -> int:
+    """How many triplets a pruned table serves by the swap argument (keep_threshold): any budget (and
+    rank cap) under which at most this many triplets fit has the full table's optimum. The rows left
+    unmeasured hold e_i(0) at every width (g_i = 0); the count is that of the rows whose least gain
+    g_i exceeds the largest e_j(0) among them (every row when all were measured)."""
+    table = np.asarray(table, dtype=np.float64)
+    others = np.delete(table, zero, axis=1)
+    if others.shape[1] == 0:
+        return table.shape[0]
+    g = table[:, zero] - others.max(axis=1)
+    flat = (others == table[:, [zero]]).all(axis=1)  # unmeasured (or a row that gains nothing at any width)
+    if not flat.any():
+        return table.shape[0]
+    return int((g > table[flat, zero].max()).sum())
+
+
+GPTQ_ROWS = 2048  # rows per GPTQ call of the error table on the CPU (all widths of GPTQ_ROWS / widths triplets)
 
 
 class VQuantizer:

@@ -67,37 +67,40 @@ def gptq(
 ) -> torch.Tensor:
     """Generic GPTQ loop. W: (k, n); H: (n, n). Returns the dequantized Q (k, n) float32.
 
-    quantize_column(j, rest) gets the current (error-updated) columns j..end-of-block as `rest`
-    (k, <= block) and returns the dequantized column j (k,). factor: cholesky_inverse_upper(H, damp)
-    if the caller has it (several calls on the same H). Rows are quantized independently of each
-    other: a row's result does not depend on the rows beside it.
+    quantize_column(j, rest) gets the current (error-updated) columns j..end-of-block of W as the
+    rows of `rest` (<= block, k): rest[0] is column j, rest[:g] the g columns from j on; it returns
+    the dequantized column j (k,). The work runs on W^T (n, k), so that a column is one contiguous
+    row: the per-column update is a rank-1 BLAS update (addr_) of the block's later rows, the block's
+    push onto the rest one addmm_. factor: cholesky_inverse_upper(H, damp) if the caller has it
+    (several calls on the same H). Rows of W are quantized independently of each other: a row's
+    result does not depend on the rows beside it.
 
     loss (k,) float64, if given, receives sum_j err_j^2 per row, which equals (W' - Q) H' (W' - Q)^T
     exactly (each column's error is final once pushed on): H' = H with H_jj = 1 where H_jj = 0, plus
     the damping, and W' = W with those columns zeroed (quant_error turns it into the error on H).
     """
-    W = W.float().clone()
-    n = W.shape[1]
+    Wt = W.T.float().contiguous()  # (n, k), a copy
+    n = Wt.shape[0]
     C, dead = cholesky_inverse_upper(H, damp) if factor is None else factor
-    W[:, dead] = 0
-    Q = torch.zeros_like(W)
+    Wt[dead] = 0
+    Qt = torch.empty_like(Wt)
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
-        W1 = W[:, i1:i2].clone()
-        E1 = torch.zeros_like(W1)
-        Q1 = torch.empty_like(W1)  # the block's columns, written to Q once: a column of Q is k scattered entries
+        W1 = Wt[i1:i2]  # a view: the block's columns, updated in place
+        E1 = torch.empty_like(W1)
         C1 = C[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            q = quantize_column(i1 + i, W1[:, i:])
-            Q1[:, i] = q
-            err = (W1[:, i] - q) / C1[i, i]
-            W1[:, i:] -= err[:, None] * C1[i, i:][None, :]
-            E1[:, i] = err
-        Q[:, i1:i2] = Q1
-        W[:, i2:] -= E1 @ C[i1:i2, i2:]
+            q = quantize_column(i1 + i, W1[i:])
+            Qt[i1 + i] = q
+            err = E1[i]
+            torch.sub(W1[i], q, out=err).div_(C1[i, i])
+            if i + 1 < i2 - i1:
+                W1[i + 1:].addr_(C1[i, i + 1:], err, alpha=-1)
+        if i2 < n:
+            Wt[i2:].addmm_(C[i1:i2, i2:].T, E1, alpha=-1)
         if loss is not None:
-            loss += (E1.double() ** 2).sum(1)
-    return Q
+            loss += (E1.double() ** 2).sum(0)
+    return Qt.T
 
 
 def quant_error(loss: torch.Tensor, W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -129,27 +132,30 @@ def gptq_rows(W: torch.Tensor, H: torch.Tensor, bits: torch.Tensor, group_size: 
         return _gptq_rows_normal(W, H, bits, damp, factor, with_error)
     k, n = W.shape
     g = min(group_size, n)
-    codes = torch.zeros(k, n, dtype=torch.uint8, device=W.device)
+    codes = torch.zeros(n, k, dtype=torch.uint8, device=W.device)  # transposed while GPTQ writes it
     scale = torch.zeros(k, n_groups(n, g), device=W.device)
     offset = torch.zeros_like(scale)
     block = g * max(1, 128 // g)  # a multiple of g: each group is fitted on fully updated values
-    maxq = (2.0 ** bits.to(torch.float32) - 1).view(-1, 1)
+    maxq = 2.0 ** bits.to(torch.float32) - 1
     zero = torch.zeros_like(maxq)
+    grids = {}  # the current group's scale, offset (k,) contiguous
 
     def quantize_column(j: int, rest: torch.Tensor) -> torch.Tensor:
         # grid.quantize and grid.dequantize of one column, inlined (this runs once per column: on a GPU
         # the number of small operations is its time)
         grp = j // g
         if j % g == 0:
-            scale[:, grp], offset[:, grp] = (t[:, 0] for t in fit_grid(rest[:, :g], bits, g))
-        s, o = scale[:, grp:grp + 1], offset[:, grp:grp + 1]
-        q = torch.clamp(torch.round((rest[:, :1] - o) / s), min=zero, max=maxq)
-        codes[:, j] = q[:, 0]
-        return (o + s * q)[:, 0]
+            s, o = fit_grid(rest[:g].T, bits, g)
+            scale[:, grp], offset[:, grp] = s[:, 0], o[:, 0]
+            grids["s"], grids["o"] = s[:, 0].contiguous(), o[:, 0].contiguous()
+        s, o = grids["s"], grids["o"]
+        q = torch.sub(rest[0], o).div_(s).round_().clamp_(min=zero, max=maxq)
+        codes[j] = q
+        return q.mul_(s).add_(o)
 
     loss = torch.zeros(k, dtype=torch.float64, device=W.device) if with_error else None
     deq = gptq(W, H, quantize_column, block=block, damp=damp, factor=factor, loss=loss)
-    out = {"codes": codes, "scale": scale, "offset": offset, "deq": deq}
+    out = {"codes": codes.T.contiguous(), "scale": scale, "offset": offset, "deq": deq.contiguous()}
     if with_error:
         out["error"] = quant_error(loss, W, deq, H, damp)
     return out
@@ -161,16 +167,16 @@ def _gptq_rows_normal(W: torch.Tensor, H: torch.Tensor, bits: torch.Tensor, damp
     k, n = W.shape
     book = normal.Codebook(bits, W.device)
     scale = normal.fit_scale(W, bits)
-    codes = torch.zeros(k, n, dtype=torch.uint8, device=W.device)
+    codes = torch.zeros(n, k, dtype=torch.uint8, device=W.device)  # transposed while GPTQ writes it
 
     def quantize_column(j: int, rest: torch.Tensor) -> torch.Tensor:
-        q, deq = book.round(rest[:, :1], scale)
-        codes[:, j] = q[:, 0]
+        q, deq = book.round(rest[0][:, None], scale)
+        codes[j] = q[:, 0]
         return deq[:, 0]
 
     loss = torch.zeros(k, dtype=torch.float64, device=W.device) if with_error else None
     deq = gptq(W, H, quantize_column, damp=damp, factor=factor, loss=loss)
-    out = {"codes": codes, "scale": scale, "deq": deq}
+    out = {"codes": codes.T.contiguous(), "scale": scale, "deq": deq.contiguous()}
     if with_error:
         out["error"] = quant_error(loss, W, deq, H, damp)
     return out
@@ -190,14 +196,14 @@ def gptq_columns(W: torch.Tensor, H: torch.Tensor, bits: torch.Tensor, group_siz
     grids: dict[str, torch.Tensor] = {}  # scale (and offset) per column, allocated at the first one
 
     def quantize_column(j: int, rest: torch.Tensor) -> torch.Tensor:
-        r = normal.rtn_on(grid, rest[:, 0][None, :], bits[j:j + 1], group_size)
+        r = normal.rtn_on(grid, rest[0][None, :], bits[j:j + 1], group_size)
         codes[j] = r["codes"][0]
         for key in r.keys() - {"codes", "deq"}:
             grids.setdefault(key, torch.zeros(k, *r[key].shape[1:], device=W.device))[j] = r[key][0]
         return r["deq"][0]
 
     deq = gptq(W, H, quantize_column, block=128, damp=damp)
-    return {"codes": codes, **grids, "deq": deq}
+    return {"codes": codes, **grids, "deq": deq.contiguous()}
 
 
 def rtn_columns(W: torch.Tensor, bits: torch.Tensor, group_size: int, grid: str = "uniform") -> dict[str, torch.Tensor]:
