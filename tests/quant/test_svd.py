@@ -107,3 +107,24 @@ def test_whitening_survives_a_singular_float32_gram_and_skips_an_empty_one():
     plain = svd(D)
     for a, b in zip(svd(D, torch.zeros(64, 64), whiten=True), plain):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_whitened_svd_gives_the_drop_errors_without_a_pass_over_H(dtype):
+    # e_i = s_w,i^2 - rho s_i^2 equals s_i^2 v_i^T H v_i (float64 reference), and their sum E(0) = tr(D H D^T)
+    from adamix.quant.linalg import whitened_svd
+    g = torch.Generator().manual_seed(7)
+    D = torch.randn(70, 90, generator=g, dtype=torch.float64)
+    X = torch.randn(60, 90, generator=g, dtype=torch.float64) * torch.logspace(-1, 1, 90, dtype=torch.float64)
+    H = (X.T @ X).to(dtype)  # 60 tokens, 90 inputs: singular, the ridge matters
+    U, s, V, e = whitened_svd(D, H)
+    for a, b in zip((U, s, V), svd(D, H, whiten=True)):
+        assert torch.equal(a, b)
+    H64 = H.double()
+    ref = s.double() ** 2 * ((V.double().T @ H64) * V.double().T).sum(1)
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    assert torch.allclose(e, ref, rtol=tol, atol=tol * float(ref.max()))
+    energy = float(torch.trace(D @ H64 @ D.T))
+    assert float(e.sum()) == pytest.approx(energy, rel=tol)
+    zero = whitened_svd(D, torch.zeros(90, 90, dtype=dtype))
+    assert torch.equal(zero[3], torch.zeros(70, dtype=torch.float64))

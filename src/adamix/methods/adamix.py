@@ -30,7 +30,7 @@ from . import svd_mixed, svd_rotated
 from .allocate import choose_widths, error_table, max_kept, served_count, shrink_to_fit, stored_rows
 from ..quant import hadamard, normal
 from ..quant.gptq import gptq_columns, gptq_rows, rtn_columns
-from ..quant.linalg import factored_error, matmul64, output_error, relative_errors, svd
+from ..quant.linalg import factored_error, matmul64, output_error, relative_errors, svd, whitened_svd
 from .kinds import Encoded
 from .registry import Method, Settings, budget_bits, register
 from .svd_mixed import PACK_PAD_BITS
@@ -52,6 +52,7 @@ class Analysis:
     pruned_count: int | None = None  # pruned_count triplets fit (allocate.served_count)
     codes: dict | None = None        # V's GPTQ codes and grids of the measured rows (allocate.error_table)
     seed: int | None = None          # grid "normal": D, H, U, V are rotated with this seed (quant.hadamard)
+    energy: float | None = None      # E(0) = tr(D H D^T) = sum_i e_i(0), where the whitened SVD gave e_i(0)
 
 
 def analyse(D: torch.Tensor, H: torch.Tensor | None, settings: Settings, overhead_bits: float = 0.0,
@@ -70,7 +71,13 @@ def analyse(D: torch.Tensor, H: torch.Tensor | None, settings: Settings, overhea
         if factors is not None:
             U, s, V = factors
             factors = (hadamard.rotate(U.T, seed).T, s, hadamard.rotate(V.T, seed).T)
-    U, s, V = factors if factors is not None else svd(D, H, settings.whiten, settings.svd)
+    e0 = None
+    if factors is not None:
+        U, s, V = factors
+    elif settings.whiten and H is not None:
+        U, s, V, e0 = whitened_svd(D, H, settings.svd)
+    else:
+        U, s, V = svd(D, H, settings.whiten, settings.svd)
     costs = np.array([triplet_bits(m, n, b, settings) for b in settings.widths], dtype=np.float64)
     budget = budget_bits(m, n, settings.alpha, overhead_bits)
     kept = max_kept(costs, budget) if prune and (costs > 0).any() else None
@@ -80,10 +87,11 @@ def analyse(D: torch.Tensor, H: torch.Tensor | None, settings: Settings, overhea
     priced = kept is not None and settings.max_rank is None  # allocate.priced_out: this budget, no cap
     table = error_table(s, U, V, H, list(settings.widths), g, max_kept=kept, damp=settings.damp, codes=codes,
                         grid=settings.grid, costs=costs if priced else None,
-                        budget=budget if priced else None).cpu().numpy()
+                        budget=budget if priced else None, e0=e0).cpu().numpy()
     pruned = (budget, settings.max_rank, served_count(table, list(settings.widths).index(0))) if kept is not None \
         else (None, None, None)
-    return Analysis(D, H, U, s, V, table, costs, budget, *pruned, codes or None, seed)
+    return Analysis(D, H, U, s, V, table, costs, budget, *pruned, codes or None, seed,
+                    None if e0 is None else float(e0.sum()))
 
 
 def triplet_bits(m: int, n: int, width: int, settings: Settings) -> int:
@@ -212,7 +220,7 @@ def finish(a: Analysis, choice: np.ndarray, budget: float, settings: Settings) -
     kept_widths = [int(chosen[i]) for i in keep]
     stored = stored_rows(a.codes, keep, kept_widths, settings.group_size) if a.H is not None else None
     enc = quantize_factors(a.D, a.H, a.U[:, keep], a.s[keep], a.V[:, keep], kept_widths, settings, predicted,
-                           torch.from_numpy(gain[keep]), stored)
+                           torch.from_numpy(gain[keep]), stored, a.energy)
     enc.detail["widths_by_index"] = chosen
     return enc
 
@@ -231,14 +239,15 @@ def fit_packed_size(choice: np.ndarray, table: np.ndarray, widths: list[int], sh
 
 def quantize_factors(D: torch.Tensor, H: torch.Tensor | None, U: torch.Tensor, s: torch.Tensor, V: torch.Tensor,
                      widths: list[int], settings: Settings, predicted: float, gains: torch.Tensor,
-                     stored: dict[str, torch.Tensor] | None = None) -> Encoded:
+                     stored: dict[str, torch.Tensor] | None = None, energy: float | None = None) -> Encoded:
     """Steps 4-5 for the kept triplets (U (m, k), s (k,), V (n, k), widths (k,) non-increasing);
     gains (k,): e_i(0) - e_i(b_i) in the error table's units, stored relative to E(0) = ||D X||^2.
-    stored: V^T's GPTQ at these widths if the error table already made it (allocate.stored_rows)."""
+    stored: V^T's GPTQ at these widths if the error table already made it (allocate.stored_rows).
+    energy: E(0) if known (Analysis.energy), else a pass over D H D^T."""
     m, n = D.shape
     g = settings.group_size
     bits = torch.tensor(widths, dtype=torch.int64, device=D.device)
-    energy = output_error(None, D, H)
+    energy = output_error(None, D, H) if energy is None else energy
     relative = (gains.double() / energy).clamp(0.0, 1.0) if energy > 0 else torch.zeros(len(widths), dtype=torch.float64)
     rotated = settings.grid == "normal"  # D, H (and U, V) are the rotated ones (analyse)
 

@@ -66,7 +66,8 @@ def keep_threshold(table: np.ndarray | torch.Tensor, zero: int, kept: int) -> fl
 def error_table(s: torch.Tensor, U: torch.Tensor, V: torch.Tensor, H: torch.Tensor | None,
                 widths: list[int], group_size: int, chunk: int = 64, max_kept: int | None = None,
                 damp: float = 0.01, codes: dict | None = None, grid: str = "uniform",
-                costs: np.ndarray | None = None, budget: float | None = None) -> torch.Tensor:
+                costs: np.ndarray | None = None, budget: float | None = None,
+                e0: torch.Tensor | None = None) -> torch.Tensor:
     """e_i(b) for every triplet i and width b. s: (r,), U: (m, r), V: (n, r). Returns (r, len(widths)) float64.
 
     With the rounding errors du = u^ - u, dv = v^ - v, the residual is u v^T - u^ v^^T = -(u dv^T + du v^^T), so
@@ -97,21 +98,26 @@ def error_table(s: torch.Tensor, U: torch.Tensor, V: torch.Tensor, H: torch.Tens
     smaller the ratio and the steeper the spectrum, the fewer rows are measured
     (benchmarks/pruning.py; docs/results/); a flat spectrum (noise) needs nearly all. The measured
     rows equal the full table's (GPTQ's rows are independent of each other), to the rounding of its
-    float32 products.
+    float32 products. e0: e_i(0) (r,) if the caller has it (linalg.whitened_svd's, without the pass
+    over H that gives the order otherwise).
     """
     r, zero = len(s), widths.index(0) if 0 in widths else None
     s2 = s.double() ** 2
     vq = VQuantizer(V, H, widths, group_size, damp, codes, grid)
     if max_kept is None or zero is None:
         return _table_rows(s2, U, V, H, widths, group_size, torch.arange(r), chunk, vq)
-    e0 = torch.cat([s2[i:i + chunk] * gram_rows(V[:, i:i + chunk].T, V[:, i:i + chunk].T, H) for i in range(0, r, chunk)])
+    if e0 is None:
+        e0 = torch.cat([s2[i:i + chunk] * gram_rows(V[:, i:i + chunk].T, V[:, i:i + chunk].T, H)
+                        for i in range(0, r, chunk)])
+    e0 = e0.to(device=s2.device, dtype=torch.float64)
     order = torch.argsort(e0, descending=True, stable=True)
     table = e0[:, None].repeat(1, len(widths))
     done, size = 0, max(chunk, -(-max_kept // chunk) * chunk)  # the first max_kept rows at once
     extra = max(chunk, max_kept // 8 // chunk * chunk)  # then batches that double: each batch is one
     while done < r:                                     # GPTQ call per GPTQ_ROWS rows, whose column loop is
         if done > 0:                                    # the cost on a GPU
-            measured, below = table[order[:done]].cpu().numpy(), float(e0[order[done]])
+            # e_i(0) of the next row, with a margin for the rounding of its float32 products (or of e0's)
+            measured, below = table[order[:done]].cpu().numpy(), float(e0[order[done]]) * (1 + E0_MARGIN)
             if below < keep_threshold(measured, zero, max_kept) or (
                     budget is not None and priced_out(measured, zero, costs, budget, below)):
                 break
@@ -162,6 +168,7 @@ def served_count(table: np.ndarray, zero: int) -> int:
     return int((g > table[flat, zero].max()).sum())
 
 
+E0_MARGIN = 1e-4  # relative: the certificates compare e_i(0) of rows not measured with the measured rows' gains
 GPTQ_ROWS = 2048  # rows per GPTQ call of the error table on the CPU (all widths of GPTQ_ROWS / widths triplets)
 
 

@@ -25,19 +25,38 @@ def svd(D: torch.Tensor, H: torch.Tensor | None = None, whiten: bool = False,
     """
     if algorithm not in SVD_ALGORITHMS:
         raise ValueError(f"unknown SVD algorithm {algorithm!r} (choose from {', '.join(SVD_ALGORITHMS)})")
-    work = D.double() if D.numel() <= 16_000_000 else D.float()
+    if whiten and H is not None:
+        return whitened_svd(D, H, algorithm)[:3]
+    return (thin_svd_gram if algorithm == "gram" else thin_svd_full)(_working(D))
+
+
+def _working(D: torch.Tensor) -> torch.Tensor:
+    """D in the SVD's working dtype: float64, float32 for huge D (a float64 n x n is 1 GB at n = 11008)."""
+    return D.double() if D.numel() <= 16_000_000 else D.float()
+
+
+@timed("svd")
+def whitened_svd(D: torch.Tensor, H: torch.Tensor, algorithm: str = "gram") -> tuple[torch.Tensor, ...]:
+    """svd(D, H, whiten=True) and, from it without a product with H, e (r,) float64, the output error
+    of dropping each triplet, e_i = s_i^2 v_i^T H v_i (allocate.error_table's e_i(0)).
+
+    With H + rho I = L L^T and D L = U S_w W^T: v_i = L^-T w_i / |L^-T w_i| and s_i = s_w,i |L^-T w_i|,
+    so s_i^2 v_i^T (L L^T) v_i = s_w,i^2 |w_i|^2 = s_w,i^2 and e_i = s_w,i^2 - rho s_i^2 (|v_i| = 1).
+    Where no input reached the linear (H = 0), the plain SVD and e = 0."""
+    work = _working(D)
     decompose = thin_svd_gram if algorithm == "gram" else thin_svd_full
-    if not whiten or H is None:
-        return decompose(work)
-    # in D's working dtype: float32 for huge D, where a float64 n x n is 1 GB at n = 11008; any
-    # invertible L gives an exact factorization D = (D L) L^-1, the ridge only bends the weighting
-    L = whitening_factor(H, work.dtype, work.device)
+    # in D's working dtype; any invertible L gives an exact factorization D = (D L) L^-1, the ridge
+    # only bends the weighting
+    L, rho = whitening(H, work.dtype, work.device)
     if L is None:  # no input ever reached this linear: nothing to weigh by
-        return decompose(work)
-    U, s, W = decompose(work @ L)
+        U, s, V = decompose(work)
+        return U, s, V, torch.zeros(len(s), dtype=torch.float64, device=s.device)
+    U, s_w, W = decompose(work @ L)
     V = torch.linalg.solve_triangular(L.T, W, upper=True)
     norms = V.norm(dim=0).clamp_min(1e-30)
-    return U, s * norms, V / norms
+    s = s_w * norms
+    e = (s_w.double() ** 2 - rho * s.double() ** 2).clamp_min(0.0)
+    return U, s, V / norms, e
 
 
 WHITENING_EPS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)  # ridges tried in turn, times the mean of diag(H)
@@ -50,17 +69,23 @@ def whitening_factor(H: torch.Tensor, dtype: torch.dtype | None = None,
     one accumulated in float32, is singular or slightly indefinite. None where diag(H) is all zero.
     In `dtype` on `device` (default H's). At most two n x n matrices at a time (the ridged copy and
     the factor)."""
+    return whitening(H, dtype, device)[0]
+
+
+def whitening(H: torch.Tensor, dtype: torch.dtype | None = None,
+              device: torch.device | str | None = None) -> tuple[torch.Tensor | None, float]:
+    """whitening_factor's L and the ridge rho = eps mean(diag H) it added (None, 0.0 where diag(H) is all zero)."""
     A = H.to(device=device or H.device, dtype=dtype or H.dtype, copy=True)  # the one copy, raised in place
     scale = float(torch.diagonal(A).mean())
     if not scale > 0:
-        return None
+        return None, 0.0
     added = 0.0
     for eps in WHITENING_EPS:
         A.diagonal().add_(eps * scale - added)
         added = eps * scale
         L, info = torch.linalg.cholesky_ex(A)
         if int(info) == 0:
-            return L
+            return L, added
         del L
     raise RuntimeError(f"whitening: the Gram is not positive definite even with a ridge of {eps} x its mean diagonal")
 
