@@ -421,3 +421,26 @@ def test_grid_fit_at_once_is_the_loop_bit_for_bit(seed):
         xg, maxq = grid._grouped(x, 16), (2.0 ** bits.float() - 1).view(-1, 1, 1)
         a, b = grid._fit_loop(xg, maxq), grid._fit_at_once(xg, maxq)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_the_factor_of_the_inverse_is_the_reference_gptq_one():
+    # C upper with C^T C = (H + damp mean(diag H) I)^-1 (dead inputs given H_jj = 1): against the
+    # float64 reference (factor, inverse, factor of the inverse), over sizes that recurse unevenly
+    from adamix.quant.gptq import cholesky_inverse_upper
+    from adamix.quant.linalg import lower_triangular_inverse
+    g = torch.Generator().manual_seed(11)
+    for n in (5, 257, 600):
+        X = torch.randn(n + 50, n, generator=g, dtype=torch.float64) * torch.logspace(-1, 1, n, dtype=torch.float64)
+        H = X.T @ X
+        H[3], H[:, 3] = 0.0, 0.0  # an input that never fires
+        C, dead = cholesky_inverse_upper(H.float(), damp=0.01)
+        A = H.clone()
+        A.diagonal()[3] = 1.0
+        A.diagonal().add_(0.01 * A.diagonal().mean())
+        ref = torch.linalg.cholesky(torch.linalg.inv(A), upper=True)
+        assert torch.equal(C, C.triu()) and dead.tolist() == [j == 3 for j in range(n)]
+        assert float((C.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+        L = torch.linalg.cholesky(A)
+        inv = lower_triangular_inverse(L, leaf=64)
+        assert torch.equal(inv, inv.tril())
+        torch.testing.assert_close(inv, torch.linalg.inv(L), rtol=1e-10, atol=1e-10 * float(inv.abs().max()))

@@ -6,8 +6,8 @@ For one delta D (m x n) with input Gram H (n x n; None = data-free, H = I):
 3. Widths b_i from the 0/1 ILP under budget = alpha * 16 * m * n bits minus this tensor's share of
    the file header and manifest (`overhead_bits`, set by the pipeline) (allocate.solve_allocation).
 4. V step: the kept rows of V^T (k x n) quantized at their widths with GPTQ on H (RTN if data-free);
-   the error table made these very rows when it measured them (GPTQ's rows are independent), so
-   they are taken from it.
+   the error table made these very rows when it measured them (GPTQ's rows are independent, up to
+   the rounding of its BLAS updates), so they are taken from it.
 5. U step, reconstruction target correction: U* = D H V^^T (V^ H V^^T + lambda I)^-1 (m x k), the
    least-squares fit of the original outputs D X from the quantized z = V^ x; then U* quantized
    column by column at the same widths with GPTQ on H_z = V^ H V^^T (RTN if data-free).
@@ -198,8 +198,8 @@ def stash(a: Analysis) -> dict[str, torch.Tensor]:
 
 def unstash(tensors: dict[str, torch.Tensor], D: torch.Tensor, H: torch.Tensor | None) -> Analysis:
     """The Analysis that `stash` kept, with D and H given again (factors on D's device; D and H rotated
-    again where the stash has a seed); the V step then quantizes the kept rows afresh (the same codes
-    as the table's: GPTQ's rows are independent)."""
+    again where the stash has a seed); the V step then quantizes the kept rows afresh (the table's
+    codes, up to the rounding of GPTQ's BLAS updates in another batch of rows)."""
     U, s, V = (tensors[k].to(D.device) for k in ("U", "s", "V"))
     seed = int(tensors["seed"][0]) if "seed" in tensors else None
     if seed is not None:

@@ -81,7 +81,7 @@ def error_table(s: torch.Tensor, U: torch.Tensor, V: torch.Tensor, H: torch.Tens
 
     v^ is what will be stored: v at width b by GPTQ on H with damping `damp` (quant.gptq.gptq_rows,
     whose rows are independent of each other, so the row of triplet i at width b is the same whichever
-    triplets are quantized beside it), or by RTN without a Gram. u^ is u by RTN: the U step re-fits U
+    triplets are quantized beside it, up to the rounding of the BLAS updates), or by RTN without a Gram. u^ is u by RTN: the U step re-fits U
     and quantizes it on another Gram, which the table cannot know. codes: a dict to receive the GPTQ
     codes and grids of every measured row at every width ({b: {"rows", "codes", "scale", "offset"}}),
     which the V step then reuses instead of quantizing V again. grid: "uniform" (quant.grid: per group
