@@ -37,7 +37,7 @@ def cholesky_inverse_upper(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, 
     GPTQ's factor, inverse and factor of the inverse, and the same C (the factor is unique).
     torch.linalg throughout (float32 as in the reference GPTQ, the damping keeps it well
     conditioned), so that the threads are torch's, set by `--threads` like every other step, and it
-    runs on a GPU as well. At most two n x n matrices at a time, and the inverse's small blocks.
+    runs on a GPU as well. At most two n x n matrices at a time, and two n/2 x n/2 products.
     """
     A = H.to(torch.float32, copy=True)
     diag = A.diagonal()
@@ -47,7 +47,9 @@ def cholesky_inverse_upper(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, 
     A = A.flip(0, 1)  # the copy replaces the original
     L = factor(A, "factor", upper=False)
     del A
-    return lower_triangular_inverse(L).flip(0, 1), dead
+    inv = lower_triangular_inverse(L)
+    del L
+    return inv.flip(0, 1), dead
 
 
 def factor(A: torch.Tensor, step: str, upper: bool) -> torch.Tensor:
