@@ -128,3 +128,20 @@ def test_whitened_svd_gives_the_drop_errors_without_a_pass_over_H(dtype):
     assert float(e.sum()) == pytest.approx(energy, rel=tol)
     zero = whitened_svd(D, torch.zeros(90, 90, dtype=dtype))
     assert torch.equal(zero[3], torch.zeros(70, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("n,block", [(7, 512), (600, 128), (515, 256)])
+def test_the_gram_from_its_upper_blocks_is_x_transpose_x(n, block):
+    # add_gram over several windows, then symmetric_from_upper: X^T X of all of them (float64 reference)
+    from adamix.quant.linalg import add_gram, symmetric_from_upper
+    g = torch.Generator().manual_seed(n)
+    xs = [torch.randn(t, n, generator=g) * torch.logspace(-1, 1, n) for t in (40, 13, 64)]
+    G = None
+    for x in xs:
+        G = add_gram(G, x, block)
+    G = symmetric_from_upper(G, block)
+    X = torch.cat(xs).double()
+    ref = X.T @ X
+    assert float((G.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+    off = torch.ones(n, n, dtype=torch.bool).triu(block)  # blocks above the diagonal band mirror exactly
+    assert torch.equal(G[off], G.T[off])

@@ -18,6 +18,7 @@ from torch import nn
 from ..errors import AdamixError, all_finite
 from ..io.checkpoint import Checkpoint
 from ..io.hf import LinearInfo, find_blocks, linears, load_state, model_skeleton, state_name_map
+from ..quant.linalg import add_gram, symmetric_from_upper
 from ..timing import phase
 
 
@@ -155,6 +156,7 @@ class BlockRunner:
                 for h in hooks:
                     h.remove()
                 for name, g in grams.items():
+                    symmetric_from_upper(g)
                     if not all_finite(g):
                         raise AdamixError(f"calibration: the inputs of {name} overflow float32 (NaN or Inf)")
                 self.inputs = outs
@@ -176,8 +178,6 @@ class BlockRunner:
                 return
             seen[id(x)] = (x, name)
             x = x.reshape(-1, x.shape[-1]).float()
-            if name in grams:
-                grams[name].addmm_(x.T, x)  # in place: no n x n temporaries (2 x 0.5 GB at n = 11008)
-            else:
-                grams[name] = x.T @ x
+            # in place (no n x n temporaries: 2 x 0.5 GB at n = 11008), the upper half; run() mirrors it
+            grams[name] = add_gram(grams.get(name), x)
         return hook

@@ -118,6 +118,31 @@ def thin_svd_gram(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return AZ / torch.where(s > 0, s, 1.0), s, Z
 
 
+GRAM_BLOCK = 512  # rows per product of add_gram
+
+
+def add_gram(G: torch.Tensor | None, x: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
+    """G += x^T x (n x n) for inputs x (t, n), in place (G None: a new zero G in x's dtype and device),
+    on the upper block triangle only: for each band of `block` rows, G[I, I:] += x[:, I]^T x[:, I:],
+    one matrix product, about half the multiply-adds of the whole x^T x. The blocks below the
+    diagonal stay as they were until symmetric_from_upper fills them (once, after the last x)."""
+    n = x.shape[1]
+    if G is None:
+        G = torch.zeros(n, n, dtype=x.dtype, device=x.device)
+    for i in range(0, n, block):
+        G[i:i + block, i:].addmm_(x[:, i:i + block].T, x[:, i:])
+    return G
+
+
+def symmetric_from_upper(G: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
+    """Fill the blocks of G (n x n) below its diagonal blocks with the transposes of those above, in
+    place (add_gram's blocks); returns G."""
+    n = G.shape[0]
+    for i in range(0, n - block, block):
+        G[i + block:, i:i + block] = G[i:i + block, i + block:].T
+    return G
+
+
 def lower_triangular_inverse(L: torch.Tensor, leaf: int = 256) -> torch.Tensor:
     """L^-1 (n x n, lower) of a lower triangular L with a non-zero diagonal, in L's dtype and device.
 
