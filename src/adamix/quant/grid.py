@@ -58,10 +58,12 @@ def _fit_loop(xg: torch.Tensor, maxq: torch.Tensor) -> tuple[torch.Tensor, torch
     lo, hi = xg.amin(dim=2, keepdim=True), xg.amax(dim=2, keepdim=True)
     best_err = torch.full(lo.shape, float("inf"), device=lo.device)
     best_scale, best_offset = torch.zeros_like(lo), torch.zeros_like(lo)
+    zero = torch.zeros_like(maxq)
+    buf = torch.empty_like(xg)  # one work buffer, in place: the same operations per entry as _fit_at_once
     for p in SHRINKS:
         scale, offset = _to_fp16_grid(p * lo, p * hi, maxq)
-        q = torch.clamp(torch.round((xg - offset) / scale), min=torch.zeros_like(maxq), max=maxq)
-        err = ((offset + scale * q - xg) ** 2).sum(dim=2, keepdim=True)
+        torch.sub(xg, offset, out=buf).div_(scale).round_().clamp_(min=zero, max=maxq)  # the codes q
+        err = buf.mul_(scale).add_(offset).sub_(xg).square_().sum(dim=2, keepdim=True)  # (s q + o - x)^2
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
