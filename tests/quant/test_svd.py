@@ -87,25 +87,29 @@ def test_factored_error_equals_the_direct_error():
     assert got == pytest.approx(output_error(U @ V, D, H), rel=1e-10)
 
 
-def test_whitening_survives_a_singular_float32_gram_and_skips_an_empty_one():
+@pytest.mark.parametrize("shape,algorithm", [((48, 64), "full"), ((80, 64), "gram"), ((48, 64), "gram")])
+def test_whitening_survives_a_singular_float32_gram_and_skips_an_empty_one(shape, algorithm):
     """A Gram of fewer tokens than inputs, accumulated in float32 (as calibration does), is singular
-    and slightly indefinite: the ridge grows until the factor exists, and the whitened SVD still
-    reproduces D with H-orthogonal right vectors. A Gram of zeros (no input reached the linear) gives
-    the plain SVD."""
+    and slightly indefinite: the ridge grows until the factor exists (the factored route), or no
+    factor is needed (the Gram route of a wide D, with the first ridge), and the whitened SVD still
+    reproduces D with right vectors orthogonal under the ridged H. A Gram of zeros (no input reached
+    the linear) gives the plain SVD."""
     g = torch.Generator().manual_seed(3)
-    D = torch.randn(48, 64, generator=g)
+    D = torch.randn(*shape, generator=g)
     X = torch.randn(10, 64, generator=g) * torch.logspace(0, 3, 64)  # 10 tokens, 64 inputs, scales 1 ... 1000
     H = (X.T @ X).float()
     H -= 3e-6 * torch.diagonal(H).mean() * torch.eye(64)  # indefinite by more than the first ridge
-    with pytest.raises(RuntimeError):  # the first ridge is not enough for this one
-        torch.linalg.cholesky(H.double() + WHITENING_EPS[0] * torch.diagonal(H.double()).mean() * torch.eye(64, dtype=torch.float64))
-    U, s, V = svd(D, H, whiten=True)
+    first = H.double() + WHITENING_EPS[0] * torch.diagonal(H.double()).mean() * torch.eye(64, dtype=torch.float64)
+    with pytest.raises(RuntimeError):  # the first ridge is not enough for a factor of this one
+        torch.linalg.cholesky(first)
+    U, s, V = svd(D, H, whiten=True, algorithm=algorithm)
     assert torch.allclose((U * s) @ V.T, D.double(), atol=1e-8 * D.abs().max())
     L = whitening_factor(H.double())
-    G = V.T @ (L @ L.T) @ V  # Gram of the v_i under the ridged H the whitening used: diagonal
+    ridged = first if shape[0] < shape[1] and algorithm == "gram" else L @ L.T
+    G = V.T @ ridged @ V  # Gram of the v_i under the ridged H the whitening used: diagonal
     assert (G - torch.diag(torch.diagonal(G))).abs().max() <= 1e-8 * torch.diagonal(G).max()
-    plain = svd(D)
-    for a, b in zip(svd(D, torch.zeros(64, 64), whiten=True), plain):
+    plain = svd(D, algorithm=algorithm)
+    for a, b in zip(svd(D, torch.zeros(64, 64), whiten=True, algorithm=algorithm), plain):
         assert torch.equal(a, b)
 
 
@@ -145,3 +149,20 @@ def test_the_gram_from_its_upper_blocks_is_x_transpose_x(n, block):
     assert float((G.double() - ref).abs().max() / ref.abs().max()) < 1e-5
     off = torch.ones(n, n, dtype=torch.bool).triu(block)  # blocks above the diagonal band mirror exactly
     assert torch.equal(G[off], G.T[off])
+
+
+def test_the_wide_whitened_svd_without_a_factor_is_the_factored_one():
+    # D (m < n): eigenpairs of D (H + rho I) D^T against the route through H + rho I = L L^T (full SVD
+    # of D L): the same s, e and vectors (up to sign), with a positive definite H (no ridge escalation)
+    from adamix.quant.linalg import whitened_svd
+    g = torch.Generator().manual_seed(9)
+    D = torch.randn(30, 50, generator=g, dtype=torch.float64) @ torch.diag(torch.logspace(0, -2, 50, dtype=torch.float64))
+    X = torch.randn(200, 50, generator=g, dtype=torch.float64)
+    H = X.T @ X
+    U1, s1, V1, e1 = whitened_svd(D, H, "gram")
+    U2, s2, V2, e2 = whitened_svd(D, H, "full")
+    torch.testing.assert_close(s1, s2, rtol=1e-9, atol=0.0)
+    torch.testing.assert_close(e1, e2, rtol=1e-9, atol=0.0)
+    one = torch.ones(30, dtype=torch.float64)
+    torch.testing.assert_close((V1 * V2).sum(0).abs(), one, rtol=0.0, atol=1e-8)  # unit columns, equal up to sign
+    torch.testing.assert_close((U1 * U2).sum(0).abs(), one, rtol=0.0, atol=1e-8)

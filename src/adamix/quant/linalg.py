@@ -42,8 +42,14 @@ def whitened_svd(D: torch.Tensor, H: torch.Tensor, algorithm: str = "gram") -> t
 
     With H + rho I = L L^T and D L = U S_w W^T: v_i = L^-T w_i / |L^-T w_i| and s_i = s_w,i |L^-T w_i|,
     so s_i^2 v_i^T (L L^T) v_i = s_w,i^2 |w_i|^2 = s_w,i^2 and e_i = s_w,i^2 - rho s_i^2 (|v_i| = 1).
-    Where no input reached the linear (H = 0), the plain SVD and e = 0."""
+    Where no input reached the linear (H = 0), the plain SVD and e = 0.
+
+    With the Gram algorithm and m < n, no factor of H is needed (_whitened_left): the left vectors
+    and s_w^2 are the eigenpairs of D (H + rho I) D^T (m x m), and V S = D^T U because U is
+    orthogonal; rho is the first ridge of WHITENING_EPS, since nothing is factored."""
     work = _working(D)
+    if algorithm == "gram" and work.shape[0] < work.shape[1]:
+        return _whitened_left(work, H)
     decompose = thin_svd_gram if algorithm == "gram" else thin_svd_full
     # in D's working dtype; any invertible L gives an exact factorization D = (D L) L^-1, the ridge
     # only bends the weighting
@@ -60,6 +66,28 @@ def whitened_svd(D: torch.Tensor, H: torch.Tensor, algorithm: str = "gram") -> t
 
 
 WHITENING_EPS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)  # ridges tried in turn, times the mean of diag(H)
+
+
+def _whitened_left(work: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """whitened_svd of a wide D (m < n, in its working dtype) from the eigendecomposition of
+    M = D (H + rho I) D^T: M = U diag(s_w^2) U^T, V S = D^T U, e = s_w^2 - rho s^2. The products D H
+    and (D H) D^T replace the factor of H, the product D L and the triangular solve for V."""
+    scale = float(torch.diagonal(H).mean())
+    if not scale > 0:
+        U, s, V = thin_svd_gram(work)
+        return U, s, V, torch.zeros(len(s), dtype=torch.float64, device=s.device)
+    rho = WHITENING_EPS[0] * scale
+    DH = work @ H.to(work.dtype)
+    M = DH.add_(work, alpha=rho) @ work.T
+    del DH
+    lam, U = torch.linalg.eigh((M + M.T) / 2)
+    order = torch.argsort(lam, descending=True, stable=True)
+    lam, U = lam[order], U[:, order]
+    VS = work.T @ U
+    s = VS.norm(dim=0)
+    V = VS / torch.where(s > 0, s, 1.0)
+    e = (lam.double().clamp_min(0.0) - rho * s.double() ** 2).clamp_min(0.0)
+    return U, s, V, e
 
 
 def whitening_factor(H: torch.Tensor, dtype: torch.dtype | None = None,
