@@ -23,33 +23,29 @@ import torch
 
 from . import normal
 from .grid import expand_groups, fit_grid, n_groups
-from .linalg import lower_triangular_inverse
 from ..timing import timed
 
 
 def cholesky_inverse_upper(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upper Cholesky factor C of (H + damp * mean(diag H) I)^-1 = C^T C, float32 (n x n), on H's device.
+    """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1, float32 (n x n), on H's device.
 
     Columns with H_jj == 0 (inputs that never fire) get H_jj = 1; their mask is returned too.
-    With J the order reversal, J A J = L L^T (lower L) gives A = (J L J)(J L J)^T, J L J upper, so
-    C = (J L J)^-1 = J L^-1 J: one Cholesky factor and one triangular inverse
-    (linalg.lower_triangular_inverse, in matrix products), a quarter fewer flops than the reference
-    GPTQ's factor, inverse and factor of the inverse, and the same C (the factor is unique).
-    torch.linalg throughout (float32 as in the reference GPTQ, the damping keeps it well
-    conditioned), so that the threads are torch's, set by `--threads` like every other step, and it
-    runs on a GPU as well. At most two n x n matrices at a time, and two n/2 x n/2 products.
+    torch.linalg throughout (factor, inverse from the factor, factor of the inverse; float32 as in the
+    reference GPTQ, the damping keeps it well conditioned), so that the threads are torch's, set by
+    `--threads` like every other step (LAPACK called through SciPy used its own thread pool, sized by
+    the environment, and its rounding changed with it), and it runs on a GPU as well. Each step's
+    input is freed before the next: at most two n x n float32 matrices at a time.
     """
     A = H.to(torch.float32, copy=True)
     diag = A.diagonal()
     dead = diag == 0
     diag[dead] = 1.0
     diag.add_(damp * diag.mean())
-    A = A.flip(0, 1)  # the copy replaces the original
     L = factor(A, "factor", upper=False)
     del A
-    inv = lower_triangular_inverse(L)
+    Hinv = torch.cholesky_inverse(L)
     del L
-    return inv.flip(0, 1), dead
+    return factor(Hinv, "factor of the inverse", upper=True), dead
 
 
 def factor(A: torch.Tensor, step: str, upper: bool) -> torch.Tensor:

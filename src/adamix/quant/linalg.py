@@ -171,28 +171,6 @@ def symmetric_from_upper(G: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tens
     return G
 
 
-def lower_triangular_inverse(L: torch.Tensor, leaf: int = 256) -> torch.Tensor:
-    """L^-1 (n x n, lower) of a lower triangular L with a non-zero diagonal, in L's dtype and device.
-
-    By halves: [[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]], the diagonal blocks of up to
-    `leaf` rows by a triangular solve against the identity. About n^3 / 3 multiply-adds, almost all in
-    two matrix products per level, where a solve against the identity takes n^3 / 2."""
-    out = torch.zeros_like(L)
-
-    def invert(a: int, b: int) -> None:  # out[a:b, a:b] = L[a:b, a:b]^-1
-        if b - a <= leaf:
-            eye = torch.eye(b - a, dtype=L.dtype, device=L.device)
-            out[a:b, a:b] = torch.linalg.solve_triangular(L[a:b, a:b], eye, upper=False)
-            return
-        h = (a + b) // 2
-        invert(a, h)
-        invert(h, b)
-        out[h:b, a:h] = -(out[h:b, h:b] @ (L[h:b, a:h] @ out[a:h, a:h]))
-
-    invert(0, L.shape[0])
-    return out
-
-
 def gram_rows(A: torch.Tensor, B: torch.Tensor, H: torch.Tensor | None, chunk: int = 512) -> torch.Tensor:
     """a_i^T H b_i for the rows of A, B (r, n); float64 (r,). H None means H = I.
 
