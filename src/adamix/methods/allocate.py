@@ -81,8 +81,9 @@ def error_table(s: torch.Tensor, U: torch.Tensor, V: torch.Tensor, H: torch.Tens
 
     v^ is what will be stored: v at width b by GPTQ on H with damping `damp` (quant.gptq.gptq_rows,
     whose rows are independent of each other, so the row of triplet i at width b is the same whichever
-    triplets are quantized beside it, up to the rounding of the BLAS updates), or by RTN without a Gram. u^ is u by RTN: the U step re-fits U
-    and quantizes it on another Gram, which the table cannot know. codes: a dict to receive the GPTQ
+    triplets are quantized beside it, up to the rounding of the BLAS updates), or by RTN without a
+    Gram. u^ is u by RTN: the U step re-fits U and quantizes it on another Gram, which the table
+    cannot know. codes: a dict to receive the GPTQ
     codes and grids of every measured row at every width ({b: {"rows", "codes", "scale", "offset"}}),
     which the V step then reuses instead of quantizing V again. grid: "uniform" (quant.grid: per group
     of `group_size` entries) or "normal" (quant.normal: one scale per vector), for u^ and v^ alike.
@@ -112,10 +113,12 @@ def error_table(s: torch.Tensor, U: torch.Tensor, V: torch.Tensor, H: torch.Tens
     e0 = e0.to(device=s2.device, dtype=torch.float64)
     order = torch.argsort(e0, descending=True, stable=True)
     table = e0[:, None].repeat(1, len(widths))
-    done, size = 0, max(chunk, -(-max_kept // chunk) * chunk)  # the first max_kept rows at once
-    extra = max(chunk, max_kept // 8 // chunk * chunk)  # then batches that double: each batch is one
-    while done < r:                                     # GPTQ call per GPTQ_ROWS rows, whose column loop is
-        if done > 0:                                    # the cost on a GPU
+    # the first max_kept rows at once, then batches of max_kept / 8 that double: each batch is one GPTQ
+    # call per GPTQ_ROWS rows, whose column loop is the cost on a GPU
+    done, size = 0, max(chunk, -(-max_kept // chunk) * chunk)
+    extra = max(chunk, max_kept // 8 // chunk * chunk)
+    while done < r:
+        if done > 0:
             # e_i(0) of the next row, with a margin for the rounding of its float32 products (or of e0's)
             measured, below = table[order[:done]].cpu().numpy(), float(e0[order[done]]) * (1 + E0_MARGIN)
             if below < keep_threshold(measured, zero, max_kept) or (
