@@ -55,8 +55,7 @@ def whitened_svd(D: torch.Tensor, H: torch.Tensor, algorithm: str = "gram") -> t
     # only bends the weighting
     L, rho = whitening(H, work.dtype, work.device)
     if L is None:  # no input ever reached this linear: nothing to weigh by
-        U, s, V = decompose(work)
-        return U, s, V, torch.zeros(len(s), dtype=torch.float64, device=s.device)
+        return _unweighted(work, decompose)
     U, s_w, W = decompose(work @ L)
     V = torch.linalg.solve_triangular(L.T, W, upper=True)
     norms = V.norm(dim=0).clamp_min(1e-30)
@@ -68,14 +67,19 @@ def whitened_svd(D: torch.Tensor, H: torch.Tensor, algorithm: str = "gram") -> t
 WHITENING_EPS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)  # ridges tried in turn, times the mean of diag(H)
 
 
+def _unweighted(work: torch.Tensor, decompose) -> tuple[torch.Tensor, ...]:
+    """whitened_svd where no input reached the linear (H = 0): the plain SVD, and e = 0."""
+    U, s, V = decompose(work)
+    return U, s, V, torch.zeros(len(s), dtype=torch.float64, device=s.device)
+
+
 def _whitened_left(work: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """whitened_svd of a wide D (m < n, in its working dtype) from the eigendecomposition of
     M = D (H + rho I) D^T: M = U diag(s_w^2) U^T, V S = D^T U, e = s_w^2 - rho s^2. The products D H
     and (D H) D^T replace the factor of H, the product D L and the triangular solve for V."""
     scale = float(torch.diagonal(H).mean())
     if not scale > 0:
-        U, s, V = thin_svd_gram(work)
-        return U, s, V, torch.zeros(len(s), dtype=torch.float64, device=s.device)
+        return _unweighted(work, thin_svd_gram)
     rho = WHITENING_EPS[0] * scale
     DH = work @ H.to(work.dtype)
     M = DH.add_(work, alpha=rho) @ work.T
