@@ -2,6 +2,7 @@
 
     python benchmarks/model_budget.py --pair minilm|smollm|smollm-code [--ratios 1/16,1/32,1/64]
                                       [--variants adamix:tensor,adamix:block,adamix:model,deltacome:tensor]
+                                      (a variant: method:scope[:grid[:bits]], e.g. adamix:model:normal:0-1-2-3-4-8)
                                       [--work DIR] [--out docs/results] [--page NAME]
 
 For each ratio, real `adamix compress` runs (child processes: wall time and peak RSS of each) of
@@ -41,7 +42,7 @@ from adamix.io.hf import build_model, state_name_map  # noqa: E402
 from adamix.io.text import default_calibration_file, read_text  # noqa: E402
 from peers import git_commit, restored_model  # noqa: E402
 
-VARIANTS = "adamix:tensor,adamix:block,adamix:model,deltacome:tensor"  # method:budget scope[:grid]
+VARIANTS = "adamix:tensor,adamix:block,adamix:model,deltacome:tensor"  # method:budget scope[:grid[:bits, 0-2-3-4-8]]
 
 
 def pair_folders(pair: str) -> tuple[str, str, dict]:
@@ -56,11 +57,12 @@ def pair_folders(pair: str) -> tuple[str, str, dict]:
     return base, ft, {"kind": "task", "task": task}
 
 
-def compress(base: str, ft: str, out: Path, method: str, ratio: str, scope: str, grid: str = "uniform") -> dict:
+def compress(base: str, ft: str, out: Path, method: str, ratio: str, scope: str, grid: str = "uniform",
+             bits: str | None = None) -> dict:
     """One `adamix compress` in a child process: its wall seconds and peak RSS (MiB)."""
     cmd = [sys.executable, "-m", "adamix.cli", "compress", base, ft, "-o", str(out), "--method", method,
            "--ratio", ratio, "--overwrite", "-q"] + (["--budget-scope", scope] if scope != "tensor" else []) \
-        + (["--grid", grid] if grid != "uniform" else [])
+        + (["--grid", grid] if grid != "uniform" else []) + (["--bits", bits.replace("-", ",")] if bits else [])
     t = time.time()
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
@@ -95,7 +97,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pair", choices=("minilm", "smollm", "smollm-code"), default="minilm")
     ap.add_argument("--ratios", default="1/16,1/32,1/64")
-    ap.add_argument("--variants", default=VARIANTS, help="method:scope[:grid], comma-separated (one of them adamix:model)")
+    ap.add_argument("--variants", default=VARIANTS, help="method:scope[:grid[:bits]], comma-separated, bits dash-separated (0-1-2-3-4-8) (one of them adamix:model)")
     ap.add_argument("--page", default=None, help="the result page's name (default model_budget_<pair>)")
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "adamix" / "bench" / "model_budget")
     ap.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "docs" / "results")
@@ -127,14 +129,15 @@ def main() -> None:
         ref = {"base": metric(restored_model(base, ft, None))["exact_match"], "finetune": metric(ft_model)["exact_match"]}
     rows, slopes = [], None
     for ratio in args.ratios.split(","):
-        for method, scope, grid in ((v.split(":") + ["uniform"])[:3] for v in args.variants.split(",")):
-            out = work / f"{method}-{scope}-{grid}-{ratio.replace('/', '_')}"
-            run = compress(base, ft, out, method, ratio, scope, grid)
+        for method, scope, grid, bits in ((v.split(":") + ["uniform", ""])[:4] for v in args.variants.split(",")):
+            out = work / f"{method}-{scope}-{grid}{'-' + bits if bits else ''}-{ratio.replace('/', '_')}"
+            run = compress(base, ft, out, method, ratio, scope, grid, bits)
             art = Artifact(out)
             if scope == "model":
                 slopes = art.manifest["settings"]["model_scope"]
             restored = restored_model(base, ft, art)
-            r = {"method": method, "scope": scope if grid == "uniform" else f"{scope} --grid {grid}", "ratio": ratio, **run,
+            r = {"method": method, "ratio": ratio, **run,
+                 "scope": scope + ("" if grid == "uniform" else f" --grid {grid}") + (f" --bits {bits.replace('-', ',')}" if bits else ""),
                  "heldout_error": errors_on_corpora(base, ft, art, by_corpus, grams)["pooled"],
                  "div_calib": end_divergence(restored, calib_windows, refs),
                  "div_heldout": divergence_from(ft_model, restored, held_windows), **metric(restored)}
