@@ -57,6 +57,12 @@ def pair_folders(pair: str) -> tuple[str, str, dict]:
     return base, ft, {"kind": "task", "task": task}
 
 
+def variant_fields(variant: str) -> list[str]:
+    """method:scope[:grid[:bits]] -> [method, scope, grid (default uniform), bits ("" = the default)]."""
+    fields = variant.split(":")
+    return fields + ["uniform", ""][len(fields) - 2:]
+
+
 def compress(base: str, ft: str, out: Path, method: str, ratio: str, scope: str, grid: str = "uniform",
              bits: str | None = None) -> dict:
     """One `adamix compress` in a child process: its wall seconds and peak RSS (MiB)."""
@@ -129,7 +135,7 @@ def main() -> None:
         ref = {"base": metric(restored_model(base, ft, None))["exact_match"], "finetune": metric(ft_model)["exact_match"]}
     rows, slopes = [], None
     for ratio in args.ratios.split(","):
-        for method, scope, grid, bits in ((v.split(":") + ["uniform", ""])[:4] for v in args.variants.split(",")):
+        for method, scope, grid, bits in (variant_fields(v) for v in args.variants.split(",")):
             out = work / f"{method}-{scope}-{grid}{'-' + bits if bits else ''}-{ratio.replace('/', '_')}"
             run = compress(base, ft, out, method, ratio, scope, grid, bits)
             art = Artifact(out)
