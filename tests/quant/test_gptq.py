@@ -428,11 +428,14 @@ def test_the_factor_of_the_inverse_is_the_reference_gptq_one():
     # float64 reference (factor, inverse, factor of the inverse)
     from adamix.quant.gptq import cholesky_inverse_upper
     g = torch.Generator().manual_seed(11)
-    for n in (5, 257, 600):
+    for n in (5, 257, 600, 1100):  # 1100: three levels of halves above the solve's blocks
         X = torch.randn(n + 50, n, generator=g, dtype=torch.float64) * torch.logspace(-1, 1, n, dtype=torch.float64)
         H = X.T @ X
         H[3], H[:, 3] = 0.0, 0.0  # an input that never fires
-        C, dead = cholesky_inverse_upper(H.float(), damp=0.01)
+        Hf = H.float()
+        before = Hf.clone()
+        C, dead = cholesky_inverse_upper(Hf, damp=0.01)
+        assert torch.equal(Hf, before)  # the caller's Gram is never written
         A = H.clone()
         A.diagonal()[3] = 1.0
         A.diagonal().add_(0.01 * A.diagonal().mean())

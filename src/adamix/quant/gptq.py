@@ -27,33 +27,45 @@ from ..timing import timed
 
 
 def cholesky_inverse_upper(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1, float32 (n x n), on H's device.
+    """Upper Cholesky factor C of A^-1 = C^T C, A = H + damp * mean(diag H) I; float32 (n x n), on H's device.
 
     Columns with H_jj == 0 (inputs that never fire) get H_jj = 1; their mask is returned too.
-    torch.linalg throughout (factor, inverse from the factor, factor of the inverse; float32 as in the
-    reference GPTQ, the damping keeps it well conditioned), so that the threads are torch's, set by
-    `--threads` like every other step (LAPACK called through SciPy used its own thread pool, sized by
-    the environment, and its rounding changed with it), and it runs on a GPU as well. Each step's
-    input is freed before the next: at most two n x n float32 matrices at a time.
+    From one Cholesky factor of the reversed matrix: with J the reversal (J^2 = I), J A J = L L^T
+    gives A = (J L J)(J L J)^T with J L J upper triangular, so A^-1 = C^T C for C = (J L J)^-1 =
+    J L^-1 J, the reference GPTQ's factor of the inverse (unique: positive diagonal). One factor
+    (n^3/3 flops) and one triangular inverse (_invert_lower_, matrix products) replace factor,
+    inverse from the factor and factor of the inverse (4 n^3/3). Both run in place on the reversed
+    float32 copy, so at most two n x n float32 matrices exist at a time (that copy and C). torch.linalg
+    throughout, so the threads are torch's (`--threads`) and it runs on a GPU as well.
     """
-    A = H.to(torch.float32, copy=True)
+    A = H.to(torch.float32).flip(0, 1)  # a new tensor: H itself is never written
     diag = A.diagonal()
     dead = diag == 0
     diag[dead] = 1.0
     diag.add_(damp * diag.mean())
-    L = factor(A, "factor", upper=False)
-    del A
-    Hinv = torch.cholesky_inverse(L)
-    del L
-    return factor(Hinv, "factor of the inverse", upper=True), dead
-
-
-def factor(A: torch.Tensor, step: str, upper: bool) -> torch.Tensor:
-    """Cholesky factor of A (lower, or upper), or a RuntimeError naming the step."""
-    F, info = torch.linalg.cholesky_ex(A, upper=upper)
+    F = A.T  # column-major view: LAPACK factors it in place, J A J = L L^T lands in A's lower triangle
+    _, info = torch.linalg.cholesky_ex(F, upper=True, out=(F, torch.empty((), dtype=torch.int32, device=A.device)))
     if int(info) != 0:
-        raise RuntimeError(f"GPTQ: Cholesky {step} failed (info {int(info)}); the Gram is not positive definite")
-    return F
+        raise RuntimeError(f"GPTQ: Cholesky factor failed (info {int(info)}); the Gram is not positive definite")
+    _invert_lower_(A.tril_())
+    return A.flip(0, 1), dead.flip(0)
+
+
+INVERT_LEAF = 256  # _invert_lower_: blocks up to this size by a triangular solve
+
+
+def _invert_lower_(L: torch.Tensor) -> torch.Tensor:
+    """L^-1 of a lower triangular L (n x n, zeros above the diagonal), in place, by halves:
+    [[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]] (2 n^3/3 flops of matrix products;
+    temporaries of at most n^2/2 entries)."""
+    n = L.shape[0]
+    if n <= INVERT_LEAF:
+        eye = torch.eye(n, dtype=L.dtype, device=L.device)
+        return L.copy_(torch.linalg.solve_triangular(L, eye, upper=False))
+    h = n // 2
+    A, B, C = _invert_lower_(L[:h, :h]), L[h:, :h], _invert_lower_(L[h:, h:])
+    B.copy_(C @ (B @ A)).neg_()
+    return L
 
 
 def gptq(
