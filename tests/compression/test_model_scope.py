@@ -223,3 +223,46 @@ def test_fisher_slopes_agree_with_perturbation_on_a_transformer(llama_pair, cali
     assert kind == "kl" and max(direct.values()) > 1e3 * min(direct.values()) > 0
     ratios = [fisher[n] / direct[n] for n in params]
     assert 0.6 < min(ratios) and max(ratios) < 1.6, ratios
+
+
+# ------------------------------------------------------------------ --slope-power
+
+
+def test_layer_weights_shrink_the_calibrated_slopes_toward_their_geometric_mean():
+    from adamix.compression.model_scope import layer_weights
+    slopes = {"a": 4.0, "b": 0.25, "c": 1e-3, "z": 0.0, "emb": 7.0}  # "unused": stashed, no slope
+    names, free, T = ["a", "b", "c", "z", "emb", "unused"], {"emb"}, 50
+    g = (4.0 * 0.25 * 1e-3) ** (1 / 3)  # the calibrated linears with a positive slope
+    for P in (1.0, 0.5, 0.0):
+        w = layer_weights(slopes, names, free, T, P)
+        for n in ("a", "b", "c"):
+            assert w[n] == pytest.approx(slopes[n] ** P * g ** (1 - P) / T, rel=1e-12)
+        assert w["emb"] == 7.0 and w["z"] == 0.0 and w["unused"] == 0.0
+    flat = layer_weights(slopes, names, free, T, 0.0)
+    assert flat["a"] == pytest.approx(flat["c"], rel=1e-12)  # P = 0: equal weights, the pooled layer error
+    assert layer_weights(slopes, names, free, T) == {n: (slopes.get(n, 0.0) if n in free else slopes.get(n, 0.0) / T)
+                                                     for n in names}  # P = 1: the slopes as measured, bit for bit
+
+
+def test_slope_power_is_recorded_and_changes_the_allocation(deep_pair, calib_file, model_run, tmp_path):
+    # the same measured slopes, another allocation (P = 0: equal weights), P in the manifest
+    out = tmp_path / "flat"
+    subprocess.run(compress_cmd(deep_pair, calib_file, out, "--budget-scope", "model", "--slope-power", "0"),
+                   check=True, env=child_env())
+    flat, sloped = Artifact(out).manifest, Artifact(model_run).manifest
+    assert flat["settings"]["model_scope"]["slope_power"] == 0.0
+    assert sloped["settings"]["model_scope"]["slope_power"] == 1.0
+    assert flat["settings"]["model_scope"]["slopes"] == sloped["settings"]["model_scope"]["slopes"]
+    assert files(out) != files(model_run)  # another allocation
+
+
+@pytest.mark.parametrize("extra, message", [
+    (dict(slope_power=0.5), "--slope-power applies to --budget-scope model only"),
+    (dict(budget_scope="model", slope_power=1.5), "--slope-power must be a number from 0 to 1, got 1.5"),
+    (dict(budget_scope="model", slope_power=-0.1), "--slope-power must be a number from 0 to 1"),
+])
+def test_slope_power_refusals(bert_pair, calib_file, tmp_path, extra, message):
+    with pytest.raises(AdamixError, match=message):
+        adamix.compress(*bert_pair, tmp_path / "d", **{**dict(calib=calib_file, samples=4, seqlen=32, progress=False),
+                                                        **extra})
+    assert not (tmp_path / "d").exists()

@@ -6,6 +6,7 @@ over the calibrated linears of every block and the data-free matrices (embedding
 e_li(b) is matrix l's error table (Method.analyse) and w_l the weight of its error in the model's
 output: the slope c_l of the end divergence (compression.sensitivity), per unit of the table (c_l / T
 for a calibrated linear, whose table sums over the T calibration tokens; c_l for a data-free one).
+--slope-power P < 1 shrinks the calibrated linears' slopes toward their geometric mean (layer_weights).
 
 Pass 1 streams the blocks as the one-pass run does and stashes each matrix's analysis (its SVD and
 error table, Method.stash) in the work folder (`pass1/table-block-0003`, `pass1/table-rest-<name>`);
@@ -19,6 +20,8 @@ with the method's own form only (no row-sparse alternative).
 """
 
 from __future__ import annotations
+
+import math
 
 from dataclasses import dataclass
 from typing import Callable
@@ -56,6 +59,7 @@ class Run:
     device: torch.device
     seed: int = 0
     progress: bool = True
+    slope_power: float = 1.0  # layer_weights' P
 
 
 def compress_model_scope(run: Run) -> dict:
@@ -64,12 +68,35 @@ def compress_model_scope(run: Run) -> dict:
     tables = first_pass(run)
     kind, slopes = layer_slopes_of(run, tables)
     tokens = sum(int(w.numel()) for w in run.windows)  # the calibrated tables sum over every window's tokens
-    # a stashed tensor that the built model does not use has no effect on its output: weight 0
-    weights = {n: slopes.get(n, 0.0) if n in run.data_free else slopes.get(n, 0.0) / tokens for n in tables}
+    weights = layer_weights(slopes, list(tables), set(run.data_free), tokens, run.slope_power)
     choices = allocation(run, tables, weights)
     second_pass(run, tables, choices)
     return {"model_scope": {"end_divergence": kind, "slope_windows": min(SLOPE_WINDOWS, len(run.windows)),
-                            "calibration_tokens": tokens, "slopes": {n: slopes[n] for n in sorted(slopes)}}}
+                            "calibration_tokens": tokens, "slope_power": run.slope_power,
+                            "slopes": {n: slopes[n] for n in sorted(slopes)}}}
+
+
+def layer_weights(slopes: dict[str, float], names: list[str], data_free: set[str], tokens: int,
+                  power: float = 1.0) -> dict[str, float]:
+    """w_l of the model-wide knapsack for each of `names`: c_l for a data-free matrix (its table is
+    in ||dW||_F^2), c'_l / T for a calibrated linear (its table sums over T = `tokens` tokens), with
+
+        c'_l = c_l^P g^(1-P),   g = exp(mean over the calibrated linears with c_l > 0 of log c_l),
+
+    the slope shrunk toward the calibrated slopes' geometric mean: P = 1 weighs each linear by its
+    measured effect on the model's output, P = 0 weighs them equally (the pooled layer error), and
+    g keeps the calibrated linears' weight against the data-free matrices'. A name without a slope
+    (a stashed tensor the built model does not use) and a slope of 0 weigh 0."""
+    positive = [math.log(slopes[n]) for n in names if n not in data_free and slopes.get(n, 0.0) > 0]
+    g = math.exp(sum(positive) / len(positive)) if positive else 0.0
+    weights = {}
+    for n in names:
+        c = slopes.get(n, 0.0)
+        if n in data_free:
+            weights[n] = c
+        else:
+            weights[n] = (c if power == 1.0 else c ** power * g ** (1.0 - power)) / tokens if c > 0 else 0.0
+    return weights
 
 
 def first_pass(run: Run) -> dict[str, tuple[str, bool]]:

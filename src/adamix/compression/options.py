@@ -92,6 +92,10 @@ class Options:
                                "over every matrix of the model, each error weighted by its measured effect on the "
                                "model's output (two passes; default tensor)",
                                choices=lambda: SCOPES, method_specific=True)
+    slope_power: float = option(1.0, "with --budget-scope model: the weight of a calibrated linear's error is its "
+                                "slope c shrunk toward the slopes' geometric mean g, c^P g^(1-P): 1 = the measured "
+                                "slopes (the model's output divergence), 0 = equal weights (the pooled layer error) "
+                                "(default 1)", type=float, metavar="P")
     distill_steps: int = option(0, "train the per-matrix scales this many steps to match the fine-tune's hidden "
                                 "states on the calibration text (holds both models in memory; default 0)",
                                 type=int, method_specific=True, needs_calibration=True)
@@ -160,6 +164,11 @@ class Options:
             if self.shard is not None or self.executor != "local":
                 raise AdamixError(f"--budget-scope model runs in one process (its one allocation needs every block's "
                                   f"table): drop {'--shard' if self.shard is not None else '--executor ray'}")
+        if isinstance(self.slope_power, bool) or not isinstance(self.slope_power, (int, float)) \
+                or not 0.0 <= self.slope_power <= 1.0:
+            raise AdamixError(f"--slope-power must be a number from 0 to 1, got {self.slope_power!r}")
+        if self.slope_power != 1.0 and self.budget_scope != "model":
+            raise AdamixError("--slope-power applies to --budget-scope model only")
         if self.max_rank is not None and (isinstance(self.max_rank, bool) or not isinstance(self.max_rank, int)
                                           or self.max_rank < 1):
             raise AdamixError(f"--max-rank must be a positive integer, got {self.max_rank!r}")
@@ -210,6 +219,8 @@ class Options:
         record = {"samples": self.samples, "seqlen": self.seqlen, "device": self.device, "seed": self.seed}
         if self.distill_steps:
             record["distill_steps"] = self.distill_steps
+        if self.slope_power != 1.0:
+            record["slope_power"] = float(self.slope_power)
         return record
 
     def replace(self, **changes) -> "Options":
