@@ -2,7 +2,8 @@
 
     python benchmarks/model_budget.py --pair minilm|smollm|smollm-code [--ratios 1/16,1/32,1/64]
                                       [--variants adamix:tensor,adamix:block,adamix:model,deltacome:tensor]
-                                      (a variant: method:scope[:grid[:bits]], e.g. adamix:model:normal:0-1-2-3-4-8)
+                                      (a variant: method:scope[:grid][:flag=value...],
+                                       e.g. adamix:model:normal:bits=0-1-2-3-4-8 or adamix:model:slope-power=0.5)
                                       [--work DIR] [--out docs/results] [--page NAME]
 
 For each ratio, real `adamix compress` runs (child processes: wall time and peak RSS of each) of
@@ -42,7 +43,7 @@ from adamix.io.hf import build_model, state_name_map  # noqa: E402
 from adamix.io.text import default_calibration_file, read_text  # noqa: E402
 from peers import git_commit, restored_model  # noqa: E402
 
-VARIANTS = "adamix:tensor,adamix:block,adamix:model,deltacome:tensor"  # method:budget scope[:grid[:bits, 0-2-3-4-8]]
+VARIANTS = "adamix:tensor,adamix:block,adamix:model,deltacome:tensor"  # method:budget scope[:grid][:flag=value...]
 
 
 def pair_folders(pair: str) -> tuple[str, str, dict]:
@@ -57,18 +58,24 @@ def pair_folders(pair: str) -> tuple[str, str, dict]:
     return base, ft, {"kind": "task", "task": task}
 
 
-def variant_fields(variant: str) -> list[str]:
-    """method:scope[:grid[:bits]] -> [method, scope, grid (default uniform), bits ("" = the default)]."""
-    fields = variant.split(":")
-    return fields + ["uniform", ""][len(fields) - 2:]
+def variant_fields(variant: str) -> tuple[str, str, str, list[str]]:
+    """method:scope[:grid][:flag=value...] -> (method, scope, grid (default uniform), extra CLI
+    arguments): `bits=0-1-2-3-4-8` -> --bits 0,1,2,3,4,8, `slope-power=0.5` -> --slope-power 0.5."""
+    method, scope, *rest = variant.split(":")
+    grid = rest.pop(0) if rest and "=" not in rest[0] else "uniform"
+    extra = []
+    for field in rest:
+        flag, value = field.split("=", 1)
+        extra += [f"--{flag}", value.replace("-", ",") if flag == "bits" else value]
+    return method, scope, grid, extra
 
 
 def compress(base: str, ft: str, out: Path, method: str, ratio: str, scope: str, grid: str = "uniform",
-             bits: str | None = None) -> dict:
+             extra: list[str] = ()) -> dict:
     """One `adamix compress` in a child process: its wall seconds and peak RSS (MiB)."""
     cmd = [sys.executable, "-m", "adamix.cli", "compress", base, ft, "-o", str(out), "--method", method,
            "--ratio", ratio, "--overwrite", "-q"] + (["--budget-scope", scope] if scope != "tensor" else []) \
-        + (["--grid", grid] if grid != "uniform" else []) + (["--bits", bits.replace("-", ",")] if bits else [])
+        + (["--grid", grid] if grid != "uniform" else []) + list(extra)
     t = time.time()
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
@@ -103,7 +110,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pair", choices=("minilm", "smollm", "smollm-code"), default="minilm")
     ap.add_argument("--ratios", default="1/16,1/32,1/64")
-    ap.add_argument("--variants", default=VARIANTS, help="method:scope[:grid[:bits]], comma-separated, bits dash-separated (0-1-2-3-4-8) (one of them adamix:model)")
+    ap.add_argument("--variants", default=VARIANTS, help="method:scope[:grid][:flag=value...], comma-separated (bits dash-separated: bits=0-1-2-3-4-8) (one of them adamix:model)")
     ap.add_argument("--page", default=None, help="the result page's name (default model_budget_<pair>)")
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "adamix" / "bench" / "model_budget")
     ap.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "docs" / "results")
@@ -135,15 +142,16 @@ def main() -> None:
         ref = {"base": metric(restored_model(base, ft, None))["exact_match"], "finetune": metric(ft_model)["exact_match"]}
     rows, slopes = [], None
     for ratio in args.ratios.split(","):
-        for method, scope, grid, bits in (variant_fields(v) for v in args.variants.split(",")):
-            out = work / f"{method}-{scope}-{grid}{'-' + bits if bits else ''}-{ratio.replace('/', '_')}"
-            run = compress(base, ft, out, method, ratio, scope, grid, bits)
+        for method, scope, grid, extra in (variant_fields(v) for v in args.variants.split(",")):
+            tag = "".join(f"-{a.lstrip('-')}" for a in extra).replace(",", "")
+            out = work / f"{method}-{scope}-{grid}{tag}-{ratio.replace('/', '_')}"
+            run = compress(base, ft, out, method, ratio, scope, grid, extra)
             art = Artifact(out)
             if scope == "model":
                 slopes = art.manifest["settings"]["model_scope"]
             restored = restored_model(base, ft, art)
             r = {"method": method, "ratio": ratio, **run,
-                 "scope": scope + ("" if grid == "uniform" else f" --grid {grid}") + (f" --bits {bits.replace('-', ',')}" if bits else ""),
+                 "scope": " ".join([scope] + ([f"--grid {grid}"] if grid != "uniform" else []) + extra),
                  "heldout_error": errors_on_corpora(base, ft, art, by_corpus, grams)["pooled"],
                  "div_calib": end_divergence(restored, calib_windows, refs),
                  "div_heldout": divergence_from(ft_model, restored, held_windows), **metric(restored)}
