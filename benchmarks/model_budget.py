@@ -71,7 +71,7 @@ def variant_fields(variant: str) -> tuple[str, str, str, list[str]]:
 
 
 def compress(base: str, ft: str, out: Path, method: str, ratio: str, scope: str, grid: str = "uniform",
-             extra: list[str] = ()) -> dict:
+             extra: tuple[str, ...] | list[str] = ()) -> dict:
     """One `adamix compress` in a child process: its wall seconds and peak RSS (MiB)."""
     cmd = [sys.executable, "-m", "adamix.cli", "compress", base, ft, "-o", str(out), "--method", method,
            "--ratio", ratio, "--overwrite", "-q"] + (["--budget-scope", scope] if scope != "tensor" else []) \

@@ -22,7 +22,6 @@ with the method's own form only (no row-sparse alternative).
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from typing import Callable
 
