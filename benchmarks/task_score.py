@@ -59,12 +59,13 @@ def main() -> None:
 
 def write(args, rows: list[dict], commit: str) -> None:
     command = (f"python benchmarks/task_score.py --pair {args.pair} --prompts {args.prompts} --page {args.page} "
-               + " ".join(f"{r['name']}=..." for r in rows[2:]))
+               + " ".join(f"'{r['name']}=ARTIFACT'" for r in rows[2:]))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.page}.json").write_text(json.dumps({"command": command, "commit": commit, "rows": rows},
                                                            indent=1))
     lines = [f"# Exact match on {args.prompts} test prompts: the {args.pair} fine-tune", "",
-             f"Command: `{command}` at commit `{commit}` (the artifacts named in the table). The first 200 "
+             f"Command: `{command}` at commit `{commit}`; each ARTIFACT is a folder written by the command and "
+             "commit its name gives. The first 200 "
              "prompts are the tables' own; standard error: the binomial sqrt(p (1 - p) / N).", "",
              "| artifact | exact match | standard error | gain kept |", "|---|---|---|---|"]
     for r in rows:
