@@ -401,9 +401,10 @@ def test_target_correction_beats_plain_svd_factor():
 
 def test_cholesky_of_a_gram_that_is_not_positive_definite_is_refused():
     from adamix.quant.gptq import cholesky_inverse_upper
-    with pytest.raises(RuntimeError, match="GPTQ: Cholesky factor failed .* not positive definite"):
+    with pytest.raises(RuntimeError, match="GPTQ: the Gram is not positive definite even with a damping of 1.0 x"):
         cholesky_inverse_upper(-torch.eye(8), damp=0.01)
-    C, dead = cholesky_inverse_upper(torch.diag(torch.tensor([4.0, 0.0, 1.0])), damp=0.0)
+    C, dead, damp = cholesky_inverse_upper(torch.diag(torch.tensor([4.0, 0.0, 1.0])), damp=0.0)
+    assert damp == 0.0
     assert dead.tolist() == [False, True, False]
     torch.testing.assert_close(C.T @ C, torch.diag(torch.tensor([0.25, 1.0, 1.0])))  # C^T C = (H, dead -> 1)^-1
 
@@ -434,7 +435,8 @@ def test_the_factor_of_the_inverse_is_the_reference_gptq_one():
         H[3], H[:, 3] = 0.0, 0.0  # an input that never fires
         Hf = H.float()
         before = Hf.clone()
-        C, dead = cholesky_inverse_upper(Hf, damp=0.01)
+        C, dead, damp = cholesky_inverse_upper(Hf, damp=0.01)
+        assert damp == 0.01  # positive definite: the asked damping
         assert torch.equal(Hf, before)  # the caller's Gram is never written
         A = H.clone()
         A.diagonal()[3] = 1.0
@@ -442,3 +444,42 @@ def test_the_factor_of_the_inverse_is_the_reference_gptq_one():
         ref = torch.linalg.cholesky(torch.linalg.inv(A), upper=True)
         assert torch.equal(C, C.triu()) and dead.tolist() == [j == 3 for j in range(n)]
         assert float((C.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+def _gram_with_a_rounding_dip(n: int = 60, dip: float = 3.0) -> torch.Tensor:
+    # H = X^T X with one direction holding most of its trace, minus dip x mean(diag) along another: what
+    # float32 rounding does to such a Gram, made exact (eigenvalue -dip mean(diag) + tiny)
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(n // 2, n, generator=g, dtype=torch.float64)  # rank n/2: eigenvalues 0 below
+    u = torch.randn(n, generator=g, dtype=torch.float64)
+    H = X.T @ X + 1e3 * torch.outer(u, u)
+    _, Q = torch.linalg.eigh(H)
+    w = Q[:, 0]  # a null direction of H
+    return H - dip * float(H.diagonal().mean()) * torch.outer(w, w)
+
+
+def test_a_gram_below_the_damping_raises_the_damping_by_steps():
+    # the asked damping (0.01) cannot make it positive definite, 10x does: that factor, and its damping
+    from adamix.quant.gptq import cholesky_inverse_upper
+    H = _gram_with_a_rounding_dip(dip=0.05)
+    C, dead, damp = cholesky_inverse_upper(H.float(), damp=0.01)
+    assert damp == pytest.approx(0.1) and not dead.any()
+    A = H.clone()
+    A.diagonal().add_(0.1 * A.diagonal().mean())
+    ref = torch.linalg.cholesky(torch.linalg.inv(A), upper=True)
+    assert float((C.double() - ref).abs().max() / ref.abs().max()) < 1e-4
+
+
+def test_gptq_rows_error_uses_the_damping_it_factored_with():
+    # with the raised damping, gptq_rows' error (from GPTQ's own column errors) is still
+    # (w - q)^T H (w - q) per row, against the float64 product
+    from adamix.quant.gptq import gptq_rows
+    H = _gram_with_a_rounding_dip(dip=0.05)
+    g = torch.Generator().manual_seed(6)
+    W = torch.randn(7, H.shape[0], generator=g)
+    for grid_name in ("uniform", "normal"):
+        out = gptq_rows(W, H.float(), torch.tensor([2, 3, 4, 8, 2, 3, 4]), 16, damp=0.01, with_error=True,
+                        grid=grid_name)
+        d = (W.double() - out["deq"].double())
+        direct = ((d @ H) * d).sum(1)
+        torch.testing.assert_close(out["error"], direct, rtol=1e-3, atol=1e-3 * float(direct.abs().max()))

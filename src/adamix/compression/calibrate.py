@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import AdamixError, all_finite
 from ..io.checkpoint import Checkpoint
 from ..io.hf import LinearInfo, find_blocks, linears, load_state, model_skeleton, state_name_map
-from ..quant.linalg import add_gram, symmetric_from_upper
+from ..quant.linalg import GramSum
 from ..timing import phase
 
 
@@ -140,7 +140,7 @@ class BlockRunner:
                 self._load(block, names, prefix)
                 _move(block, self.device)
                 infos = linears(block, prefix)
-                grams: dict[str, torch.Tensor] = {}
+                grams: dict = {}  # name -> GramSum, then H
                 seen: dict[int, tuple[torch.Tensor, str]] = {}  # this window's inputs -> first linear fed it
                 alias: dict[str, str] = {}
                 hooks = [] if i in skip else [info.module.register_forward_hook(self._gram_hook(grams, seen, alias, info.name))
@@ -155,8 +155,8 @@ class BlockRunner:
                         seen.clear()
                 for h in hooks:
                     h.remove()
+                grams = {name: g.result() for name, g in grams.items()}
                 for name, g in grams.items():
-                    symmetric_from_upper(g)
                     if not all_finite(g):
                         raise AdamixError(f"calibration: the inputs of {name} overflow float32 (NaN or Inf)")
                 self.inputs = outs
@@ -167,7 +167,7 @@ class BlockRunner:
                 yield i, infos, grams
 
     @staticmethod
-    def _gram_hook(grams: dict[str, torch.Tensor], seen: dict, alias: dict[str, str], name: str):
+    def _gram_hook(grams: dict[str, GramSum], seen: dict, alias: dict[str, str], name: str):
         """Accumulate H += X^T X for linear `name`. Linears fed the very same tensor (q, k and v
         projections) share the first one's H: computed once, held once."""
         def hook(_mod, inp, _out):
@@ -178,6 +178,6 @@ class BlockRunner:
                 return
             seen[id(x)] = (x, name)
             x = x.reshape(-1, x.shape[-1]).float()
-            # in place (no n x n temporaries: 2 x 0.5 GB at n = 11008), the upper half; run() mirrors it
-            grams[name] = add_gram(grams.get(name), x)
+            # in place (no n x n temporaries: 2 x 0.5 GB at n = 11008), the upper half, many windows per product
+            grams.setdefault(name, GramSum()).add(x)
         return hook

@@ -17,7 +17,7 @@ row before GPTQ starts (`gptq_rows`) or on the column when GPTQ reaches it (`gpt
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -26,7 +26,18 @@ from .grid import expand_groups, fit_grid, n_groups
 from ..timing import timed
 
 
-def cholesky_inverse_upper(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+DAMP_STEPS = (1.0, 10.0, 100.0)  # cholesky_inverse_upper: multiples of the damping tried in turn
+
+
+class Factor(NamedTuple):
+    """cholesky_inverse_upper's result: C (n, n) float32 upper, the mask of dead inputs (n,), and the
+    damping that C was computed with (the asked one, or a larger step where that failed)."""
+    C: torch.Tensor
+    dead: torch.Tensor
+    damp: float
+
+
+def cholesky_inverse_upper(H: torch.Tensor, damp: float) -> Factor:
     """Upper Cholesky factor C of A^-1 = C^T C, A = H + damp * mean(diag H) I; float32 (n x n), on H's device.
 
     Columns with H_jj == 0 (inputs that never fire) get H_jj = 1; their mask is returned too.
@@ -37,18 +48,25 @@ def cholesky_inverse_upper(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, 
     inverse from the factor and factor of the inverse (4 n^3/3). Both run in place on the reversed
     float32 copy, so at most two n x n float32 matrices exist at a time (that copy and C). torch.linalg
     throughout, so the threads are torch's (`--threads`) and it runs on a GPU as well.
+
+    A float32 Gram is positive semi-definite only up to rounding: where one direction holds nearly all
+    of its trace, the rounding's negative eigenvalues can exceed the damping, and the factor fails.
+    The damping is then raised by the steps of DAMP_STEPS (as GPTQ tools raise theirs); the damping
+    used is returned (Factor.damp), for quant_error.
     """
-    A = H.to(torch.float32).flip(0, 1)  # a new tensor: H itself is never written
-    diag = A.diagonal()
-    dead = diag == 0
-    diag[dead] = 1.0
-    diag.add_(damp * diag.mean())
-    F = A.T  # column-major view: LAPACK factors it in place, J A J = L L^T lands in A's lower triangle
-    _, info = torch.linalg.cholesky_ex(F, upper=True, out=(F, torch.empty((), dtype=torch.int32, device=A.device)))
-    if int(info) != 0:
-        raise RuntimeError(f"GPTQ: Cholesky factor failed (info {int(info)}); the Gram is not positive definite")
-    _invert_lower_(A.tril_())
-    return A.flip(0, 1), dead.flip(0)
+    for step in DAMP_STEPS:
+        A = H.to(torch.float32).flip(0, 1)  # a new tensor: H itself is never written
+        diag = A.diagonal()
+        dead = diag == 0
+        diag[dead] = 1.0
+        diag.add_(damp * step * diag.mean())
+        F = A.T  # column-major view: LAPACK factors it in place, J A J = L L^T lands in A's lower triangle
+        _, info = torch.linalg.cholesky_ex(F, upper=True, out=(F, torch.empty((), dtype=torch.int32, device=A.device)))
+        if int(info) == 0:
+            _invert_lower_(A.tril_())
+            return Factor(A.flip(0, 1), dead.flip(0), damp * step)
+        del A, F
+    raise RuntimeError(f"GPTQ: the Gram is not positive definite even with a damping of {damp * step} x its mean diagonal")
 
 
 INVERT_LEAF = 256  # _invert_lower_: blocks up to this size by a triangular solve
@@ -74,7 +92,7 @@ def gptq(
     quantize_column: Callable[[int, torch.Tensor], torch.Tensor],
     block: int = 128,
     damp: float = 0.01,
-    factor: tuple[torch.Tensor, torch.Tensor] | None = None,
+    factor: Factor | None = None,
     loss: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Generic GPTQ loop. W: (k, n); H: (n, n). Returns the dequantized Q (k, n) float32.
@@ -94,7 +112,7 @@ def gptq(
     """
     Wt = W.T.float().contiguous()  # (n, k), a copy
     n = Wt.shape[0]
-    C, dead = cholesky_inverse_upper(H, damp) if factor is None else factor
+    C, dead, _ = cholesky_inverse_upper(H, damp) if factor is None else factor
     Wt[dead] = 0
     Qt = torch.empty_like(Wt)
     for i1 in range(0, n, block):
@@ -131,7 +149,7 @@ def quant_error(loss: torch.Tensor, W: torch.Tensor, Q: torch.Tensor, H: torch.T
 
 @timed("gptq")
 def gptq_rows(W: torch.Tensor, H: torch.Tensor, bits: torch.Tensor, group_size: int,
-              damp: float = 0.01, factor: tuple[torch.Tensor, torch.Tensor] | None = None,
+              damp: float = 0.01, factor: Factor | None = None,
               with_error: bool = False, grid: str = "uniform") -> dict[str, torch.Tensor]:
     """GPTQ where row i of W (k x n) is quantized at bits[i]; grids per group of columns.
 
@@ -141,6 +159,8 @@ def gptq_rows(W: torch.Tensor, H: torch.Tensor, bits: torch.Tensor, group_size: 
     factor: cholesky_inverse_upper(H, damp), if already computed. grid "normal": quant.normal's grid,
     scale (k,) instead of scale and offset per group (group_size unused).
     """
+    if with_error and factor is None:
+        factor = cholesky_inverse_upper(H, damp)  # quant_error needs the damping it used
     if grid == "normal":
         return _gptq_rows_normal(W, H, bits, damp, factor, with_error)
     k, n = W.shape
@@ -170,12 +190,12 @@ def gptq_rows(W: torch.Tensor, H: torch.Tensor, bits: torch.Tensor, group_size: 
     deq = gptq(W, H, quantize_column, block=block, damp=damp, factor=factor, loss=loss)
     out = {"codes": codes.T.contiguous(), "scale": scale, "offset": offset, "deq": deq.contiguous()}
     if with_error:
-        out["error"] = quant_error(loss, W, deq, H, damp)
+        out["error"] = quant_error(loss, W, deq, H, factor.damp)
     return out
 
 
 def _gptq_rows_normal(W: torch.Tensor, H: torch.Tensor, bits: torch.Tensor, damp: float,
-                      factor: tuple[torch.Tensor, torch.Tensor] | None, with_error: bool) -> dict[str, torch.Tensor]:
+                      factor: Factor | None, with_error: bool) -> dict[str, torch.Tensor]:
     """gptq_rows on quant.normal's grid: each row's scale fitted on the row as given, then GPTQ."""
     k, n = W.shape
     book = normal.Codebook(bits, W.device)
@@ -191,7 +211,7 @@ def _gptq_rows_normal(W: torch.Tensor, H: torch.Tensor, bits: torch.Tensor, damp
     deq = gptq(W, H, quantize_column, damp=damp, factor=factor, loss=loss)
     out = {"codes": codes.T.contiguous(), "scale": scale, "deq": deq.contiguous()}
     if with_error:
-        out["error"] = quant_error(loss, W, deq, H, damp)
+        out["error"] = quant_error(loss, W, deq, H, factor.damp)
     return out
 
 
@@ -225,4 +245,4 @@ def rtn_columns(W: torch.Tensor, bits: torch.Tensor, group_size: int, grid: str 
     return {**r, "deq": r["deq"].T}
 
 
-__all__ = ["gptq", "gptq_rows", "gptq_columns", "rtn_columns", "cholesky_inverse_upper", "expand_groups"]
+__all__ = ["gptq", "gptq_rows", "gptq_columns", "rtn_columns", "cholesky_inverse_upper", "Factor", "expand_groups"]
