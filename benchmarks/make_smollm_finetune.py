@@ -39,6 +39,9 @@ weights (the thread count only changes speed).
 Run ``python benchmarks/make_smollm_finetune.py`` to build (or reuse) both
 folders and print the accuracies of base and fine-tune. From scratch it takes
 about 6 to 9 minutes on 2 CPU cores and about 3 GiB of memory.
+``--write-calibration FILE`` writes a calibration text of the task's training
+split instead (:func:`calibration_text`: one example per line), for
+``adamix compress --calib FILE --samples N``.
 
 Typical use from other code::
 
@@ -177,6 +180,17 @@ def task_examples(split: str, n: int, seed: int = 0, task: str = TASK_ID) -> lis
         seen.add(words)
         out.append((prefix + " ".join(words) + " ->", " ".join(answer(words))))
     return out
+
+
+CALIBRATION_EXAMPLES = 3000
+CALIBRATION_SEED = 1  # a draw of the training split apart from the fine-tune's own order (seed 0)
+
+
+def calibration_text(task: str = TASK_ID, n: int = CALIBRATION_EXAMPLES, seed: int = CALIBRATION_SEED) -> str:
+    """A calibration text from the task's training split: one example per line, the prompt, a space and
+    its answer, as the fine-tune saw them (never a test example: the splits share no word sequence).
+    `adamix compress --calib FILE` makes one window of each line, so ``--samples`` counts examples."""
+    return "".join(f"{prompt} {answer}\n" for prompt, answer in task_examples("train", n, seed=seed, task=task))
 
 
 def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -559,7 +573,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     ap.add_argument("--threads", type=int, default=None, help="default: see default_threads()")
     ap.add_argument("--n-test", type=int, default=200, help="held-out examples to score")
+    ap.add_argument("--write-calibration", type=Path, default=None, metavar="FILE",
+                    help="only write the task's calibration text to FILE (see calibration_text) and stop")
     args = ap.parse_args(argv)
+    if args.write_calibration is not None:
+        args.write_calibration.write_text(calibration_text(args.task), encoding="utf-8")
+        print(f"wrote {CALIBRATION_EXAMPLES} {args.task} training-split examples to {args.write_calibration}")
+        return 0
 
     def log(*a) -> None:
         print(*a, flush=True)
