@@ -171,34 +171,38 @@ GRAM_ROWS = 2048  # GramSum: input rows gathered per add_gram
 
 class GramSum:
     """H = X^T X (n x n) of inputs that arrive in pieces x_w (t_w, n), e.g. one calibration window at
-    a time, in the pieces' dtype and device. The pieces are gathered until `rows` rows before each
-    add_gram, so the running sum is rounded once per `rows` rows rather than once per piece. In
-    float32 each rounding adds an error of about eps |H_ij| to every entry; over thousands of short
-    windows of a Gram dominated by one direction those errors add up to negative eigenvalues larger
-    than GPTQ's damping. Gathered pieces are copies (the caller's tensors may change later)."""
+    a time, in the pieces' dtype and device. The pieces are copied into one buffer of `rows` rows,
+    and each add_gram takes the buffer when the next piece would overflow it, so the running sum is
+    rounded once per about `rows` rows rather than once per piece (a piece of `rows` or more is
+    added at once). In float32 each rounding adds an error of about eps |H_ij| to every entry; over
+    thousands of short windows of a Gram dominated by one direction those errors add up to negative
+    eigenvalues larger than GPTQ's damping. Memory: G and the buffer (rows x n)."""
 
     def __init__(self, rows: int = GRAM_ROWS):
-        self.rows, self.G, self.pending, self.count = rows, None, [], 0
+        self.rows, self.G, self.buffer, self.count = rows, None, None, 0
 
     def add(self, x: torch.Tensor) -> None:
         """Add the inputs x (t, n)."""
-        if self.count == 0 and x.shape[0] >= self.rows:
+        t = x.shape[0]
+        if self.count + t > self.rows:
+            self._flush()
+        if t >= self.rows:
             self.G = add_gram(self.G, x)
             return
-        self.pending.append(x.clone())
-        self.count += x.shape[0]
-        if self.count >= self.rows:
-            self._flush()
+        if self.buffer is None:
+            self.buffer = torch.empty(self.rows, x.shape[1], dtype=x.dtype, device=x.device)
+        self.buffer[self.count:self.count + t] = x
+        self.count += t
 
     def _flush(self) -> None:
-        if self.pending:
-            self.G = add_gram(self.G, torch.cat(self.pending) if len(self.pending) > 1 else self.pending[0])
-            self.pending, self.count = [], 0
+        if self.count:
+            self.G = add_gram(self.G, self.buffer[:self.count])
+            self.count = 0
 
     def result(self) -> torch.Tensor:
         """The whole H (n x n), symmetric; the GramSum is spent."""
         self._flush()
-        G, self.G = symmetric_from_upper(self.G), None
+        G, self.G, self.buffer = symmetric_from_upper(self.G), None, None
         return G
 
 
