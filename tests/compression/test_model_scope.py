@@ -21,7 +21,7 @@ from adamix import AdamixError
 from adamix.compression.partial import partial_dir
 from adamix.compression.calibrate import token_windows
 from adamix.compression.plan import delta_of
-from adamix.compression.sensitivity import divergence, fisher_slopes, layer_errors, layer_slopes
+from adamix.compression.sensitivity import divergence, fisher_slopes, input_slope, layer_errors, layer_slopes
 from adamix.io.hf import build_model, state_name_map
 from adamix.io.artifact import Artifact
 from adamix.io.checkpoint import Checkpoint
@@ -162,6 +162,9 @@ class Linear2(nn.Module):
     def forward(self, input_ids, attention_mask=None):
         return SimpleNamespace(last_hidden_state=self.B(self.A(self.emb(input_ids))))
 
+    def get_input_embeddings(self):
+        return self.emb
+
 
 def test_slopes_reproduce_known_values_on_a_linear_model():
     model = Linear2(c=3.0)
@@ -262,6 +265,110 @@ def test_slope_power_is_recorded_and_changes_the_allocation(deep_pair, calib_fil
     (dict(budget_scope="model", slope_power=-0.1), "--slope-power must be a number from 0 to 1"),
 ])
 def test_slope_power_refusals(bert_pair, calib_file, tmp_path, extra, message):
+    with pytest.raises(AdamixError, match=message):
+        adamix.compress(*bert_pair, tmp_path / "d", **{**dict(calib=calib_file, samples=4, seqlen=32, progress=False),
+                                                        **extra})
+    assert not (tmp_path / "d").exists()
+
+
+# ------------------------------------------------------------------ --token-rows
+
+
+def test_input_slope_matches_the_linear_model_in_expectation():
+    # h_t = B A e_t: a change d of one position's embedding moves h_t by B A d, so per unit |d|^2
+    # (per entry) the divergence ||dh||^2 grows by ||B A||_F^2 / n on average over d's direction
+    model = Linear2(c=3.0)
+    windows = [torch.tensor([[1, 4, 2, 9, 4]]), torch.tensor([[0, 3, 3]])]
+    c_in = input_slope(model, windows, seed=1, probes=400)
+    with torch.no_grad():
+        expected = float((model.B.weight @ model.A.weight).norm() ** 2) / 6
+    assert c_in == pytest.approx(expected, rel=0.1)
+    assert all(p.requires_grad for p in model.parameters())  # left as it was
+    # the same slope by perturbation: one token's row moved by d, its positions' outputs with it
+    d = 1e-3 * torch.randn(6, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        refs = [model(w).last_hidden_state for w in windows]
+        model.emb.weight[4] += d
+        div = sum(divergence("hidden", r[0], model(w).last_hidden_state[0]) for r, w in zip(refs, windows)) / 8
+    M = (model.B.weight @ model.A.weight).detach().double()
+    assert div == pytest.approx(2 * float((M @ d.double()).norm() ** 2) / 8, rel=1e-3)  # token 4: 2 of 8 positions
+
+
+@pytest.fixture(scope="module")
+def token_rows_run(deep_pair, calib_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rows") / "d"
+    subprocess.run(compress_cmd(deep_pair, calib_file, out, "--budget-scope", "model", "--token-rows"),
+                   check=True, env=child_env())
+    return out
+
+
+def test_token_rows_store_seen_rows_beside_the_low_rank_embedding_within_the_model_budget(
+        deep_pair, calib_file, token_rows_run, model_run):
+    from transformers import AutoTokenizer
+    art = Artifact(token_rows_run)
+    base = Checkpoint(deep_pair[0])
+    emb = [n for n, e in art.entries.items() if e["kind"].endswith("+rows")]
+    assert emb == ["model.embed_tokens.weight"]
+    entry = art.entries[emb[0]]
+    assert entry["kind"] == "svd-mixed+rows" and entry["stats"]["rows_kept"] > 0
+    # the kept rows are tokens the calibration text reads
+    windows = token_windows(calib_file.read_text(), AutoTokenizer.from_pretrained(deep_pair[1]), 8, 32)
+    seen = set(torch.cat([w.reshape(-1) for w in windows]).tolist())
+    kept = art.tensors(emb[0])["row_idx"].tolist()
+    assert set(kept) <= seen and len(set(kept)) == len(kept)
+    # the budget holds over every allocated matrix, the composite included
+    allocated = {n: e for n, e in art.entries.items() if e["kind"].startswith("svd-mixed")}
+    elements = {n: math.prod(base.slice_info(n)[0]) for n in allocated}
+    stored = {n: sum(t.numel() * t.element_size() for t in art.tensors(n).values()) for n in allocated}
+    assert 8 * sum(stored.values()) <= art.manifest["alpha"] * 16 * sum(elements.values())
+    record = art.manifest["settings"]["model_scope"]["token_rows"]
+    assert record["embedding"] == emb[0] and record["input_slope"] > 0 and record["candidates"] >= len(kept)
+    # the seen rows are closer to the fine-tune's than without token rows
+    D = delta_of(base, Checkpoint(deep_pair[1]), emb[0]).double()
+    without = Artifact(model_run).delta(emb[0]).double()
+    err = lambda X: float(((X - D)[kept] ** 2).sum())  # noqa: E731
+    assert err(art.delta(emb[0]).double()) < 0.5 * err(without)
+
+
+def test_token_rows_run_is_served_as_merged(deep_pair, token_rows_run):
+    from adamix.serve import MultiTenantModel
+    out = token_rows_run.parent / "merged"
+    adamix.merge(deep_pair[0], token_rows_run, out, progress=False)
+    ref = build_model(Checkpoint(out)).eval()
+    ids = torch.randint(4, 60, (2, 9), generator=torch.Generator().manual_seed(0))
+    for factors in ("float", "auto"):
+        mt = MultiTenantModel(deep_pair[0], factors=factors)
+        mt.attach("t", token_rows_run)
+        assert mt.tenants["t"].held_as["model.embed_tokens.weight"] == "SumDelta"
+        with torch.no_grad():
+            expected, got = ref(input_ids=ids).logits, mt(input_ids=ids, tenants="t").logits
+        assert float((got - expected).abs().max() / expected.abs().max()) < 2e-6, factors
+
+
+def test_token_rows_export_peft(deep_pair, token_rows_run, tmp_path):
+    from safetensors.torch import load_file
+    from adamix.methods import decode
+    name, module = "model.embed_tokens.weight", "model.embed_tokens"
+    art = Artifact(token_rows_run)
+    e = art.entries[name]
+    whole = adamix.export_peft(deep_pair[0], token_rows_run, tmp_path / "whole")
+    assert module in whole["modules_to_save"] and not whole["parts_dropped"]  # kept exactly
+    lora = adamix.export_peft(deep_pair[0], token_rows_run, tmp_path / "lora", lora_only=True)
+    assert lora["parts_dropped"] == {name: "token rows (only the low-rank part is a LoRA pair)"}
+    assert module in lora["lora"] and name not in lora["dropped"]
+    t = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
+    A = t[f"base_model.model.{module}.lora_embedding_A"]
+    B = t[f"base_model.model.{module}.lora_embedding_B"]
+    low = {k: v for k, v in art.tensors(name).items() if k in ("codes", "params")}
+    expected = decode(e["meta"]["lowrank"], tuple(e["shape"]), e["meta"]["lowrank_meta"], low)
+    assert torch.allclose((B @ A).T, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (dict(token_rows=True), "--token-rows applies to --budget-scope model only"),
+    (dict(budget_scope="model", token_rows=True, max_rank=4), "--token-rows cannot be combined with --max-rank"),
+])
+def test_token_rows_refusals(bert_pair, calib_file, tmp_path, extra, message):
     with pytest.raises(AdamixError, match=message):
         adamix.compress(*bert_pair, tmp_path / "d", **{**dict(calib=calib_file, samples=4, seqlen=32, progress=False),
                                                         **extra})

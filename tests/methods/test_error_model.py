@@ -55,7 +55,7 @@ def test_target_correction_recovers_nothing_of_a_whitened_truncation(whiten):
         measured = output_error(refit, D.double(), H.double())
         dropped = float(a.table[order[k:].numpy(), 0].sum())
         if whiten:
-            assert measured == pytest.approx(dropped, rel=1e-6)
+            assert measured == pytest.approx(dropped, rel=1e-5)  # the factors are float32: ~1e-6 apart by rounding
         else:
             assert measured < 0.9 * dropped
 

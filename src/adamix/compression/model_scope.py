@@ -16,7 +16,9 @@ Pass 2 streams the blocks again (the Grams recomputed: the same forward passes) 
 matrix (Method.complete_joint) into the usual chunks. Memory holds one block and the tables (small);
 disk holds every matrix's factors until the run ends. --resume continues within either pass: every
 step's result is a chunk, read back rather than recomputed. Data-free matrices join the allocation
-with the method's own form only (no row-sparse alternative).
+with the method's own form only (no row-sparse alternative), and with --token-rows the input
+embedding also with the rows of the tokens seen in calibration (methods.token_rows: one item per
+row, weighted by its token count and the input slope, `pass1/slopes`).
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ from tqdm import tqdm
 
 from ..memory import release_freed_memory
 from ..methods import Encoded, Settings, get
+from ..methods import token_rows
 from ..timing import phase
 from .encode import encode_tensor, placed
 from .partial import PartialRun, block_chunk, rest_chunk
 from .plan import is_svd_shape
-from .sensitivity import SLOPE_WINDOWS, fisher_slopes
+from .sensitivity import SLOPE_WINDOWS, fisher_slopes, input_slope
 
 
 @dataclass
@@ -59,20 +62,26 @@ class Run:
     seed: int = 0
     progress: bool = True
     slope_power: float = 1.0  # layer_weights' P
+    token_rows: bool = False  # the input embedding's seen rows join the allocation (methods.token_rows)
 
 
 def compress_model_scope(run: Run) -> dict:
     """Both passes (module doc); returns what to record in the manifest: the divergence's kind, the
     windows and tokens it was measured on and the slopes c_l (compression.sensitivity)."""
     tables = first_pass(run)
-    kind, slopes = layer_slopes_of(run, tables)
+    kind, slopes, embedding = layer_slopes_of(run, tables)
     tokens = sum(int(w.numel()) for w in run.windows)  # the calibrated tables sum over every window's tokens
     weights = layer_weights(slopes, list(tables), set(run.data_free), tokens, run.slope_power)
-    choices = allocation(run, tables, weights)
-    second_pass(run, tables, choices)
-    return {"model_scope": {"end_divergence": kind, "slope_windows": min(SLOPE_WINDOWS, len(run.windows)),
-                            "calibration_tokens": tokens, "slope_power": run.slope_power,
-                            "slopes": {n: slopes[n] for n in sorted(slopes)}}}
+    rows = seen_rows(run, embedding, weights) if run.token_rows else None
+    choices = allocation(run, tables, weights, rows)
+    second_pass(run, tables, choices, rows)
+    record = {"end_divergence": kind, "slope_windows": min(SLOPE_WINDOWS, len(run.windows)),
+              "calibration_tokens": tokens, "slope_power": run.slope_power,
+              "slopes": {n: slopes[n] for n in sorted(slopes)}}
+    if run.token_rows:
+        record["token_rows"] = {"embedding": embedding["name"], "input_slope": embedding["slope"],
+                                "candidates": 0 if rows is None else int(rows.candidates.numel())}
+    return {"model_scope": record}
 
 
 def layer_weights(slopes: dict[str, float], names: list[str], data_free: set[str], tokens: int,
@@ -148,24 +157,62 @@ def analyse(run: Run, name: str, H: torch.Tensor | None, transposed: bool) -> di
     return method.stash(a)
 
 
-def layer_slopes_of(run: Run, tables: dict[str, tuple[str, bool]]) -> tuple[str, dict[str, float]]:
-    """(the divergence's kind, {name: c_l}) for the stashed matrices, measured once (pass1/slopes)."""
+def layer_slopes_of(run: Run, tables: dict[str, tuple[str, bool]]) -> tuple[str, dict[str, float], dict]:
+    """(the divergence's kind, {name: c_l} for the stashed matrices, {"name": the input embedding's
+    stashed data-free matrix or None, "slope": its input slope c_in} (measured with --token-rows
+    only)), measured once (pass1/slopes)."""
     stash = run.work.pass1
     done = stash.done("slopes")
     if done is not None:
-        return done["kind"], done["slopes"]
+        return done["kind"], done["slopes"], done["embedding"]
     with phase("layer weights"):
         model = run.build_finetune()
-        params = {ck: p for p, ck in run.param_names(model).items() if ck in tables}
+        names = run.param_names(model)
+        params = {ck: p for p, ck in names.items() if ck in tables}
         kind, slopes = fisher_slopes(model, params, set(run.data_free), run.windows[:SLOPE_WINDOWS], run.seed,
                                      progress=run.progress)
+        embedding = {"name": None, "slope": 0.0}
+        if run.token_rows:
+            weight = model.get_input_embeddings().weight
+            owned = dict(model.named_parameters(remove_duplicate=False))
+            found = [names[p] for p in names if owned.get(p) is weight and names[p] in tables and names[p] in run.data_free]
+            if found:
+                embedding = {"name": found[0], "slope": input_slope(model, run.windows[:SLOPE_WINDOWS], run.seed,
+                                                                    progress=run.progress)}
         del model
-    stash.write("slopes", {"kind": kind, "slopes": slopes}, {})
-    return kind, slopes
+    stash.write("slopes", {"kind": kind, "slopes": slopes, "embedding": embedding}, {})
+    return kind, slopes, embedding
 
 
-def allocation(run: Run, tables: dict[str, tuple[str, bool]], weights: dict[str, float]) -> dict[str, np.ndarray]:
-    """{name: width index per triplet} of the one allocation over every stashed table (pass1/allocation)."""
+@dataclass
+class SeenRows:
+    """The input embedding's rows that join the allocation: the matrix `name`, its rows seen in
+    calibration `candidates` (r,) int64, their error table (r, B) and costs (B,) (token_rows.row_table)."""
+    name: str
+    candidates: torch.Tensor
+    table: np.ndarray
+    costs: np.ndarray
+
+
+def seen_rows(run: Run, embedding: dict, weights: dict[str, float]) -> SeenRows | None:
+    """The rows of the input embedding that calibration reads (token count > 0), weighted by
+    token_rows.row_weights; None where no stashed data-free matrix is the input embedding."""
+    name = embedding["name"]
+    if name is None:
+        return None
+    D = run.load(name).float()
+    ids = torch.cat([w.reshape(-1) for w in run.windows]).long()
+    counts = torch.bincount(ids[ids < D.shape[0]], minlength=D.shape[0])
+    candidates = torch.nonzero(counts).flatten()
+    w = token_rows.row_weights(weights[name], embedding["slope"], counts[candidates], int(ids.numel()))
+    table, costs = token_rows.row_table(D[candidates], w, run.settings.widths, run.settings.group_size)
+    return SeenRows(name, candidates, table, costs)
+
+
+def allocation(run: Run, tables: dict[str, tuple[str, bool]], weights: dict[str, float],
+               rows: SeenRows | None = None) -> dict[str, np.ndarray]:
+    """{name: width index per triplet} of the one allocation over every stashed table, and with `rows`
+    {ROWS + name: width index per seen row} (pass1/allocation)."""
     stash = run.work.pass1
     if stash.done("allocation") is not None:
         return {k: v.numpy() for k, v in stash.read("allocation").items()}
@@ -175,14 +222,21 @@ def allocation(run: Run, tables: dict[str, tuple[str, bool]], weights: dict[str,
     for name in names:
         t = stash.read(tables[name][0], [f"{name}:table", f"{name}:costs", f"{name}:budget"])
         parts.append((t[f"{name}:table"].numpy(), t[f"{name}:costs"].numpy(), float(t[f"{name}:budget"][0])))
+    scale = [weights[n] for n in names]
+    if rows is not None:  # the rows' table is weighted already; they draw on the model's budget
+        names, parts, scale = names + [ROWS + rows.name], parts + [(rows.table, rows.costs, 0.0)], scale + [1.0]
     with phase("ILP"):
-        choices = method.allocate_joint(parts, run.settings, [weights[n] for n in names])
+        choices = method.allocate_joint(parts, run.settings, scale)
     out = {n: np.asarray(c) for n, c in zip(names, choices)}
     stash.write("allocation", {"matrices": len(out)}, {n: torch.from_numpy(c.astype(np.int64)) for n, c in out.items()})
     return out
 
 
-def second_pass(run: Run, tables: dict[str, tuple[str, bool]], choices: dict[str, np.ndarray]) -> None:
+ROWS = "rows:"  # the allocation's key of the seen rows of a matrix
+
+
+def second_pass(run: Run, tables: dict[str, tuple[str, bool]], choices: dict[str, np.ndarray],
+                rows: SeenRows | None = None) -> None:
     """Complete every matrix at its allocated widths into the final chunks, block by block."""
     runner = run.make_runner()
     skip = frozenset(i for i in range(len(runner.blocks)) if run.work.done(block_chunk(i)) is not None)
@@ -202,15 +256,16 @@ def second_pass(run: Run, tables: dict[str, tuple[str, bool]], choices: dict[str
     for name in tqdm(run.data_free, desc="pass 2 of 2: quantize data-free tensors", unit="tensor",
                      disable=not run.progress or not run.data_free):
         if run.work.done(rest_chunk(name)) is None:
-            enc = complete(run, name, None, False, tables, choices)
+            enc = complete(run, name, None, False, tables, choices, rows)
             run.store(rest_chunk(name), [name], {name: (enc, False)} if enc is not None else {})
             release_freed_memory()
 
 
 def complete(run: Run, name: str, H: torch.Tensor | None, transposed: bool, tables: dict[str, tuple[str, bool]],
-             choices: dict[str, np.ndarray]) -> Encoded | None:
-    """One matrix's stored form: its stashed analysis at its allocated widths, or (not stashed: zero or
-    not a matrix) the one-pass encoding."""
+             choices: dict[str, np.ndarray], rows: SeenRows | None = None) -> Encoded | None:
+    """One matrix's stored form: its stashed analysis at its allocated widths (with its seen rows'
+    residual where `rows` are of this matrix), or (not stashed: zero or not a matrix) the one-pass
+    encoding."""
     D = run.load(name)
     if name not in tables:
         return encode_tensor(D, H, transposed, run.settings, run.overhead, device=run.device)
@@ -220,4 +275,10 @@ def complete(run: Run, name: str, H: torch.Tensor | None, transposed: bool, tabl
     Dp, Hp = placed(D, H, method, run.device)
     a = method.unstash({k[len(prefix):]: v for k, v in stashed.items() if k.startswith(prefix)},
                        Dp.T if transposed else Dp, Hp)
-    return method.complete_joint(a, choices[name], run.settings)
+    enc = method.complete_joint(a, choices[name], run.settings)
+    if rows is None or rows.name != name:
+        return enc
+    picked = choices[ROWS + name]
+    budget = float(rows.costs[picked].sum()) + method.joint_reserve_bits(run.settings)
+    return token_rows.with_rows(enc, D, rows.candidates, picked, rows.table, run.settings.widths,
+                                run.settings.group_size, budget)

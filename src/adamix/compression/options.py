@@ -96,6 +96,9 @@ class Options:
                                 "slope c shrunk toward the slopes' geometric mean g, c^P g^(1-P): 1 = the measured "
                                 "slopes (the model's output divergence), 0 = equal weights (the pooled layer error) "
                                 "(default 1)", type=float, metavar="P")
+    token_rows: bool = option(False, "with --budget-scope model: the rows of the input embedding that the "
+                              "calibration text reads join the allocation beside its low-rank part, each weighted "
+                              "by its token count (stored kind <kind>+rows; default off)")
     distill_steps: int = option(0, "train the per-matrix scales this many steps to match the fine-tune's hidden "
                                 "states on the calibration text (holds both models in memory; default 0)",
                                 type=int, method_specific=True, needs_calibration=True)
@@ -169,6 +172,10 @@ class Options:
             raise AdamixError(f"--slope-power must be a number from 0 to 1, got {self.slope_power!r}")
         if self.slope_power != 1.0 and self.budget_scope != "model":
             raise AdamixError("--slope-power applies to --budget-scope model only")
+        if self.token_rows and self.budget_scope != "model":
+            raise AdamixError("--token-rows applies to --budget-scope model only")
+        if self.token_rows and self.max_rank is not None:
+            raise AdamixError("--token-rows cannot be combined with --max-rank (the cap counts triplets, not rows)")
         if self.max_rank is not None and (isinstance(self.max_rank, bool) or not isinstance(self.max_rank, int)
                                           or self.max_rank < 1):
             raise AdamixError(f"--max-rank must be a positive integer, got {self.max_rank!r}")
@@ -221,6 +228,8 @@ class Options:
             record["distill_steps"] = self.distill_steps
         if self.slope_power != 1.0:
             record["slope_power"] = float(self.slope_power)
+        if self.token_rows:
+            record["token_rows"] = True
         return record
 
     def replace(self, **changes) -> "Options":

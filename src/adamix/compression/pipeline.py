@@ -25,7 +25,7 @@ from ..io.text import default_calibration_file, read_text
 from ..io.vocab import add_new_rows
 from ..memory import release_freed_memory
 from ..threads import available_cores, default_threads, torch_threads
-from ..methods import Encoded, ModelContext, get
+from ..methods import Encoded, ModelContext, get, token_rows
 from ..methods.kinds import stored_suffixes
 from ..version import __version__
 from .encode import encode_block, encode_tensor
@@ -57,7 +57,9 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
     torch.manual_seed(opts.seed)
     base_ck, ft_ck = Checkpoint(base), Checkpoint(finetuned)
     names, dropped = pair_tensors(base_ck, ft_ck)
-    overhead = overhead_per_element(base_ck, names, max(len(stored_suffixes(k)) for k in method.kinds))
+    kinds = method.kinds + (tuple(token_rows.kind_of(k) for k in method.kinds if k in token_rows.INNER)
+                            if opts.token_rows else ())
+    overhead = overhead_per_element(base_ck, names, max(len(stored_suffixes(k)) for k in kinds))
     check_before_calibration(base_ck, ft_ck, names, settings, overhead, opts.ratio, opts.distill_steps,
                              opts.calib is not None)
     calib_path = None
@@ -110,7 +112,7 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
                     work, load, lambda: BlockRunner(ft_ck, windows, opts.device, grams_on_device=on_gpu),
                     [n for n in names if n not in calibrated], store, lambda: build_model(ft_ck, device=opts.device),
                     lambda model: state_name_map(model, ft_ck.keys()), windows, set(names), settings, overhead,
-                    device, opts.seed, opts.progress, float(opts.slope_power))))
+                    device, opts.seed, opts.progress, float(opts.slope_power), bool(opts.token_rows))))
             else:
                 runner = BlockRunner(ft_ck, windows, opts.device, grams_on_device=on_gpu)
                 mine = share(len(runner.blocks), shard) if shard else range(len(runner.blocks))

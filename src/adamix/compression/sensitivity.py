@@ -199,15 +199,7 @@ def fisher_slopes(model: nn.Module, params: dict[str, str], data_free: set[str],
         for k in tqdm(range(probes), desc="layer weights (Fisher probes)", disable=not progress, unit="probe"):
             for ids in windows:
                 out = model(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device))
-                logits = getattr(out, "logits", None)
-                if logits is not None:
-                    kind, logp = "kl", F.log_softmax(logits[0].float(), dim=-1)
-                    y = torch.multinomial(logp.detach().exp().cpu(), 1, generator=gen).to(device)
-                    loss = logp.gather(1, y).sum()
-                else:
-                    hidden = getattr(out, "last_hidden_state", None)
-                    h = (hidden if hidden is not None else out[0])[0].float()
-                    loss = (torch.randn(h.shape, generator=gen).to(device) * h).sum()
+                kind, loss = probe_loss(out, gen)
                 grads = torch.autograd.grad(loss, list(wanted.values()), allow_unused=True)
                 for ck, g in zip(wanted, grads):
                     if g is not None:
@@ -232,6 +224,62 @@ def fisher_slopes(model: nn.Module, params: dict[str, str], data_free: set[str],
             m = p.shape[1] if is_conv1d(module) else p.shape[0]
             slopes[ck] = mean / (m * inputs[ck]) if inputs.get(ck, 0.0) > 0 else 0.0
     return kind, slopes
+
+
+def probe_loss(out, gen: torch.Generator) -> tuple[str, torch.Tensor]:
+    """(kind, the scalar whose gradient is one probe g of fisher_slopes' module doc) for one window's
+    model output: log p(y) of y sampled from the model (kind "kl"), or r . h with r ~ N(0, I) of the
+    final hidden states h (kind "hidden")."""
+    logits = getattr(out, "logits", None)
+    if logits is not None:
+        logp = F.log_softmax(logits[0].float(), dim=-1)
+        y = torch.multinomial(logp.detach().exp().cpu(), 1, generator=gen).to(logp.device)
+        return "kl", logp.gather(1, y).sum()
+    hidden = getattr(out, "last_hidden_state", None)
+    h = (hidden if hidden is not None else out[0])[0].float()
+    return "hidden", (torch.randn(h.shape, generator=gen).to(h.device) * h).sum()
+
+
+def input_slope(model: nn.Module, windows: list[torch.Tensor], seed: int = 0, probes: int = SLOPE_PROBES,
+                progress: bool = False) -> float:
+    """c_in: the divergence per token (module doc) per unit of squared change of one position's input
+    embedding, per entry, in expectation over the change's direction:
+
+        c_in = k E sum_t |g_t|^2 / (T n),
+
+    g_t = the probe's gradient with respect to the embedding output at position t (n wide), k as in
+    fisher_slopes, T the windows' tokens. A change d of the embedding row of a token seen count times
+    in T tokens then adds, to second order, c_in count |d|^2 / T (methods.token_rows). Estimated over
+    `probes` draws per window, as fisher_slopes; `model` is left as it was."""
+    model.eval()
+    device = next(model.parameters()).device
+    embedding = model.get_input_embeddings()
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    held: list[torch.Tensor] = []
+
+    def keep(_mod, _inp, out):  # the embedding output, made a leaf of the probe's graph
+        out = out.detach().requires_grad_(True)
+        held.append(out)
+        return out
+    hook = embedding.register_forward_hook(keep)
+    gen = torch.Generator().manual_seed(seed)
+    total, kind, width = 0.0, "hidden", int(embedding.weight.shape[1])
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for _ in tqdm(range(probes), desc="input slope (Fisher probes)", disable=not progress, unit="probe"):
+            for ids in windows:
+                held.clear()
+                out = model(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device))
+                kind, loss = probe_loss(out, gen)
+                (g,) = torch.autograd.grad(loss, held[:1])
+                total += float((g.double() ** 2).sum())
+    finally:
+        hook.remove()
+        for p in model.parameters():
+            p.requires_grad_(flags[id(p)])
+    tokens = sum(ids.shape[1] for ids in windows)
+    return (0.5 if kind == "kl" else 1.0) * total / probes / (max(tokens, 1) * width)
 
 
 def input_hook(model: nn.Module, pname: str, energy: dict[str, float], key: str):

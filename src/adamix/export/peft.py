@@ -33,7 +33,9 @@ where the cap's freed bits widen the kept triplets and target correction refits 
 
 With `lora_only=True` the adapter holds lora_A / lora_B only (what vLLM's multi-LoRA serving loads;
 it rejects modules_to_save and LoRA biases): the other deltas are dropped and listed, so the adapter
-is the fine-tune minus those deltas.
+is the fine-tune minus those deltas. A kind stored as parts (token rows beside a low-rank embedding,
+methods.token_rows) then keeps its low-rank part as the LoRA pair and drops its rows (listed in
+"parts_dropped"); without `lora_only` it is kept whole, like any delta that is not low-rank.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from ..io.artifact import AtomicFolder, Artifact, prepare_output
 from ..io.checkpoint import Checkpoint
 from ..io.hf import is_conv1d, model_skeleton, param_owners
 from ..io.vocab import refuse_new_rows
-from ..methods.kinds import low_rank_factors, pair_gains
+from ..methods.kinds import factor_rank, low_rank_factors, pair_gains, parts
 from ..methods.rows import nonzero_rows
 from .vllm import VLLM_RANKS, export_dtype, slot_rank
 
@@ -60,12 +62,28 @@ CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def model_factors(art: Artifact, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(U (m, k), V (k, n)) float32 with U V = D^ in the tensor's own (model) orientation, or None."""
+def lora_entry(art: Artifact, name: str, low_rank_part: bool = False) -> tuple[str, dict, dict[str, torch.Tensor]]:
+    """(kind, meta, stored tensors) that a LoRA pair of tensor `name` is made from: the entry itself,
+    or with `low_rank_part` the low-rank part of a kind stored as parts (methods.kinds.parts: the
+    token rows beside it are then left out)."""
+    e = art.entries[name]
+    shape = tuple(e["shape"])
+    kind, meta, stored = e["kind"], e.get("meta", {}), art.tensors(name)
+    split = parts(kind, shape[::-1] if e.get("transposed") else shape, meta, stored) if low_rank_part else None
+    for part in split or ():
+        if factor_rank(part[0], part[1]) is not None:
+            return part
+    return kind, meta, stored
+
+
+def model_factors(art: Artifact, name: str, low_rank_part: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(U (m, k), V (k, n)) float32 with U V = D^ in the tensor's own (model) orientation, or None;
+    low_rank_part: those of lora_entry's low-rank part."""
     e = art.entries[name]
     shape = tuple(e["shape"])
     transposed = bool(e.get("transposed"))
-    f = low_rank_factors(e["kind"], shape[::-1] if transposed else shape, e.get("meta", {}), art.tensors(name))
+    kind, meta, stored = lora_entry(art, name, low_rank_part)
+    f = low_rank_factors(kind, shape[::-1] if transposed else shape, meta, stored)
     if f is None:
         return None
     U, V = f
@@ -102,11 +120,14 @@ class Plan:
     tokens: dict[str, tuple[str, torch.Tensor]] = field(default_factory=dict)
     to_save: dict[str, list[str]] = field(default_factory=dict)
     dropped: list[str] = field(default_factory=list)
+    parts_dropped: list[str] = field(default_factory=list)
 
 
-def lora_pairs(art: Artifact, tree: Tree) -> Plan:
+def lora_pairs(art: Artifact, tree: Tree, lora_only: bool = False) -> Plan:
     """Phase 1: every stored tensor of a Linear / Conv1D / Embedding weight whose kind has low-rank
-    factors becomes a LoRA pair on each module that holds it; the others go to `rest`."""
+    factors becomes a LoRA pair on each module that holds it; the others go to `rest`. lora_only: a
+    kind stored as parts with a low-rank one (token rows beside a low-rank embedding) becomes the
+    pair of that part, its other parts listed in `parts_dropped`; otherwise it is kept whole (rest)."""
     plan = Plan()
     for name in sorted(art.entries):
         e = art.entries[name]
@@ -116,7 +137,9 @@ def lora_pairs(art: Artifact, tree: Tree) -> Plan:
         f = None
         if all(attr == "weight" and (isinstance(tree.modules[m], (nn.Linear, nn.Embedding)) or is_conv1d(tree.modules[m]))
                for m, attr in own) and len(e["shape"]) == 2:
-            f = model_factors(art, name)
+            f = model_factors(art, name, low_rank_part=lora_only)
+            if f is not None and lora_only and lora_entry(art, name, True)[0] != e["kind"]:
+                plan.parts_dropped.append(name)
         if f is None:
             plan.rest.append(name)
             continue
@@ -188,8 +211,8 @@ def cap_ranks(art: Artifact, plan: Plan, max_rank: int) -> dict[str, dict]:
         if name not in cut:
             e = art.entries[name]
             shape = tuple(e["shape"])
-            gains = pair_gains(e["kind"], shape[::-1] if e.get("transposed") else shape, e.get("meta", {}),
-                               art.tensors(name))
+            kind, meta, stored = lora_entry(art, name, name in plan.parts_dropped)
+            gains = pair_gains(kind, shape[::-1] if e.get("transposed") else shape, meta, stored)
             if gains is None:
                 raise AdamixError(f"tensor {name} ({e['kind']}, rank {k}) records no gains to choose {max_rank} of its "
                                   f"pairs by: compress with --max-rank {max_rank} instead")
@@ -318,6 +341,7 @@ def export_summary(plan: Plan, ranks: dict[str, int], zero: list[str], r: int, a
         "trainable_tokens": {m: {"tensor": n, "rows": int(rows.numel())} for m, (n, rows) in plan.tokens.items()},
         "modules_to_save": {m: sorted(set(v)) for m, v in sorted(plan.to_save.items())},
         "dropped": sorted(plan.dropped),
+        "parts_dropped": {n: "token rows (only the low-rank part is a LoRA pair)" for n in sorted(plan.parts_dropped)},
         "not_lora": {n: art.entries[n]["kind"] + (" 1-D" if len(art.entries[n]["shape"]) == 1 else "")
                      for n in sorted(set(plan.rest) | set(plan.dropped))},
     }
@@ -344,7 +368,7 @@ def export_peft(base: str | os.PathLike, delta: str | os.PathLike, out: str | os
     base_ck = Checkpoint(base)
     art.check_base(base_ck.fingerprint())
     tree = Tree(model_skeleton(base_ck.folder))
-    plan = lora_pairs(art, tree)
+    plan = lora_pairs(art, tree, lora_only)
     place_rest(art, tree, plan, lora_only)
     cut = cap_ranks(art, plan, max_rank) if max_rank is not None else {}
     ranks, zero, r = choose_ranks(plan, uniform_rank, max_rank)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import raw, rows, svd_mixed  # noqa: F401  (stored kinds shared by several methods)
+from . import raw, rows, svd_mixed, svd_rotated, token_rows  # noqa: F401  (stored kinds shared by several methods)
 # one line per method: importing its module registers it (the first is the default)
 from . import adamix  # noqa: F401
 from . import deltacome  # noqa: F401

@@ -167,6 +167,27 @@ def quantized_factors(kind: str, shape: tuple[int, ...], meta: dict,
     return fn(tuple(shape), meta, tensors)
 
 
+Parts = Callable[[tuple[int, ...], dict, dict[str, torch.Tensor]], "list[tuple[str, dict, dict[str, torch.Tensor]]]"]
+PARTS: dict[str, Parts] = {}
+
+
+def register_parts(kind: str) -> Callable[[Parts], Parts]:
+    """Declare that `kind` stores a sum of entries of other kinds: fn(shape, meta, tensors) -> [(kind,
+    meta, tensors), ...] whose decodes add up to decode(kind, ...). The runtime holds each part in its
+    own best form (a low-rank part as factors, a row part as rows) instead of one dense matrix."""
+    def wrap(fn: Parts) -> Parts:
+        PARTS[kind] = fn
+        return fn
+    return wrap
+
+
+def parts(kind: str, shape: tuple[int, ...], meta: dict,
+          tensors: dict[str, torch.Tensor]) -> list[tuple[str, dict, dict[str, torch.Tensor]]] | None:
+    """register_parts' answer for `kind`, None for kinds stored whole."""
+    fn = PARTS.get(kind)
+    return None if fn is None else fn(tuple(shape), meta, tensors)
+
+
 MetaCheck = Callable[[tuple[int, ...], dict], None]
 META_CHECKS: dict[str, MetaCheck] = {}
 

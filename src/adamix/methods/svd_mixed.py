@@ -31,6 +31,7 @@ from .kinds import (Encoded, QuantizedFactors, parse_width_meta, register_decode
                     register_quantized_factors)
 
 PACK_PAD_BITS = 14  # per width and tensor: the byte padding of its two packed code streams (2 x 7 bits)
+KIND = "svd-mixed"
 GAIN_BITS = 16  # per kept triplet: its fp16 gain
 
 

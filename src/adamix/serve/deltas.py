@@ -5,6 +5,7 @@ fastest, with the operations the wrapped modules need (serve.modules).
   LowRankDelta       factors de-quantized once (any dtype or device)
   PackedLowRankDelta the stored bytes, de-quantized on every call (least memory)
   RowDelta           a delta that is zero outside a few rows (embedding rows of the tokens seen)
+  SumDelta           a kind stored as parts (methods.kinds.register_parts), each held in its own form
   DenseDelta         anything else, as a dense matrix
 `matrix_delta` picks the form for one tensor of an artifact; `resolve_factors` the factor mode.
 """
@@ -15,7 +16,7 @@ import torch
 
 from ..errors import AdamixError
 from ..io.artifact import Artifact
-from ..methods.kinds import low_rank_factors, quantized_factors
+from ..methods.kinds import decode, low_rank_factors, parts, quantized_factors
 from ..methods.rows import nonzero_rows
 from .kernels import lowbit, native
 
@@ -187,6 +188,36 @@ class DenseDelta(MatrixDelta):
         return [self.D]
 
 
+class SumDelta(MatrixDelta):
+    """D = sum of the parts' deltas (each a MatrixDelta of the same shape)."""
+
+    def __init__(self, parts: list[MatrixDelta]):
+        self.parts = parts
+        self.shape = parts[0].shape
+
+    def add_linear(self, y, x):
+        for p in self.parts:
+            p.add_linear(y, x)
+
+    def rows(self, ids):
+        out = self.parts[0].rows(ids)
+        for p in self.parts[1:]:
+            out = out + p.rows(ids)
+        return out
+
+    def t(self):
+        return SumDelta([p.t() for p in self.parts])
+
+    def dense(self):
+        D = self.parts[0].dense().clone()
+        for p in self.parts[1:]:
+            D += p.dense()
+        return D
+
+    def tensors(self):
+        return [t for p in self.parts for t in p.tensors()]
+
+
 def dense_to_delta(D: torch.Tensor) -> MatrixDelta:
     """A dense D^ (m, n) as RowDelta when few of its rows are non-zero (methods.rows.nonzero_rows)."""
     nz = nonzero_rows(D)
@@ -204,27 +235,42 @@ def matrix_delta(art: Artifact, name: str, dtype: torch.dtype, device: torch.dev
       "codes": LowBitDelta for kinds whose factors are codes on grids (register_quantized_factors;
                float32 CPU), else as "float";  "float": LowRankDelta (de-quantized once);
       "packed": PackedLowRankDelta (the stored bytes, de-quantized on every call).
+    Kinds stored as parts (methods.kinds.register_parts) -> SumDelta of each part's form.
     Other kinds -> RowDelta / DenseDelta of Artifact.delta(name).
     """
     e = art.entries[name]
     shape = tuple(e["shape"])
     transposed = bool(e.get("transposed"))
     eshape = shape[::-1] if transposed else shape  # the orientation the method saw
-    meta, stored = e.get("meta", {}), art.tensors(name)
+    held = kind_delta(e["kind"], eshape, e.get("meta", {}), art.tensors(name), transposed, dtype, device, factors)
+    return held if held is not None else dense_to_delta(art.delta(name).to(device=device, dtype=dtype))
+
+
+def kind_delta(kind: str, eshape: tuple[int, int], meta: dict, stored: dict[str, torch.Tensor], transposed: bool,
+               dtype: torch.dtype, device: torch.device | str, factors: str,
+               whole: bool = False) -> MatrixDelta | None:
+    """matrix_delta's form of one stored entry of `kind` (eshape: the orientation the method saw), or
+    None for a kind without factors or parts (the caller decodes it); whole: decode such a kind here."""
+    split = parts(kind, eshape, meta, stored)
+    if split is not None:
+        return SumDelta([kind_delta(k, eshape, m, t, transposed, dtype, device, factors, whole=True) for k, m, t in split])
     if factors == "codes":
-        q = quantized_factors(e["kind"], eshape, meta, stored)
+        q = quantized_factors(kind, eshape, meta, stored)
         if q is not None:
             V, U = (q.V, q.gv), (q.U, q.gu)
             inp, out = (U, V) if transposed else (V, U)  # transposed: D^T = V^T U^T, the sides swap
             return LowBitDelta(lowbit.cols_from_codes(inp[0]["codes"], q.bits, inp[0]["scale"], inp[0]["offset"], inp[1]),
                                lowbit.from_codes(out[0]["codes"], q.bits, out[0]["scale"], out[0]["offset"], out[1]))
-    f = low_rank_factors(e["kind"], eshape, meta, stored)
+    f = low_rank_factors(kind, eshape, meta, stored)
     if f is not None and factors == "packed":
-        return PackedLowRankDelta(e["kind"], eshape, meta, {k: v.to(device) for k, v in stored.items()}, transposed, dtype)
+        return PackedLowRankDelta(kind, eshape, meta, {k: v.to(device) for k, v in stored.items()}, transposed, dtype)
     if f is not None:
         U, V = (t.to(device=device, dtype=dtype) for t in f)
         return LowRankDelta(V.T, U.T) if transposed else LowRankDelta(U, V)
-    return dense_to_delta(art.delta(name).to(device=device, dtype=dtype))
+    if not whole:
+        return None
+    D = decode(kind, eshape, meta, stored)
+    return dense_to_delta((D.T if transposed else D).to(device=device, dtype=dtype))
 
 
 def resolve_factors(factors: str, dtype: torch.dtype, device: torch.device) -> str:
