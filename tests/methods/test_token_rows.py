@@ -141,3 +141,11 @@ def test_runtime_holds_the_parts_and_applies_their_sum(factors):
     assert torch.allclose(held.dense(), dense, atol=1e-6)
     rows_only = decode_rows((m, n), enc.meta["rows"], {own: enc.tensors[k] for k, own in ROW_TENSORS.items()})
     assert int(rows_only.ne(0).any(1).sum()) == enc.stats["rows_kept"]
+
+
+def test_inspect_shows_the_low_rank_part_and_the_rows():
+    from adamix.eval.report import widths_text
+    _, enc = composite()
+    low = " ".join(f"{b}b×{c}" for b, c in enc.meta["lowrank_meta"]["widths"])
+    rows = " ".join(f"{b}b×{c}" for b, c in enc.meta["rows"]["widths"])
+    assert widths_text(enc.meta) == f"{low} + rows {rows}" and rows == f"4b×{enc.stats['rows_kept']}"

@@ -20,6 +20,9 @@ def human_bytes(n: float) -> str:
 
 
 def widths_text(meta: dict) -> str:
+    if isinstance(meta.get("lowrank_meta"), dict) and isinstance(meta.get("rows"), dict):  # token rows beside low rank
+        rows = " ".join(f"{b}b×{c}" for b, c in meta["rows"].get("widths", []))
+        return f"{widths_text(meta['lowrank_meta'])} + rows {rows}"
     text = " ".join(f"{b}b×{c}" for b, c in meta.get("widths", [])) or "-"
     return f"{text} +{meta['new_rows']} new rows" if meta.get("new_rows") else text
 
@@ -47,7 +50,10 @@ def print_summary(manifest: dict, per_tensor: bool = False, console: Console | N
             t.add_column(col, justify="left" if col in ("tensor", "kind", "widths") else "right")
         for name, e in manifest["tensors"].items():
             st = e.get("stats", {})
-            rank = factor_rank(e["kind"], e.get("meta", {}))
+            meta = e.get("meta", {})
+            rank = factor_rank(e["kind"], meta)
+            if rank is None and isinstance(meta.get("lowrank_meta"), dict):  # the low-rank part's
+                rank = factor_rank(meta.get("lowrank"), meta["lowrank_meta"])
             t.add_row(name, e["kind"], "x".join(map(str, e["shape"])), "" if rank is None else str(rank),
                       widths_text(e.get("meta", {})),
                       str(e["bytes"]), f"{st['error_predicted']:.4f}" if "error_predicted" in st else "",
