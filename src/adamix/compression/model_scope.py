@@ -164,7 +164,7 @@ def layer_slopes_of(run: Run, tables: dict[str, tuple[str, bool]]) -> tuple[str,
     stash = run.work.pass1
     done = stash.done("slopes")
     if done is not None:
-        return done["kind"], done["slopes"], done["embedding"]
+        return done["kind"], done["slopes"], done.get("embedding", {"name": None, "slope": 0.0})
     with phase("layer weights"):
         model = run.build_finetune()
         names = run.param_names(model)
