@@ -37,7 +37,7 @@ from ..methods import token_rows
 from ..timing import phase
 from .encode import encode_tensor, placed
 from .partial import PartialRun, block_chunk, rest_chunk
-from .plan import is_svd_shape
+from .plan import extra_entry_bits, is_svd_shape
 from .sensitivity import SLOPE_WINDOWS, fisher_slopes, input_slope
 
 
@@ -223,8 +223,10 @@ def allocation(run: Run, tables: dict[str, tuple[str, bool]], weights: dict[str,
         t = stash.read(tables[name][0], [f"{name}:table", f"{name}:costs", f"{name}:budget"])
         parts.append((t[f"{name}:table"].numpy(), t[f"{name}:costs"].numpy(), float(t[f"{name}:budget"][0])))
     scale = [weights[n] for n in names]
-    if rows is not None:  # the rows' table is weighted already; they draw on the model's budget
-        names, parts, scale = names + [ROWS + rows.name], parts + [(rows.table, rows.costs, 0.0)], scale + [1.0]
+    if rows is not None:  # the rows' table is weighted already; they draw on the model's budget, less the
+        # header and manifest their entry adds (the run's overhead counts the method's own suffixes)
+        header = extra_entry_bits(rows.name, len(token_rows.ROW_TENSORS), token_rows.META_BYTES)
+        names, parts, scale = names + [ROWS + rows.name], parts + [(rows.table, rows.costs, -header)], scale + [1.0]
     with phase("ILP"):
         choices = method.allocate_joint(parts, run.settings, scale)
     out = {n: np.asarray(c) for n, c in zip(names, choices)}

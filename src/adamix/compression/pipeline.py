@@ -25,7 +25,7 @@ from ..io.text import default_calibration_file, read_text
 from ..io.vocab import add_new_rows
 from ..memory import release_freed_memory
 from ..threads import available_cores, default_threads, torch_threads
-from ..methods import Encoded, ModelContext, get, token_rows
+from ..methods import Encoded, ModelContext, get
 from ..methods.kinds import stored_suffixes
 from ..version import __version__
 from .encode import encode_block, encode_tensor
@@ -57,9 +57,7 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
     torch.manual_seed(opts.seed)
     base_ck, ft_ck = Checkpoint(base), Checkpoint(finetuned)
     names, dropped = pair_tensors(base_ck, ft_ck)
-    kinds = method.kinds + (tuple(token_rows.kind_of(k) for k in method.kinds if k in token_rows.INNER)
-                            if opts.token_rows else ())
-    overhead = overhead_per_element(base_ck, names, max(len(stored_suffixes(k)) for k in kinds))
+    overhead = overhead_per_element(base_ck, names, max(len(stored_suffixes(k)) for k in method.kinds))
     check_before_calibration(base_ck, ft_ck, names, settings, overhead, opts.ratio, opts.distill_steps,
                              opts.calib is not None)
     calib_path = None

@@ -66,6 +66,13 @@ def overhead_per_element(base: Checkpoint, names: list[str], suffixes: int = 2) 
     return 8 * total_bytes / elements if elements else 0.0
 
 
+def extra_entry_bits(name: str, suffixes: int, meta_bytes: int = 0) -> float:
+    """Bits of header and manifest that `suffixes` more stored tensors of entry `name` and `meta_bytes`
+    more of its manifest entry take, estimated as overhead_per_element does (len(name) + 80 bytes
+    per header entry)."""
+    return 8.0 * (suffixes * (len(name) + 80) + meta_bytes)
+
+
 def delta_of(base: Checkpoint, ft: Checkpoint, name: str) -> torch.Tensor:
     """W_ft - W_base in float32; refuses non-finite weights. Where the fine-tune adds rows (vocab.py),
     the delta of the rows the two share."""

@@ -44,6 +44,7 @@ from .svd_rotated import KIND as ROTATED
 INNER = (MIXED, ROTATED)  # their decoders are registered by these imports
 SUFFIX = "+rows"
 ROW_TENSORS = {"row_idx": "idx", "row_codes": "codes", "row_params": "params"}  # stored suffix -> rows kind's
+META_BYTES = 160  # about what the rows add to the entry's manifest record (kind, rows meta, rows_kept)
 
 
 def kind_of(inner: str) -> str:
