@@ -92,6 +92,7 @@ def test_budget_held_across_the_model_and_moved_between_matrices(deep_pair, mode
               for n in mixed}
     alpha = art.manifest["alpha"]
     assert 8 * sum(stored.values()) <= alpha * 16 * sum(elements.values())
+    assert art.manifest["sizes"]["alpha_achieved"] <= alpha  # the manifest's slopes record included
     shares = [8 * stored[n] / (16 * elements[n]) for n in mixed]
     assert max(shares) > 1.5 * alpha and min(shares) < 0.5 * alpha  # bits went where the weights sent them
     record = art.manifest["settings"]["model_scope"]
@@ -321,6 +322,10 @@ def test_token_rows_store_seen_rows_beside_the_low_rank_embedding_within_the_mod
     elements = {n: math.prod(base.slice_info(n)[0]) for n in allocated}
     stored = {n: sum(t.numel() * t.element_size() for t in art.tensors(n).values()) for n in allocated}
     assert 8 * sum(stored.values()) <= art.manifest["alpha"] * 16 * sum(elements.values())
+    # and the whole artifact, its header and manifest included, spends the budget as the run without rows
+    sizes, plain = art.manifest["sizes"], Artifact(model_run).manifest["sizes"]
+    assert sizes["alpha_achieved"] <= art.manifest["alpha"]
+    assert abs(sizes["total_bytes"] - plain["total_bytes"]) < 0.01 * plain["total_bytes"]
     record = art.manifest["settings"]["model_scope"]["token_rows"]
     assert record["embedding"] == emb[0] and record["input_slope"] > 0 and record["candidates"] >= len(kept)
     # the seen rows are closer to the fine-tune's than without token rows

@@ -23,6 +23,7 @@ row, weighted by its token count and the input slope, `pass1/slopes`).
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -73,15 +74,17 @@ def compress_model_scope(run: Run) -> dict:
     tokens = sum(int(w.numel()) for w in run.windows)  # the calibrated tables sum over every window's tokens
     weights = layer_weights(slopes, list(tables), set(run.data_free), tokens, run.slope_power)
     rows = seen_rows(run, embedding, weights) if run.token_rows else None
-    choices = allocation(run, tables, weights, rows)
-    second_pass(run, tables, choices, rows)
     record = {"end_divergence": kind, "slope_windows": min(SLOPE_WINDOWS, len(run.windows)),
               "calibration_tokens": tokens, "slope_power": run.slope_power,
               "slopes": {n: slopes[n] for n in sorted(slopes)}}
     if run.token_rows:
         record["token_rows"] = {"embedding": embedding["name"], "input_slope": embedding["slope"],
                                 "candidates": 0 if rows is None else int(rows.candidates.numel())}
-    return {"model_scope": record}
+    extra = {"model_scope": record}
+    # the record joins the manifest (a slope per matrix): its bytes come out of the budget too
+    choices = allocation(run, tables, weights, rows, 8.0 * len(json.dumps(extra, separators=(",", ":"))))
+    second_pass(run, tables, choices, rows)
+    return extra
 
 
 def layer_weights(slopes: dict[str, float], names: list[str], data_free: set[str], tokens: int,
@@ -210,9 +213,10 @@ def seen_rows(run: Run, embedding: dict, weights: dict[str, float]) -> SeenRows 
 
 
 def allocation(run: Run, tables: dict[str, tuple[str, bool]], weights: dict[str, float],
-               rows: SeenRows | None = None) -> dict[str, np.ndarray]:
+               rows: SeenRows | None = None, reserve_bits: float = 0.0) -> dict[str, np.ndarray]:
     """{name: width index per triplet} of the one allocation over every stashed table, and with `rows`
-    {ROWS + name: width index per seen row} (pass1/allocation)."""
+    {ROWS + name: width index per seen row} (pass1/allocation), within the tables' budgets less
+    `reserve_bits`."""
     stash = run.work.pass1
     if stash.done("allocation") is not None:
         return {k: v.numpy() for k, v in stash.read("allocation").items()}
@@ -227,6 +231,9 @@ def allocation(run: Run, tables: dict[str, tuple[str, bool]], weights: dict[str,
         # header and manifest their entry adds (the run's overhead counts the method's own suffixes)
         header = extra_entry_bits(rows.name, len(token_rows.ROW_TENSORS), token_rows.META_BYTES)
         names, parts, scale = names + [ROWS + rows.name], parts + [(rows.table, rows.costs, -header)], scale + [1.0]
+    if parts:  # the reserve comes out of the model's one budget
+        table, costs, budget = parts[0]
+        parts[0] = (table, costs, budget - reserve_bits)
     with phase("ILP"):
         choices = method.allocate_joint(parts, run.settings, scale)
     out = {n: np.asarray(c) for n, c in zip(names, choices)}
