@@ -296,24 +296,65 @@ def test_input_slope_matches_the_linear_model_in_expectation():
 
 
 @pytest.fixture(scope="module")
-def token_rows_run(deep_pair, calib_file, tmp_path_factory):
-    out = tmp_path_factory.mktemp("rows") / "d"
-    subprocess.run(compress_cmd(deep_pair, calib_file, out, "--budget-scope", "model", "--token-rows"),
-                   check=True, env=child_env())
+def rows_pair(calib_file, tmp_path_factory):
+    """A 2-block Llama pair with a 2048-row vocabulary (the text reads 61 of them) whose fine-tune,
+    beside synthetic.perturb's low-rank change, moves the rows of the tokens the calibration text
+    reads by a full-rank 50% of their norm: a task-like embedding change."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from synthetic import config, perturb, tokenizer
+    root = tmp_path_factory.mktemp("rows-pair")
+    torch.manual_seed(0)
+    cfg = config("llama", 2)
+    cfg.vocab_size = 2048
+    model = AutoModelForCausalLM.from_config(cfg)
+    tok = tokenizer()
+    base, ft = root / "base", root / "ft"
+    model.save_pretrained(base)
+    tok.save_pretrained(base)
+    state = perturb(model.state_dict(), 1)
+    windows = token_windows(calib_file.read_text(), tok, 8, 32)
+    seen = torch.unique(torch.cat([w.reshape(-1) for w in windows]))
+    E = state["model.embed_tokens.weight"]
+    noise = torch.randn(len(seen), E.shape[1], generator=torch.Generator().manual_seed(5))
+    E[seen] += 0.5 * E[seen].norm(dim=1, keepdim=True) * noise / noise.norm(dim=1, keepdim=True)
+    model.load_state_dict(state)
+    model.save_pretrained(ft)
+    tok.save_pretrained(ft)
+    assert AutoTokenizer.from_pretrained(ft).vocab_size < 100
+    return base, ft
+
+
+def rows_cmd(rows_pair, calib_file, out, *extra) -> list[str]:
+    """At 1/64, where the embedding's low-rank part keeps fewer triplets than the text reads tokens."""
+    return compress_cmd(rows_pair, calib_file, out, "--budget-scope", "model", "--ratio", "1/64", *extra)
+
+
+def rows_pair_run(rows_pair, calib_file, out, *extra):
+    subprocess.run(rows_cmd(rows_pair, calib_file, out, *extra), check=True, env=child_env())
     return out
 
 
+@pytest.fixture(scope="module")
+def token_rows_run(rows_pair, calib_file, tmp_path_factory):
+    return rows_pair_run(rows_pair, calib_file, tmp_path_factory.mktemp("rows") / "d", "--token-rows")
+
+
+@pytest.fixture(scope="module")
+def plain_rows_run(rows_pair, calib_file, tmp_path_factory):
+    return rows_pair_run(rows_pair, calib_file, tmp_path_factory.mktemp("plain") / "d")
+
+
 def test_token_rows_store_seen_rows_beside_the_low_rank_embedding_within_the_model_budget(
-        deep_pair, calib_file, token_rows_run, model_run):
+        rows_pair, calib_file, token_rows_run, plain_rows_run):
     from transformers import AutoTokenizer
     art = Artifact(token_rows_run)
-    base = Checkpoint(deep_pair[0])
+    base = Checkpoint(rows_pair[0])
     emb = [n for n, e in art.entries.items() if e["kind"].endswith("+rows")]
     assert emb == ["model.embed_tokens.weight"]
     entry = art.entries[emb[0]]
     assert entry["kind"] == "svd-mixed+rows" and entry["stats"]["rows_kept"] > 0
     # the kept rows are tokens the calibration text reads
-    windows = token_windows(calib_file.read_text(), AutoTokenizer.from_pretrained(deep_pair[1]), 8, 32)
+    windows = token_windows(calib_file.read_text(), AutoTokenizer.from_pretrained(rows_pair[1]), 8, 32)
     seen = set(torch.cat([w.reshape(-1) for w in windows]).tolist())
     kept = art.tensors(emb[0])["row_idx"].tolist()
     assert set(kept) <= seen and len(set(kept)) == len(kept)
@@ -323,26 +364,36 @@ def test_token_rows_store_seen_rows_beside_the_low_rank_embedding_within_the_mod
     stored = {n: sum(t.numel() * t.element_size() for t in art.tensors(n).values()) for n in allocated}
     assert 8 * sum(stored.values()) <= art.manifest["alpha"] * 16 * sum(elements.values())
     # and the whole artifact, its header and manifest included, spends the budget as the run without rows
-    sizes, plain = art.manifest["sizes"], Artifact(model_run).manifest["sizes"]
+    sizes, plain = art.manifest["sizes"], Artifact(plain_rows_run).manifest["sizes"]
     assert sizes["alpha_achieved"] <= art.manifest["alpha"]
     assert abs(sizes["total_bytes"] - plain["total_bytes"]) < 0.01 * plain["total_bytes"]
     record = art.manifest["settings"]["model_scope"]["token_rows"]
     assert record["embedding"] == emb[0] and record["input_slope"] > 0 and record["candidates"] >= len(kept)
     # the seen rows are closer to the fine-tune's than without token rows
-    D = delta_of(base, Checkpoint(deep_pair[1]), emb[0]).double()
-    without = Artifact(model_run).delta(emb[0]).double()
+    D = delta_of(base, Checkpoint(rows_pair[1]), emb[0]).double()
+    without = Artifact(plain_rows_run).delta(emb[0]).double()
     err = lambda X: float(((X - D)[kept] ** 2).sum())  # noqa: E731
     assert err(art.delta(emb[0]).double()) < 0.5 * err(without)
 
 
-def test_token_rows_run_is_served_as_merged(deep_pair, token_rows_run):
+@pytest.mark.parametrize("where, count", [("slopes", 1), ("allocation", 1), ("pass2", 1)])
+def test_token_rows_sigkill_then_resume_is_byte_identical(rows_pair, calib_file, token_rows_run, tmp_path, where, count):
+    out = tmp_path / "d"
+    cmd = rows_cmd(rows_pair, calib_file, out, "--token-rows")
+    r = subprocess.run([sys.executable, "-c", KILLER, where, str(count), *cmd[3:]], env=child_env(), capture_output=True)
+    assert r.returncode == -signal.SIGKILL, r.stderr.decode()[-2000:]
+    subprocess.run(cmd + ["--resume"], check=True, env=child_env())
+    assert files(out) == files(token_rows_run)
+
+
+def test_token_rows_run_is_served_as_merged(rows_pair, token_rows_run):
     from adamix.serve import MultiTenantModel
     out = token_rows_run.parent / "merged"
-    adamix.merge(deep_pair[0], token_rows_run, out, progress=False)
+    adamix.merge(rows_pair[0], token_rows_run, out, progress=False)
     ref = build_model(Checkpoint(out)).eval()
     ids = torch.randint(4, 60, (2, 9), generator=torch.Generator().manual_seed(0))
     for factors in ("float", "auto"):
-        mt = MultiTenantModel(deep_pair[0], factors=factors)
+        mt = MultiTenantModel(rows_pair[0], factors=factors)
         mt.attach("t", token_rows_run)
         assert mt.tenants["t"].held_as["model.embed_tokens.weight"] == "SumDelta"
         with torch.no_grad():
@@ -350,15 +401,15 @@ def test_token_rows_run_is_served_as_merged(deep_pair, token_rows_run):
         assert float((got - expected).abs().max() / expected.abs().max()) < 2e-6, factors
 
 
-def test_token_rows_export_peft(deep_pair, token_rows_run, tmp_path):
+def test_token_rows_export_peft(rows_pair, token_rows_run, tmp_path):
     from safetensors.torch import load_file
     from adamix.methods import decode
     name, module = "model.embed_tokens.weight", "model.embed_tokens"
     art = Artifact(token_rows_run)
     e = art.entries[name]
-    whole = adamix.export_peft(deep_pair[0], token_rows_run, tmp_path / "whole")
+    whole = adamix.export_peft(rows_pair[0], token_rows_run, tmp_path / "whole")
     assert module in whole["modules_to_save"] and not whole["parts_dropped"]  # kept exactly
-    lora = adamix.export_peft(deep_pair[0], token_rows_run, tmp_path / "lora", lora_only=True)
+    lora = adamix.export_peft(rows_pair[0], token_rows_run, tmp_path / "lora", lora_only=True)
     assert lora["parts_dropped"] == {name: "token rows (only the low-rank part is a LoRA pair)"}
     assert module in lora["lora"] and name not in lora["dropped"]
     t = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))

@@ -10,7 +10,7 @@ from adamix.methods import decode
 from adamix.methods.adamix import Settings, compress_matrix
 from adamix.methods.allocate import solve_allocation
 from adamix.methods.rows import decode_rows, row_cost, stored_bits
-from adamix.methods.token_rows import ROW_TENSORS, row_table, row_weights, with_rows
+from adamix.methods.token_rows import ROW_TENSORS, residual_rows, row_table, row_weights, with_rows
 from adamix.quant.grid import rtn
 from adamix.serve.deltas import SumDelta, kind_delta
 
@@ -149,3 +149,12 @@ def test_inspect_shows_the_low_rank_part_and_the_rows():
     low = " ".join(f"{b}b×{c}" for b, c in enc.meta["lowrank_meta"]["widths"])
     rows = " ".join(f"{b}b×{c}" for b, c in enc.meta["rows"]["widths"])
     assert widths_text(enc.meta) == f"{low} + rows {rows}" and rows == f"4b×{enc.stats['rows_kept']}"
+
+
+def test_residual_rows_are_what_the_rank_k_truncation_leaves():
+    D, rows = embedding_delta()
+    U, s, Vh = torch.linalg.svd(D.double(), full_matrices=False)
+    for k in (0, 2, 5):
+        Dk = (U[:, :k] * s[:k]) @ Vh[:k]
+        assert torch.allclose(residual_rows(D, rows, k).double(), (D.double() - Dk)[rows], atol=1e-5)
+    assert float(residual_rows(D, rows, 3).norm()) < 0.6 * float(D[rows].norm())  # the rank-3 part is gone

@@ -190,11 +190,18 @@ def layer_slopes_of(run: Run, tables: dict[str, tuple[str, bool]]) -> tuple[str,
 @dataclass
 class SeenRows:
     """The input embedding's rows that join the allocation: the matrix `name`, its rows seen in
-    calibration `candidates` (r,) int64, their error table (r, B) and costs (B,) (token_rows.row_table)."""
+    calibration `candidates` (r,) int64 and their weights w_r (r,) (token_rows.row_weights); once
+    `tabulate`d with the low-rank part's rank k, their error table (r, B) and costs (B,)."""
     name: str
     candidates: torch.Tensor
-    table: np.ndarray
-    costs: np.ndarray
+    weights: torch.Tensor
+    table: np.ndarray | None = None
+    costs: np.ndarray | None = None
+
+    def tabulate(self, D: torch.Tensor, k: int, settings: Settings) -> None:
+        """token_rows.row_table of the candidates' residual after D's rank-k truncation."""
+        x = token_rows.residual_rows(D.float(), self.candidates, k)
+        self.table, self.costs = token_rows.row_table(x, self.weights, settings.widths, settings.group_size)
 
 
 def seen_rows(run: Run, embedding: dict, weights: dict[str, float]) -> SeenRows | None:
@@ -203,23 +210,27 @@ def seen_rows(run: Run, embedding: dict, weights: dict[str, float]) -> SeenRows 
     name = embedding["name"]
     if name is None:
         return None
-    D = run.load(name).float()
+    m = run.load(name).shape[0]
     ids = torch.cat([w.reshape(-1) for w in run.windows]).long()
-    counts = torch.bincount(ids[ids < D.shape[0]], minlength=D.shape[0])
+    counts = torch.bincount(ids[ids < m], minlength=m)
     candidates = torch.nonzero(counts).flatten()
     w = token_rows.row_weights(weights[name], embedding["slope"], counts[candidates], int(ids.numel()))
-    table, costs = token_rows.row_table(D[candidates], w, run.settings.widths, run.settings.group_size)
-    return SeenRows(name, candidates, table, costs)
+    return SeenRows(name, candidates, w)
 
 
 def allocation(run: Run, tables: dict[str, tuple[str, bool]], weights: dict[str, float],
                rows: SeenRows | None = None, reserve_bits: float = 0.0) -> dict[str, np.ndarray]:
     """{name: width index per triplet} of the one allocation over every stashed table, and with `rows`
     {ROWS + name: width index per seen row} (pass1/allocation), within the tables' budgets less
-    `reserve_bits`."""
+    `reserve_bits`. With `rows`, the allocation is solved twice: first without them, for the rank k
+    that the matrix's low-rank part keeps, then with the rows' residual after that rank (SeenRows.tabulate;
+    k is stashed with the allocation, so that a resumed run tabulates the same rows)."""
     stash = run.work.pass1
     if stash.done("allocation") is not None:
-        return {k: v.numpy() for k, v in stash.read("allocation").items()}
+        done = {k: v.numpy() for k, v in stash.read("allocation").items()}
+        if rows is not None:
+            rows.tabulate(run.load(rows.name), int(done.pop(RANK + rows.name)[0]), run.settings)
+        return done
     method = get(run.settings.method)
     names = list(tables)
     parts = []
@@ -227,21 +238,31 @@ def allocation(run: Run, tables: dict[str, tuple[str, bool]], weights: dict[str,
         t = stash.read(tables[name][0], [f"{name}:table", f"{name}:costs", f"{name}:budget"])
         parts.append((t[f"{name}:table"].numpy(), t[f"{name}:costs"].numpy(), float(t[f"{name}:budget"][0])))
     scale = [weights[n] for n in names]
-    if rows is not None:  # the rows' table is weighted already; they draw on the model's budget, less the
-        # header and manifest their entry adds (the run's overhead counts the method's own suffixes)
-        header = extra_entry_bits(rows.name, len(token_rows.ROW_TENSORS), token_rows.META_BYTES)
-        names, parts, scale = names + [ROWS + rows.name], parts + [(rows.table, rows.costs, -header)], scale + [1.0]
     if parts:  # the reserve comes out of the model's one budget
         table, costs, budget = parts[0]
         parts[0] = (table, costs, budget - reserve_bits)
+    extra = {}
+    if rows is not None:  # the rows' table is weighted already; they draw on the model's budget, less the
+        # header and manifest their entry adds (the run's overhead counts the method's own suffixes)
+        with phase("ILP"):
+            alone_all = method.allocate_joint(parts, run.settings, scale)
+        k = int((np.asarray(alone_all[names.index(rows.name)]) != run.settings.widths.index(0)).sum())
+        rows.tabulate(run.load(rows.name), k, run.settings)
+        header = extra_entry_bits(rows.name, len(token_rows.ROW_TENSORS), token_rows.META_BYTES)
+        names, parts, scale = names + [ROWS + rows.name], parts + [(rows.table, rows.costs, -header)], scale + [1.0]
+        extra[RANK + rows.name] = np.array([k])
     with phase("ILP"):
         choices = method.allocate_joint(parts, run.settings, scale)
+    if rows is not None and not (np.asarray(choices[-1]) != run.settings.widths.index(0)).any():
+        choices = [*alone_all, choices[-1]]  # no row kept: the allocation without rows (nor their header)
     out = {n: np.asarray(c) for n, c in zip(names, choices)}
-    stash.write("allocation", {"matrices": len(out)}, {n: torch.from_numpy(c.astype(np.int64)) for n, c in out.items()})
+    stash.write("allocation", {"matrices": len(out)},
+                {n: torch.from_numpy(c.astype(np.int64)) for n, c in {**out, **extra}.items()})
     return out
 
 
 ROWS = "rows:"  # the allocation's key of the seen rows of a matrix
+RANK = "rows-rank:"  # the allocation's key of the rank its seen rows' residual was tabulated after
 
 
 def second_pass(run: Run, tables: dict[str, tuple[str, bool]], choices: dict[str, np.ndarray],

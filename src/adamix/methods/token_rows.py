@@ -14,10 +14,12 @@ output, per entry: compression.sensitivity.input_slope) and T the tokens counted
 calibration (count_r > 0) is an item of the model-wide knapsack beside the low-rank part's
 triplets, at the widths of the allocation:
 
-    e_r(0) = w_r |D_r|^2,   e_r(b) = w_r |rtn_b(D_r) - D_r|^2,   cost_b = rows.row_cost(n, b, g)
+    e_r(0) = w_r |x_r|^2,   e_r(b) = w_r |rtn_b(x_r) - x_r|^2,   cost_b = rows.row_cost(n, b, g)
 
-(row_table; D_r stands in for the residual row, unknown until the low-rank part is chosen). The kept
-rows store the residual R = D - D^_lowrank (with_rows), on per-group uniform grids at their widths:
+(row_table), x_r the row's residual after the rank-k truncation of D, x = D - D V_k V_k^T
+(residual_rows), k the rank the low-rank part keeps in the allocation without rows (the stored
+residual is known only once the low-rank part is chosen). The kept rows store the residual
+R = D - D^_lowrank (with_rows), on per-group uniform grids at their widths:
 
     D^ = D^_lowrank + sum_{r kept} e_r rtn_{b_r}(R_r)^T.
 
@@ -57,6 +59,18 @@ def kind_of(inner: str) -> str:
 def row_weights(uniform: float, input_slope: float, counts: torch.Tensor, tokens: int) -> torch.Tensor:
     """w_r = c + c_in count_r / T (module doc), float64 (r,) for the counts (r,) of the rows."""
     return uniform + input_slope * counts.double() / max(int(tokens), 1)
+
+
+def residual_rows(D: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
+    """x = D_rows - D_rows V_k V_k^T (r, n) float32: the rows `rows` (r,) of D (m, n) less their part
+    in the span of D's k leading right singular vectors V_k (n, k) (eigenvectors of D^T D, float64),
+    i.e. what the rank-k truncation of D leaves of them. k = 0: the rows themselves."""
+    x = D[rows].double()
+    if k > 0:
+        _, vecs = torch.linalg.eigh(D.double().T @ D.double())  # ascending eigenvalues
+        V = vecs[:, -k:]
+        x = x - (x @ V) @ V.T
+    return x.float()
 
 
 def row_table(rows: torch.Tensor, weights: torch.Tensor, widths: tuple[int, ...],
