@@ -148,7 +148,7 @@ def test_inspect_shows_the_low_rank_part_and_the_rows():
     _, enc = composite()
     low = " ".join(f"{b}b×{c}" for b, c in enc.meta["lowrank_meta"]["widths"])
     rows = " ".join(f"{b}b×{c}" for b, c in enc.meta["rows"]["widths"])
-    assert widths_text(enc.meta) == f"{low} + rows {rows}" and rows == f"4b×{enc.stats['rows_kept']}"
+    assert widths_text(enc.meta, enc.kind) == f"{low} + rows {rows}" and rows == f"4b×{enc.stats['rows_kept']}"
 
 
 def test_residual_rows_are_what_the_rank_k_truncation_leaves():

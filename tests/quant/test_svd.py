@@ -175,7 +175,7 @@ def test_gram_sum_gathers_pieces_and_rounds_less_than_one_sum_per_window():
 
     def spectral_error(A):
         return float(torch.linalg.matrix_norm(A.double() - ref, 2) / torch.linalg.matrix_norm(ref, 2))
-    assert spectral_error(G) < 1e-6 and spectral_error(G) < spectral_error(per_window) / 3
+    assert spectral_error(G) < 1e-6 and spectral_error(G) < spectral_error(per_window) / 2
 
 
 def test_the_wide_whitened_svd_without_a_factor_is_the_factored_one():

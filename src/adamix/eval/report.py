@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..export.vllm import VLLM_RANKS, export_dtype, slot_bytes, slot_rank
-from ..methods.kinds import factor_rank
+from ..methods.kinds import factor_rank, part_metas
 
 
 def human_bytes(n: float) -> str:
@@ -19,10 +19,12 @@ def human_bytes(n: float) -> str:
     return f"{n:.2f} GiB"
 
 
-def widths_text(meta: dict) -> str:
-    if isinstance(meta.get("lowrank_meta"), dict) and isinstance(meta.get("rows"), dict):  # token rows beside low rank
-        rows = " ".join(f"{b}b×{c}" for b, c in meta["rows"].get("widths", []))
-        return f"{widths_text(meta['lowrank_meta'])} + rows {rows}"
+def widths_text(meta: dict, kind: str | None = None) -> str:
+    """The widths of an entry ("4b×2 2b×9"); for a kind stored as parts, each part's, labelled by its
+    kind from the second on ("4b×1 2b×4 + rows 2b×147")."""
+    split = part_metas(kind, meta) if kind is not None else None
+    if split:
+        return " + ".join(("" if i == 0 else f"{k} ") + widths_text(m) for i, (k, m) in enumerate(split))
     text = " ".join(f"{b}b×{c}" for b, c in meta.get("widths", [])) or "-"
     return f"{text} +{meta['new_rows']} new rows" if meta.get("new_rows") else text
 
@@ -52,10 +54,10 @@ def print_summary(manifest: dict, per_tensor: bool = False, console: Console | N
             st = e.get("stats", {})
             meta = e.get("meta", {})
             rank = factor_rank(e["kind"], meta)
-            if rank is None and isinstance(meta.get("lowrank_meta"), dict):  # the low-rank part's
-                rank = factor_rank(meta.get("lowrank"), meta["lowrank_meta"])
+            if rank is None:  # a kind stored as parts: its low-rank part's
+                rank = next((r for k, m in part_metas(e["kind"], meta) or () if (r := factor_rank(k, m)) is not None), None)
             t.add_row(name, e["kind"], "x".join(map(str, e["shape"])), "" if rank is None else str(rank),
-                      widths_text(e.get("meta", {})),
+                      widths_text(meta, e["kind"]),
                       str(e["bytes"]), f"{st['error_predicted']:.4f}" if "error_predicted" in st else "",
                       f"{st['error_measured']:.4f}" if "error_measured" in st else "")
         console.print(t)

@@ -171,14 +171,29 @@ Parts = Callable[[tuple[int, ...], dict, dict[str, torch.Tensor]], "list[tuple[s
 PARTS: dict[str, Parts] = {}
 
 
-def register_parts(kind: str) -> Callable[[Parts], Parts]:
+PART_METAS: dict[str, Callable[[dict], "list[tuple[str, dict]]"]] = {}
+
+
+def register_parts(kind: str, metas: Callable[[dict], "list[tuple[str, dict]]"]) -> Callable[[Parts], Parts]:
     """Declare that `kind` stores a sum of entries of other kinds: fn(shape, meta, tensors) -> [(kind,
-    meta, tensors), ...] whose decodes add up to decode(kind, ...). The runtime holds each part in its
-    own best form (a low-rank part as factors, a row part as rows) instead of one dense matrix."""
+    meta, tensors), ...] whose decodes add up to decode(kind, ...), and metas(meta) -> [(kind, meta),
+    ...] the same parts from the (checked) metadata alone. The runtime holds each part in its own best
+    form (a low-rank part as factors, a row part as rows) instead of one dense matrix."""
     def wrap(fn: Parts) -> Parts:
         PARTS[kind] = fn
+        PART_METAS[kind] = metas
         return fn
     return wrap
+
+
+def part_metas(kind: str, meta: dict) -> list[tuple[str, dict]] | None:
+    """[(kind, meta), ...] of the parts of a kind stored as parts (register_parts), None for other kinds
+    or metadata that does not say."""
+    fn = PART_METAS.get(kind)
+    try:
+        return None if fn is None else fn(meta)
+    except (KeyError, TypeError):
+        return None
 
 
 def parts(kind: str, shape: tuple[int, ...], meta: dict,

@@ -164,7 +164,8 @@ def token_row_parts(shape: tuple[int, ...], meta: dict, tensors: dict[str, torch
 def _register(inner: str) -> None:
     kind = kind_of(inner)
     register_meta_check(kind)(lambda shape, meta: check_token_rows(shape, meta, kind))
-    register_parts(kind)(lambda shape, meta, tensors: token_row_parts(shape, meta, tensors, kind))
+    register_parts(kind, lambda meta: [(meta["lowrank"], meta["lowrank_meta"]), ("rows", meta["rows"])])(
+        lambda shape, meta, tensors: token_row_parts(shape, meta, tensors, kind))
     register_decoder(kind, {**SUFFIXES[inner], "row_idx": "I32", "row_codes": "U8", "row_params": "F16"})(
         lambda shape, meta, tensors: decode_token_rows(shape, meta, tensors, kind))
 
