@@ -102,3 +102,20 @@ def test_a_whole_run_on_the_gpu_agrees_with_the_cpu(llama_pair, calib_file, tmp_
               for d in ("cpu", "cuda")}
     assert errors["cuda"] == pytest.approx(errors["cpu"], rel=0.01)
     assert errors["cpu"] < 0.9
+
+
+@cuda
+def test_a_model_scope_run_on_the_gpu_agrees_with_the_cpu(llama_pair, calib_file, tmp_path):
+    """The model-wide path (slopes, both passes, token rows, the Gaussian grid) on the device."""
+    base, ft = llama_pair
+    options = dict(ratio="1/16", calib=calib_file, samples=8, seqlen=64, budget_scope="model", grid="normal",
+                   token_rows=True, progress=False)
+    manifests = {d: adamix.compress(base, ft, tmp_path / d, device=d, **options) for d in ("cpu", "cuda")}
+    gpu, cpu = (manifests[d]["sizes"] for d in ("cuda", "cpu"))
+    assert gpu["alpha_achieved"] <= 1 / 16 and gpu["alpha_achieved"] == pytest.approx(cpu["alpha_achieved"], rel=0.05)
+    assert set(Artifact(tmp_path / "cuda").entries) == set(Artifact(tmp_path / "cpu").entries)
+    text = calib_file.read_text().splitlines()
+    errors = {d: relative_output_error(base, ft, tmp_path / d, text, samples=8, seqlen=64)["relative_error"]
+              for d in ("cpu", "cuda")}
+    assert errors["cuda"] == pytest.approx(errors["cpu"], rel=0.02)
+    assert errors["cpu"] < 0.9
