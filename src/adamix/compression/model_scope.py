@@ -210,9 +210,8 @@ def seen_rows(run: Run, embedding: dict, weights: dict[str, float]) -> SeenRows 
     name = embedding["name"]
     if name is None:
         return None
-    m = run.load(name).shape[0]
     ids = torch.cat([w.reshape(-1) for w in run.windows]).long()
-    counts = torch.bincount(ids[ids < m], minlength=m)
+    counts = torch.bincount(ids)  # every id indexes the embedding: the calibration passes ran through it
     candidates = torch.nonzero(counts).flatten()
     w = token_rows.row_weights(weights[name], embedding["slope"], counts[candidates], int(ids.numel()))
     return SeenRows(name, candidates, w)

@@ -53,7 +53,7 @@ from ..io.artifact import AtomicFolder, Artifact, prepare_output
 from ..io.checkpoint import Checkpoint
 from ..io.hf import is_conv1d, model_skeleton, param_owners
 from ..io.vocab import refuse_new_rows
-from ..methods.kinds import factor_rank, low_rank_factors, pair_gains, parts
+from ..methods.kinds import factor_rank, low_rank_factors, pair_gains, part_metas, parts
 from ..methods.rows import nonzero_rows
 from .vllm import VLLM_RANKS, export_dtype, slot_rank
 
@@ -138,7 +138,7 @@ def lora_pairs(art: Artifact, tree: Tree, lora_only: bool = False) -> Plan:
         if all(attr == "weight" and (isinstance(tree.modules[m], (nn.Linear, nn.Embedding)) or is_conv1d(tree.modules[m]))
                for m, attr in own) and len(e["shape"]) == 2:
             f = model_factors(art, name, low_rank_part=lora_only)
-            if f is not None and lora_only and lora_entry(art, name, True)[0] != e["kind"]:
+            if f is not None and lora_only and part_metas(e["kind"], e.get("meta", {})) is not None:
                 plan.parts_dropped.append(name)
         if f is None:
             plan.rest.append(name)
