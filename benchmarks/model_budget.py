@@ -61,7 +61,8 @@ def pair_folders(pair: str) -> tuple[str, str, dict]:
 def variant_fields(variant: str) -> tuple[str, str, str, list[str]]:
     """method:scope[:grid][:flag=value...][:switch...] -> (method, scope, grid (default uniform), extra
     CLI arguments): `bits=0-1-2-3-4-8` -> --bits 0,1,2,3,4,8, `slope-power=0.5` -> --slope-power 0.5,
-    `token-rows` -> --token-rows (a switch, after the grid or a flag=value)."""
+    `token-rows` -> --token-rows (a switch, after the grid or a flag=value; the model scope's default, so
+    `no-token-rows` gives the run without)."""
     method, scope, *rest = variant.split(":")
     grid = rest.pop(0) if rest and "=" not in rest[0] else "uniform"
     extra = []

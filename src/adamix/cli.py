@@ -29,7 +29,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         kw: dict = {"dest": f.name, "default": f.default, "help": meta["help"]}
         if meta.get("negate"):
             kw["action"] = "store_false"
-        elif isinstance(f.default, bool):
+        elif isinstance(f.default, bool) or meta.get("both_ways"):  # a two-way switch may default to None (auto)
             kw["action"] = argparse.BooleanOptionalAction if meta.get("both_ways") else "store_true"
         else:
             if meta.get("type"):

@@ -18,6 +18,7 @@ from torch import nn
 
 import adamix
 from adamix import AdamixError
+from adamix.compression.options import Options
 from adamix.compression.partial import partial_dir
 from adamix.compression.calibrate import token_windows
 from adamix.compression.plan import delta_of
@@ -341,7 +342,7 @@ def token_rows_run(rows_pair, calib_file, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def plain_rows_run(rows_pair, calib_file, tmp_path_factory):
-    return rows_pair_run(rows_pair, calib_file, tmp_path_factory.mktemp("plain") / "d")
+    return rows_pair_run(rows_pair, calib_file, tmp_path_factory.mktemp("plain") / "d", "--no-token-rows")
 
 
 def test_token_rows_store_seen_rows_beside_the_low_rank_embedding_within_the_model_budget(
@@ -374,6 +375,21 @@ def test_token_rows_store_seen_rows_beside_the_low_rank_embedding_within_the_mod
     without = Artifact(plain_rows_run).delta(emb[0]).double()
     err = lambda X: float(((X - D)[kept] ** 2).sum())  # noqa: E731
     assert err(art.delta(emb[0]).double()) < 0.5 * err(without)
+
+
+def test_token_rows_are_the_model_scopes_default(rows_pair, calib_file, token_rows_run, tmp_path):
+    assert files(rows_pair_run(rows_pair, calib_file, tmp_path / "d")) == files(token_rows_run)
+
+
+@pytest.mark.parametrize("given, expected", [
+    (dict(), False), (dict(budget_scope="block"), False), (dict(budget_scope="model"), True),
+    (dict(budget_scope="model", max_rank=4), False), (dict(budget_scope="model", token_rows=False), False),
+    (dict(budget_scope="model", token_rows=True), True), (dict(token_rows=False), False),
+])
+def test_token_rows_default_on_with_the_model_scope_unless_a_rank_cap(given, expected):
+    opts = Options(**given)
+    assert opts.uses_token_rows is expected
+    assert ("token_rows" in opts.run_record()) is expected
 
 
 @pytest.mark.parametrize("where, count", [("slopes", 1), ("allocation", 1), ("pass2", 1)])
@@ -423,6 +439,7 @@ def test_token_rows_export_peft(rows_pair, token_rows_run, tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (dict(token_rows=True), "--token-rows applies to --budget-scope model only"),
     (dict(budget_scope="model", token_rows=True, max_rank=4), "--token-rows cannot be combined with --max-rank"),
+    (dict(budget_scope="model", token_rows="yes"), "token_rows must be True, False or None"),
 ])
 def test_token_rows_refusals(bert_pair, calib_file, tmp_path, extra, message):
     with pytest.raises(AdamixError, match=message):

@@ -96,9 +96,11 @@ class Options:
                                 "slope c shrunk toward the slopes' geometric mean g, c^P g^(1-P): 1 = the measured "
                                 "slopes (the model's output divergence), 0 = equal weights (the pooled layer error) "
                                 "(default 1)", type=float, metavar="P")
-    token_rows: bool = option(False, "with --budget-scope model: the rows of the input embedding that the "
-                              "calibration text reads join the allocation beside its low-rank part, each weighted "
-                              "by its token count (stored kind <kind>+rows; default off)")
+    token_rows: bool | None = option(None, "with --budget-scope model: the rows of the input embedding that the "
+                                     "calibration text reads join the allocation beside its low-rank part, each "
+                                     "weighted by its token count (stored kind <kind>+rows; default on with "
+                                     "--budget-scope model unless --max-rank is given; --no-token-rows: the low-rank "
+                                     "part alone)", both_ways=True)
     distill_steps: int = option(0, "train the per-matrix scales this many steps to match the fine-tune's hidden "
                                 "states on the calibration text (holds both models in memory; default 0)",
                                 type=int, method_specific=True, needs_calibration=True)
@@ -172,6 +174,8 @@ class Options:
             raise AdamixError(f"--slope-power must be a number from 0 to 1, got {self.slope_power!r}")
         if self.slope_power != 1.0 and self.budget_scope != "model":
             raise AdamixError("--slope-power applies to --budget-scope model only")
+        if self.token_rows is not None and not isinstance(self.token_rows, bool):
+            raise AdamixError(f"token_rows must be True, False or None (on with --budget-scope model), got {self.token_rows!r}")
         if self.token_rows and self.budget_scope != "model":
             raise AdamixError("--token-rows applies to --budget-scope model only")
         if self.token_rows and self.max_rank is not None:
@@ -228,9 +232,16 @@ class Options:
             record["distill_steps"] = self.distill_steps
         if self.slope_power != 1.0:
             record["slope_power"] = float(self.slope_power)
-        if self.token_rows:
+        if self.uses_token_rows:
             record["token_rows"] = True
         return record
+
+    @property
+    def uses_token_rows(self) -> bool:
+        """--token-rows as given; by default on with --budget-scope model, unless --max-rank caps the rank."""
+        if self.token_rows is not None:
+            return bool(self.token_rows)
+        return self.budget_scope == "model" and self.max_rank is None
 
     def replace(self, **changes) -> "Options":
         return dataclasses.replace(self, **changes)

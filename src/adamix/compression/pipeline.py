@@ -110,7 +110,7 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
                     work, load, lambda: BlockRunner(ft_ck, windows, opts.device, grams_on_device=on_gpu),
                     [n for n in names if n not in calibrated], store, lambda: build_model(ft_ck, device=opts.device),
                     lambda model: state_name_map(model, ft_ck.keys()), windows, set(names), settings, overhead,
-                    device, opts.seed, opts.progress, float(opts.slope_power), bool(opts.token_rows))))
+                    device, opts.seed, opts.progress, float(opts.slope_power), opts.uses_token_rows)))
             else:
                 runner = BlockRunner(ft_ck, windows, opts.device, grams_on_device=on_gpu)
                 mine = share(len(runner.blocks), shard) if shard else range(len(runner.blocks))
