@@ -154,7 +154,7 @@ class RowDelta(MatrixDelta):
         return out
 
     def t(self):
-        return DenseDelta(self.dense().T)
+        return ColumnDelta(self.shape[::-1], self.idx, self.R.T)
 
     def dense(self):
         D = self.R.new_zeros(self.shape)
@@ -163,6 +163,36 @@ class RowDelta(MatrixDelta):
 
     def tensors(self):
         return [self.idx, self.R]
+
+
+class ColumnDelta(MatrixDelta):
+    """D (m, n) that is zero outside columns idx: held as idx (c,) sorted int64 and C (m, c), the
+    transpose of a RowDelta (a row-sparse delta of a Conv1D weight, stored transposed).
+    add_linear: y += x[:, idx] C^T;  rows(ids): zeros (*ids.shape, n) with C[ids] in the columns idx."""
+
+    def __init__(self, shape: tuple[int, int], idx: torch.Tensor, C: torch.Tensor):
+        order = torch.argsort(idx)
+        self.shape, self.idx, self.C = tuple(shape), idx[order].long().contiguous(), C[:, order].contiguous()
+
+    def add_linear(self, y, x):
+        if self.idx.numel():
+            y.addmm_(x.index_select(1, self.idx), self.C.T)
+
+    def rows(self, ids):
+        out = self.C.new_zeros(*ids.shape, self.shape[1])
+        out[..., self.idx] = self.C[ids]
+        return out
+
+    def t(self):
+        return RowDelta(self.shape[::-1], self.idx, self.C.T)
+
+    def dense(self):
+        D = self.C.new_zeros(self.shape)
+        D[:, self.idx] = self.C
+        return D
+
+    def tensors(self):
+        return [self.idx, self.C]
 
 
 class DenseDelta(MatrixDelta):
