@@ -29,8 +29,10 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         kw: dict = {"dest": f.name, "default": f.default, "help": meta["help"]}
         if meta.get("negate"):
             kw["action"] = "store_false"
-        elif isinstance(f.default, bool) or meta.get("both_ways"):  # a two-way switch may default to None (auto)
-            kw["action"] = argparse.BooleanOptionalAction if meta.get("both_ways") else "store_true"
+        elif meta.get("both_ways"):  # --x / --no-x; its default may be None (decided from the other options)
+            kw["action"] = argparse.BooleanOptionalAction
+        elif isinstance(f.default, bool):
+            kw["action"] = "store_true"
         else:
             if meta.get("type"):
                 kw["type"] = meta["type"]
