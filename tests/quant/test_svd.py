@@ -151,6 +151,42 @@ def test_the_gram_from_its_upper_blocks_is_x_transpose_x(n, block):
     assert torch.equal(G[off], G.T[off])
 
 
+@pytest.mark.parametrize("n,block", [(7, 512), (600, 128), (515, 256)])
+def test_triangular_products_skip_the_zero_blocks_and_equal_the_full_ones(n, block):
+    # A L and L B for a lower triangular L, band by band: against float64 products of the whole L;
+    # add_gram with y: the upper block triangle of x^T y for a symmetric product (x^T y with y = x M, M symmetric)
+    from adamix.quant.linalg import add_gram, lower_times, times_lower
+    g = torch.Generator().manual_seed(n)
+    L = torch.randn(n, n, generator=g).tril()
+    A, B = torch.randn(33, n, generator=g), torch.randn(n, 21, generator=g)
+    ref_AL, ref_LB = A.double() @ L.double(), L.double() @ B.double()
+    AL, LB = times_lower(A, L, block), lower_times(L, B, block)
+    assert AL.shape == (33, n) and LB.shape == (n, 21)
+    assert float((AL.double() - ref_AL).abs().max() / ref_AL.abs().max()) < 1e-5
+    assert float((LB.double() - ref_LB).abs().max() / ref_LB.abs().max()) < 1e-5
+    x = torch.randn(40, n, generator=g, dtype=torch.float64)
+    M = torch.randn(n, n, generator=g, dtype=torch.float64)
+    y = x @ (M + M.T)
+    G = add_gram(None, x, block, y=y)
+    ref = x.T @ y
+    upper = torch.ones(n, n, dtype=torch.bool).triu()
+    assert torch.allclose(G[upper], ref[upper], rtol=1e-9, atol=1e-9 * float(ref.abs().max()))
+
+
+def test_product64_in_float32_is_the_float64_product_to_float32_rounding():
+    from adamix.quant.linalg import product64
+    g = torch.Generator().manual_seed(4)
+    H = torch.randn(300, 300, generator=g)
+    V = torch.randn(300, 12, generator=g, dtype=torch.float64)
+    ref = H.double() @ V
+    exact = product64(H, V)
+    single = product64(H, V, torch.float32)
+    assert exact.dtype == single.dtype == torch.float64
+    torch.testing.assert_close(exact, ref, rtol=1e-12, atol=0.0)
+    err = float((single - ref).abs().max() / ref.abs().max())
+    assert 0 < err < 1e-5  # rounded as float32 products are, and no worse
+
+
 def test_gram_sum_gathers_pieces_and_rounds_less_than_one_sum_per_window():
     # GramSum over pieces of any size (one longer than its rows): X^T X of all of them; over 1500 short
     # windows of a Gram that one direction dominates (as a repetitive calibration text gives), its

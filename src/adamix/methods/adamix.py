@@ -30,7 +30,8 @@ from . import svd_mixed, svd_rotated
 from .allocate import choose_widths, error_table, max_kept, served_count, shrink_to_fit, stored_rows
 from ..quant import hadamard, normal
 from ..quant.gptq import gptq_columns, gptq_rows, rtn_columns
-from ..quant.linalg import factored_error, matmul64, output_error, relative_errors, svd, whitened_svd
+from ..quant.linalg import (factored_error, matmul64, output_error, product64, relative_errors, svd, whitened_svd,
+                            working_dtype)
 from .kinds import Encoded
 from .registry import Method, Settings, budget_bits, register
 from .svd_mixed import PACK_PAD_BITS
@@ -267,9 +268,9 @@ def quantize_factors(D: torch.Tensor, H: torch.Tensor | None, U: torch.Tensor, s
             vq = normal.rtn_on(settings.grid, Vt, bits, g)
         else:
             vq = gptq_rows(Vt, H, bits, g, damp=settings.damp, grid=settings.grid)
-        Vhat = vq["deq"].double()
-        HV = Vhat.T if H is None else matmul64(H, Vhat.T)  # (n, k): H V^^T
-        Gz, rhs = Vhat @ HV, matmul64(D, HV)  # V^ H V^^T (k, k), the Gram of z = V^ x; D H V^^T (m, k)
+        Vhat, dtype = vq["deq"].double(), working_dtype(D)  # products with H and D in D's working dtype
+        HV = Vhat.T if H is None else product64(H, Vhat.T, dtype)  # (n, k): H V^^T
+        Gz, rhs = Vhat @ HV, product64(D, HV, dtype)  # V^ H V^^T (k, k), the Gram of z = V^ x; D H V^^T (m, k)
         if settings.correct_target:
             Ustar = target_correction(D, H, Vhat, settings.fit_damp, HV, Gz, rhs).float()
         else:  # Delta-CoMe: quantize U S itself, GPTQ on the quantized V's outputs compensating

@@ -30,9 +30,17 @@ def svd(D: torch.Tensor, H: torch.Tensor | None = None, whiten: bool = False,
     return (thin_svd_gram if algorithm == "gram" else thin_svd_full)(_working(D))
 
 
+HUGE = 16_000_000  # entries: above this a delta's linear algebra runs in float32 (working_dtype)
+
+
+def working_dtype(D: torch.Tensor) -> torch.dtype:
+    """The dtype of D's linear algebra: float64, float32 for huge D (a float64 n x n is 1 GB at n = 11008)."""
+    return torch.float64 if D.numel() <= HUGE else torch.float32
+
+
 def _working(D: torch.Tensor) -> torch.Tensor:
-    """D in the SVD's working dtype: float64, float32 for huge D (a float64 n x n is 1 GB at n = 11008)."""
-    return D.double() if D.numel() <= 16_000_000 else D.float()
+    """D in its working dtype."""
+    return D.to(working_dtype(D))
 
 
 @timed("svd")
@@ -56,7 +64,7 @@ def whitened_svd(D: torch.Tensor, H: torch.Tensor, algorithm: str = "gram") -> t
     L, rho = whitening(H, work.dtype, work.device)
     if L is None:  # no input ever reached this linear: nothing to weigh by
         return _unweighted(work, decompose)
-    U, s_w, W = decompose(work @ L)
+    U, s_w, W = decompose(times_lower(work, L))
     V = torch.linalg.solve_triangular(L.T, W, upper=True)
     norms = V.norm(dim=0).clamp_min(1e-30)
     s = s_w * norms
@@ -82,9 +90,9 @@ def _whitened_left(work: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, .
         return _unweighted(work, thin_svd_gram)
     rho = WHITENING_EPS[0] * scale
     DH = work @ H.to(work.dtype)
-    M = DH.add_(work, alpha=rho) @ work.T
+    M = add_gram(None, DH.add_(work, alpha=rho).T, y=work.T)  # its upper block triangle: M is symmetric
     del DH
-    lam, U = torch.linalg.eigh((M + M.T) / 2)
+    lam, U = torch.linalg.eigh(M, UPLO="U")
     order = torch.argsort(lam, descending=True, stable=True)
     lam, U = lam[order], U[:, order]
     VS = work.T @ U
@@ -134,7 +142,7 @@ def thin_svd_gram(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     For m >= n: A^T A = Z diag(lambda) Z^T (n x n, torch.linalg.eigh), V = Z, and each left vector
     is the image of its right one: s_i = ||A z_i||, u_i = A z_i / s_i (0 where s_i = 0); for m < n
     the same on A^T. One Gram product (m n^2) and one symmetric eigensolver (n^3) replace the SVD's
-    bidiagonalisation. Because Z is orthogonal, A = sum_i s_i u_i z_i^T holds to rounding whatever
+    bidiagonalisation (the Gram's upper block triangle only, add_gram: half its products). Because Z is orthogonal, A = sum_i s_i u_i z_i^T holds to rounding whatever
     the eigensolver's accuracy; what the Gram costs is the orthogonality of the u_i of small
     singular values, about eps * s_1^2 / (s_i s_j) between u_i and u_j (float64: negligible;
     float32: the stored widths quantize far more coarsely). Triplets are returned by decreasing s.
@@ -142,7 +150,7 @@ def thin_svd_gram(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     if A.shape[0] < A.shape[1]:
         U, s, V = thin_svd_gram(A.T)
         return V, s, U
-    _, Z = torch.linalg.eigh(A.T @ A)
+    _, Z = torch.linalg.eigh(add_gram(None, A), UPLO="U")  # A^T A on its upper block triangle
     AZ = A @ Z
     s = AZ.norm(dim=0)
     order = torch.argsort(s, descending=True, stable=True)
@@ -153,17 +161,40 @@ def thin_svd_gram(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 GRAM_BLOCK = 512  # rows per product of add_gram
 
 
-def add_gram(G: torch.Tensor | None, x: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
+def add_gram(G: torch.Tensor | None, x: torch.Tensor, block: int = GRAM_BLOCK,
+             y: torch.Tensor | None = None) -> torch.Tensor:
     """G += x^T x (n x n) for inputs x (t, n), in place (G None: a new zero G in x's dtype and device),
     on the upper block triangle only: for each band of `block` rows, G[I, I:] += x[:, I]^T x[:, I:],
     one matrix product, about half the multiply-adds of the whole x^T x. The blocks below the
-    diagonal stay as they were until symmetric_from_upper fills them (once, after the last x)."""
+    diagonal stay as they were until symmetric_from_upper fills them (once, after the last x), or
+    are never read (torch.linalg.eigh(G, UPLO="U")). With y (t, n): G += x^T y the same way, for a
+    product known to be symmetric (x^T y = y^T x)."""
     n = x.shape[1]
+    y = x if y is None else y
     if G is None:
         G = torch.zeros(n, n, dtype=x.dtype, device=x.device)
     for i in range(0, n, block):
-        G[i:i + block, i:].addmm_(x[:, i:i + block].T, x[:, i:])
+        G[i:i + block, i:].addmm_(x[:, i:i + block].T, y[:, i:])
     return G
+
+
+def times_lower(A: torch.Tensor, L: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
+    """A L (m x n) for a lower triangular L (n x n): each band of `block` columns,
+    (A L)[:, J] = A[:, j:] L[j:, J], skips L's zero blocks (about half the multiply-adds of A @ L)."""
+    out = torch.empty(A.shape[0], L.shape[1], dtype=torch.promote_types(A.dtype, L.dtype), device=A.device)
+    for j in range(0, L.shape[1], block):
+        torch.matmul(A[:, j:], L[j:, j:j + block], out=out[:, j:j + block])
+    return out
+
+
+def lower_times(L: torch.Tensor, A: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
+    """L A (n x k) for a lower triangular L (n x n): each band of `block` rows,
+    (L A)[I] = L[I, :i_end] A[:i_end], skips L's zero blocks (about half the multiply-adds of L @ A)."""
+    out = torch.empty(L.shape[0], A.shape[1], dtype=torch.promote_types(A.dtype, L.dtype), device=A.device)
+    for i in range(0, L.shape[0], block):
+        end = min(i + block, L.shape[0])
+        torch.matmul(L[i:end, :end], A[:end], out=out[i:end])
+    return out
 
 
 GRAM_ROWS = 2048  # GramSum: input rows gathered per add_gram
@@ -240,6 +271,14 @@ def matmul64(A: torch.Tensor, B: torch.Tensor, chunk: int = 1024) -> torch.Tenso
     for i in range(0, A.shape[0], chunk):
         out[i:i + chunk] = A[i:i + chunk].double() @ B
     return out
+
+
+def product64(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A B as float64 (r, k), its products in `dtype`: float64 by matmul64, or float32 (a huge delta's
+    working_dtype: half the time of float64 products, whose exactness its float32 SVD does not use)."""
+    if dtype == torch.float64:
+        return matmul64(A, B)
+    return (A.to(dtype) @ B.to(dtype)).double()
 
 
 def output_error(Dhat: torch.Tensor | None, D: torch.Tensor, H: torch.Tensor | None, chunk: int = 1024) -> float:
