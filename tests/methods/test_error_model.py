@@ -77,3 +77,32 @@ def test_the_v_step_stores_the_rows_the_table_measured():
     reused = stored_rows(a.codes, keep, chosen[keep].tolist(), settings.group_size)
     assert torch.equal(reused["codes"], fresh["codes"]) and torch.equal(reused["deq"], fresh["deq"])
     assert stored_rows(a.codes, [len(a.s) + 5], [2], settings.group_size) is None  # a row never measured
+
+
+@pytest.mark.parametrize("noise", [False, True])
+def test_a_pruned_analysis_computes_the_vectors_of_the_measured_triplets_only(noise):
+    # a truncated SVD: the pruned table's triplets get their vectors (linalg.Spectrum), the others not,
+    # growing batch by batch where the table measures more (noise: a flat spectrum); its measured rows
+    # equal the unpruned table's (every vector), and the stored result keeps the same widths and error
+    from adamix.methods.allocate import max_kept
+    from synthetic import delta_and_gram
+    D, H = delta_and_gram(m=300, n=260)
+    if noise:  # a flat spectrum: equal singular values, a Gram near a multiple of I
+        g = torch.Generator().manual_seed(1)
+        D = 1e-2 * torch.linalg.qr(torch.randn(300, 260, generator=g))[0]
+        X = torch.randn(4000, 260, generator=g)
+        H = X.T @ X
+    settings = Settings(alpha=1 / 4 if noise else 1 / 16, group_size=32)
+    pruned, full = analyse(D, H, settings, prune=True), analyse(D, H, settings)
+    first = -(-max_kept(pruned.costs, pruned.budget) // 64) * 64  # error_table's first batch (chunk 64)
+    measured = np.flatnonzero((pruned.table[:, 1:] != pruned.table[:, :1]).any(axis=1))
+    assert full.U.shape[1] == len(full.table) == 260
+    assert measured.max() < pruned.U.shape[1] == len(pruned.s) == pruned.V.shape[1]
+    # fewer vectors than triplets, or (flat) more than the first batch: grown on demand
+    assert pruned.U.shape[1] > first if noise else pruned.U.shape[1] < 260
+    np.testing.assert_allclose(pruned.table[measured], full.table[measured], rtol=1e-5)
+    torch.testing.assert_close(pruned.U, full.U[:, :pruned.U.shape[1]])
+    torch.testing.assert_close(pruned.V, full.V[:, :pruned.V.shape[1]])
+    alone, reference = compress_matrix(D, H, settings), finish(full, decide(full, settings), full.budget, settings)
+    assert alone.meta["widths"] == reference.meta["widths"]
+    assert alone.stats["error_measured"] == pytest.approx(reference.stats["error_measured"], rel=1e-4)

@@ -72,7 +72,7 @@ def test_a_pruned_table_serves_the_budgets_and_caps_its_swap_argument_covers():
     D, H = delta_and_gram(m=300, n=260)
     s = Settings(alpha=1 / 4, group_size=32, max_rank=3)
     a = analyse(D, H, s, prune=True)
-    assert a.pruned_count < max_kept(a.costs, a.budget) < len(a.s)  # measured for the cap, not for the budget
+    assert a.pruned_count < max_kept(a.costs, a.budget) < len(a.table)  # measured for the cap, not for the budget
     with pytest.raises(ValueError, match="and rank 3; it cannot serve"):
         compress_matrix(D, H, dataclasses.replace(s, max_rank=None), analysis=a)
     within = dataclasses.replace(s, max_rank=a.pruned_count)  # a larger cap, still within what it serves

@@ -214,6 +214,35 @@ def test_gram_sum_gathers_pieces_and_rounds_less_than_one_sum_per_window():
     assert spectral_error(G) < 1e-6 and spectral_error(G) < spectral_error(per_window) / 2
 
 
+@pytest.mark.parametrize("m,n", [(40, 70), (70, 40), (50, 50)])
+def test_the_spectrum_grows_its_vectors_as_the_whole_svd_gives_them(m, n):
+    # Spectrum.vectors(k) in three steps: the same columns as all at once, which are the whitened SVD
+    # (D = U S V^T to rounding, e_i = s_i^2 v_i^T H v_i against float64 products); bound >= e; energy
+    # = tr(D H D^T); the columns of a step are computed once (the earlier ones are kept, not redone)
+    from adamix.quant.linalg import whitened_spectrum, whitened_svd
+    g = torch.Generator().manual_seed(m + 3 * n)
+    D = torch.randn(m, n, generator=g, dtype=torch.float64) @ torch.diag(torch.logspace(0, -2, n, dtype=torch.float64))
+    X = torch.randn(3 * n, n, generator=g, dtype=torch.float64) * torch.logspace(-1, 1, n, dtype=torch.float64)
+    H = X.T @ X
+    r = min(m, n)
+    sp = whitened_spectrum(D, H)
+    assert len(sp) == r and sp.count == 0
+    first = sp.vectors(7)
+    assert sp.count == 7 and first[0].shape == (m, 7) and first[2].shape == (n, 7)
+    sp.vectors(20)
+    U, s, V, e = sp.vectors(r)
+    assert torch.equal(U[:, :7], first[0]) and torch.equal(V[:, :7], first[2])
+    U2, s2, V2, e2 = whitened_svd(D, H)
+    for a, b in ((U, U2), (s, s2), (V, V2), (e, e2)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12 * float(b.abs().max()))
+    torch.testing.assert_close((U * s) @ V.T, D, rtol=0.0, atol=1e-10 * float(D.abs().max()))
+    ref = s ** 2 * ((V.T @ H) * V.T).sum(1)
+    torch.testing.assert_close(e, ref, rtol=1e-8, atol=1e-10 * float(ref.max()))
+    assert bool((sp.bound >= e * (1 - 1e-12)).all()) and torch.equal(sp.bound, sp.bound.sort(descending=True).values)
+    assert sp.energy == pytest.approx(float(torch.trace(D @ H @ D.T)), rel=1e-10)
+    assert whitened_spectrum(D, torch.zeros(n, n, dtype=torch.float64)) is None
+
+
 def test_the_wide_whitened_svd_without_a_factor_is_the_factored_one():
     # D (m < n): eigenpairs of D (H + rho I) D^T against the route through H + rho I = L L^T (full SVD
     # of D L): the same s, e and vectors (up to sign), with a positive definite H (no ridge escalation)

@@ -30,8 +30,8 @@ from . import svd_mixed, svd_rotated
 from .allocate import choose_widths, error_table, max_kept, served_count, shrink_to_fit, stored_rows
 from ..quant import hadamard, normal
 from ..quant.gptq import gptq_columns, gptq_rows, rtn_columns
-from ..quant.linalg import (factored_error, matmul64, output_error, product64, relative_errors, svd, whitened_svd,
-                            working_dtype)
+from ..quant.linalg import (factored_error, matmul64, output_error, product64, relative_errors, svd, whitened_spectrum,
+                            whitened_svd, working_dtype)
 from .kinds import Encoded
 from .registry import Method, Settings, budget_bits, register
 from .svd_mixed import PACK_PAD_BITS
@@ -42,9 +42,9 @@ class Analysis:
     """Everything the allocation needs about one delta: its factors, error table, costs and budget."""
     D: torch.Tensor
     H: torch.Tensor | None
-    U: torch.Tensor
-    s: torch.Tensor
-    V: torch.Tensor
+    U: torch.Tensor     # (m, k), s (k,), V (n, k): the leading k triplets, all r = min(m, n) unless the
+    s: torch.Tensor     # table was pruned on a whitened Gram SVD (only the vectors of the triplets it
+    V: torch.Tensor     # measured were computed, linalg.Spectrum)
     table: np.ndarray   # (r, len(widths)) e_i(b)
     costs: np.ndarray   # (len(widths),) bits of one triplet at each width
     budget: float       # bits this tensor may take
@@ -72,27 +72,36 @@ def analyse(D: torch.Tensor, H: torch.Tensor | None, settings: Settings, overhea
         if factors is not None:
             U, s, V = factors
             factors = (hadamard.rotate(U.T, seed).T, s, hadamard.rotate(V.T, seed).T)
-    e0 = None
-    if factors is not None:
-        U, s, V = factors
-    elif settings.whiten and H is not None:
-        U, s, V, e0 = whitened_svd(D, H, settings.svd)
-    else:
-        U, s, V = svd(D, H, settings.whiten, settings.svd)
     costs = np.array([triplet_bits(m, n, b, settings) for b in settings.widths], dtype=np.float64)
     budget = budget_bits(m, n, settings.alpha, overhead_bits)
     kept = max_kept(costs, budget) if prune and (costs > 0).any() else None
     if kept is not None and settings.max_rank is not None:
         kept = min(kept, settings.max_rank)  # a cap keeps fewer: the pruning argument holds for the smaller count
+    e0 = energy = spectrum = None
+    if factors is not None:
+        U, s, V = factors
+    elif settings.whiten and H is not None and settings.svd == "gram" \
+            and (spectrum := whitened_spectrum(D, H)) is not None:
+        # pruned: the vectors of the triplets the table measures only (a truncated SVD, grown on demand)
+        U, s, V, _ = spectrum.vectors(0 if kept is not None else len(spectrum))
+        e0, energy = spectrum.bound, spectrum.energy
+    elif settings.whiten and H is not None:
+        U, s, V, e0 = whitened_svd(D, H, settings.svd)
+        energy = float(e0.sum())
+    else:
+        U, s, V = svd(D, H, settings.whiten, settings.svd)
     codes: dict = {}
     priced = kept is not None and settings.max_rank is None  # allocate.priced_out: this budget, no cap
     table = error_table(s, U, V, H, list(settings.widths), g, max_kept=kept, damp=settings.damp, codes=codes,
                         grid=settings.grid, costs=costs if priced else None,
-                        budget=budget if priced else None, e0=e0).cpu().numpy()
+                        budget=budget if priced else None, e0=e0,
+                        grow=None if spectrum is None else spectrum.vectors).cpu().numpy()
+    if spectrum is not None:
+        U, s, V, _ = spectrum.vectors(spectrum.count)
+        del spectrum  # the eigenvectors and the whitened delta it held
     pruned = (budget, settings.max_rank, served_count(table, list(settings.widths).index(0))) if kept is not None \
         else (None, None, None)
-    return Analysis(D, H, U, s, V, table, costs, budget, *pruned, codes or None, seed,
-                    None if e0 is None else float(e0.sum()))
+    return Analysis(D, H, U, s, V, table, costs, budget, *pruned, codes or None, seed, energy)
 
 
 def triplet_bits(m: int, n: int, width: int, settings: Settings) -> int:
@@ -214,7 +223,7 @@ def finish(a: Analysis, choice: np.ndarray, budget: float, settings: Settings) -
     widths = list(settings.widths)
     choice = fit_packed_size(choice, a.table, widths, tuple(a.D.shape), settings, budget)
     chosen = np.array(widths)[choice]
-    rows = np.arange(len(a.s))
+    rows = np.arange(len(a.table))
     predicted = float(a.table[rows, choice].sum())
     gain = a.table[rows, widths.index(0)] - a.table[rows, choice]  # e_i(0) - e_i(b_i)
     keep = sorted(np.flatnonzero(chosen > 0).tolist(), key=lambda i: (-chosen[i], i))

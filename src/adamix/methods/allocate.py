@@ -32,7 +32,7 @@ from typing import Callable
 
 from . import frontier
 from ..quant import normal
-from ..quant.gptq import cholesky_inverse_upper, gptq_rows
+from ..quant.gptq import Factor, cholesky_inverse_upper, gptq_rows
 from ..quant.grid import dequantize, expand_groups
 from ..quant.linalg import gram_rows
 from ..timing import timed
@@ -67,7 +67,8 @@ def error_table(s: torch.Tensor, U: torch.Tensor, V: torch.Tensor, H: torch.Tens
                 widths: list[int], group_size: int, chunk: int = 64, max_kept: int | None = None,
                 damp: float = 0.01, codes: dict | None = None, grid: str = "uniform",
                 costs: np.ndarray | None = None, budget: float | None = None,
-                e0: torch.Tensor | None = None) -> torch.Tensor:
+                e0: torch.Tensor | None = None,
+                grow: Callable[[int], tuple[torch.Tensor, ...]] | None = None) -> torch.Tensor:
     """e_i(b) for every triplet i and width b. s: (r,), U: (m, r), V: (n, r). Returns (r, len(widths)) float64.
 
     With the rounding errors du = u^ - u, dv = v^ - v, the residual is u v^T - u^ v^^T = -(u dv^T + du v^^T), so
@@ -100,17 +101,32 @@ def error_table(s: torch.Tensor, U: torch.Tensor, V: torch.Tensor, H: torch.Tens
     (benchmarks/pruning.py; docs/results/); a flat spectrum (noise) needs nearly all. The measured
     rows equal the full table's (GPTQ's rows are independent of each other), to the rounding of its
     float32 products. e0: e_i(0) (r,) if the caller has it (linalg.whitened_svd's, without the pass
-    over H that gives the order otherwise).
+    over H that gives the order otherwise), or an upper bound of it (linalg.Spectrum.bound: the
+    certificates stay exact, and each measured row gets its own e_i(0) from its product with H).
+
+    grow: given, U, s, V may hold only the leading triplets of the r = len(e0) (a truncated SVD,
+    linalg.Spectrum), and grow(k) returns U, s, V of the leading k (at least) when the rows to
+    measure reach beyond them: only the vectors of the measured triplets are ever computed.
     """
-    r, zero = len(s), widths.index(0) if 0 in widths else None
-    s2 = s.double() ** 2
-    vq = VQuantizer(V, H, widths, group_size, damp, codes, grid)
+    r, zero = (len(s) if e0 is None else len(e0)), widths.index(0) if 0 in widths else None
+    factors, state = [U, s, V], {}  # the triplets with vectors so far; the factor of H^-1 once made
+
+    def rows_of(rows: torch.Tensor) -> torch.Tensor:
+        if len(rows) and int(rows.max()) >= factors[0].shape[1]:
+            factors[:] = grow(int(rows.max()) + 1)[:3]
+        U_, s_, V_ = factors
+        vq = VQuantizer(V_, H, widths, group_size, damp, codes, grid, factor=state.get("factor"))
+        out = _table_rows(s_.double() ** 2, U_, V_, H, widths, group_size, rows, chunk, vq)
+        state["factor"] = vq.factor
+        return out
+
     if max_kept is None or zero is None:
-        return _table_rows(s2, U, V, H, widths, group_size, torch.arange(r), chunk, vq)
+        return rows_of(torch.arange(r))
     if e0 is None:
+        s2 = s.double() ** 2
         e0 = torch.cat([s2[i:i + chunk] * gram_rows(V[:, i:i + chunk].T, V[:, i:i + chunk].T, H)
                         for i in range(0, r, chunk)])
-    e0 = e0.to(device=s2.device, dtype=torch.float64)
+    e0 = e0.to(device=s.device, dtype=torch.float64)
     order = torch.argsort(e0, descending=True, stable=True)
     table = e0[:, None].repeat(1, len(widths))
     # the first max_kept rows at once, then batches of max_kept / 8 that double: each batch is one GPTQ
@@ -126,7 +142,7 @@ def error_table(s: torch.Tensor, U: torch.Tensor, V: torch.Tensor, H: torch.Tens
                 break
             size, extra = extra, 2 * extra
         rows = order[done:done + size]
-        table[rows] = _table_rows(s2, U, V, H, widths, group_size, rows, chunk, vq)
+        table[rows] = rows_of(rows)
         done += len(rows)
     return table
 
@@ -180,10 +196,10 @@ class VQuantizer:
     (GPTQ on H, or RTN without a Gram); codes and grids kept in `codes` (error_table) if given."""
 
     def __init__(self, V: torch.Tensor, H: torch.Tensor | None, widths: list[int], group_size: int, damp: float,
-                 codes: dict | None, grid: str = "uniform"):
+                 codes: dict | None, grid: str = "uniform", factor: Factor | None = None):
         self.V, self.H, self.g, self.damp, self.codes, self.grid = V, H, group_size, damp, codes, grid
         self.widths = [b for b in widths if b > 0]
-        self.factor = None
+        self.factor = factor  # cholesky_inverse_upper(H, damp), made at the first call that needs it
 
     def __call__(self, rows: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
         """{b: {"codes" (len(rows), n) uint8, "scale", "offset" (len(rows), G)[, "error" (len(rows),)]}}

@@ -50,21 +50,18 @@ def whitened_svd(D: torch.Tensor, H: torch.Tensor, algorithm: str = "gram") -> t
 
     With H + rho I = L L^T and D L = U S_w W^T: v_i = L^-T w_i / |L^-T w_i| and s_i = s_w,i |L^-T w_i|,
     so s_i^2 v_i^T (L L^T) v_i = s_w,i^2 |w_i|^2 = s_w,i^2 and e_i = s_w,i^2 - rho s_i^2 (|v_i| = 1).
-    Where no input reached the linear (H = 0), the plain SVD and e = 0.
-
-    With the Gram algorithm and m < n, no factor of H is needed (_whitened_left): the left vectors
-    and s_w^2 are the eigenpairs of D (H + rho I) D^T (m x m), and V S = D^T U because U is
-    orthogonal; rho is the first ridge of WHITENING_EPS, since nothing is factored."""
+    Where no input reached the linear (H = 0), the plain SVD and e = 0. With the Gram algorithm,
+    all the vectors of whitened_spectrum (triplets by decreasing s_w)."""
     work = _working(D)
-    if algorithm == "gram" and work.shape[0] < work.shape[1]:
-        return _whitened_left(work, H)
-    decompose = thin_svd_gram if algorithm == "gram" else thin_svd_full
+    if algorithm == "gram":
+        spectrum = whitened_spectrum(work, H)
+        return _unweighted(work, thin_svd_gram) if spectrum is None else spectrum.vectors(len(spectrum))
     # in D's working dtype; any invertible L gives an exact factorization D = (D L) L^-1, the ridge
     # only bends the weighting
     L, rho = whitening(H, work.dtype, work.device)
     if L is None:  # no input ever reached this linear: nothing to weigh by
-        return _unweighted(work, decompose)
-    U, s_w, W = decompose(times_lower(work, L))
+        return _unweighted(work, thin_svd_full)
+    U, s_w, W = thin_svd_full(times_lower(work, L))
     V = torch.linalg.solve_triangular(L.T, W, upper=True)
     norms = V.norm(dim=0).clamp_min(1e-30)
     s = s_w * norms
@@ -81,25 +78,92 @@ def _unweighted(work: torch.Tensor, decompose) -> tuple[torch.Tensor, ...]:
     return U, s, V, torch.zeros(len(s), dtype=torch.float64, device=s.device)
 
 
-def _whitened_left(work: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """whitened_svd of a wide D (m < n, in its working dtype) from the eigendecomposition of
-    M = D (H + rho I) D^T: M = U diag(s_w^2) U^T, V S = D^T U, e = s_w^2 - rho s^2. The products D H
-    and (D H) D^T replace the factor of H, the product D L and the triangular solve for V."""
+class Spectrum:
+    """The whitened SVD of D (m x n, r = min(m, n) triplets by decreasing whitened singular value
+    s_w,i) computed to its eigenvalues, the vectors of the leading triplets on demand: the error table
+    measures only the triplets that an optimal choice may keep (allocate.error_table's certificates),
+    and the vectors of the others would cost a product of the delta's size each (A Z, or D^T U, and
+    a triangular solve).
+
+    bound (r,) float64: s_w,i^2 >= e_i(0) = s_w,i^2 - rho s_i^2, what a triplet's drop error is known
+    by before its vectors exist (the certificates need upper bounds). energy: E(0) = tr(D H D^T)
+    from a trace, exactly, whatever is computed. vectors(k): U (m, k), s (k,), V (n, k), e (k,) of the
+    leading k triplets; each column is computed once (a later call adds those not yet computed).
+
+    Built by whitened_spectrum, on one of two eigendecompositions:
+    - m >= n: A = D L with H + rho I = L L^T (whitening), A^T A = Z diag(s_w^2) Z^T; then
+      u_i = A z_i / s_w,i and V S = L^-T Z S_w (one triangular solve per batch of columns).
+    - m < n: M = D (H + rho I) D^T = U diag(s_w^2) U^T (no factor of H); then V S = D^T U.
+    """
+
+    def __init__(self, work: torch.Tensor, basis: torch.Tensor, lam: torch.Tensor, rho: float, energy: float,
+                 L: torch.Tensor | None):
+        self.work, self.basis, self.rho, self.energy, self.L = work, basis, rho, energy, L
+        self.bound = lam.double().clamp_min(0.0)
+        self.done = self._columns(0, 0)  # U, s, V, e of the columns computed so far
+
+    def __len__(self) -> int:
+        return len(self.bound)
+
+    @property
+    def count(self) -> int:
+        """How many leading triplets have their vectors."""
+        return len(self.done[1])
+
+    @timed("svd")
+    def vectors(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """U (m, k), s (k,), V (n, k), e (k,) float64 of the leading k triplets (k at most len(self))."""
+        k = min(k, len(self))
+        if k > self.count:
+            more = self._columns(self.count, k)
+            self.done = more if self.count == 0 else tuple(torch.cat(pair, dim=-1) for pair in zip(self.done, more))
+        U, s, V, e = self.done
+        return U[:, :k], s[:k], V[:, :k], e[:k]
+
+    def _columns(self, a: int, b: int) -> tuple[torch.Tensor, ...]:
+        Z = self.basis[:, a:b]
+        if self.L is None:  # m < n: V S = D^T U
+            U, VS = Z, self.work.T @ Z
+            s = VS.norm(dim=0)
+            V = VS / torch.where(s > 0, s, 1.0)
+            e = (self.bound[a:b] - self.rho * s.double() ** 2).clamp_min(0.0)
+            return U, s, V, e
+        AZ = self.work @ Z  # work is A = D L here
+        s_w = AZ.norm(dim=0)
+        U = AZ / torch.where(s_w > 0, s_w, 1.0)
+        V = torch.linalg.solve_triangular(self.L.T, Z, upper=True)
+        norms = V.norm(dim=0).clamp_min(1e-30)
+        s = s_w * norms
+        e = (s_w.double() ** 2 - self.rho * s.double() ** 2).clamp_min(0.0)
+        return U, s, V / norms, e
+
+
+@timed("svd")
+def whitened_spectrum(D: torch.Tensor, H: torch.Tensor) -> Spectrum | None:
+    """The Spectrum of D (m x n) weighted by H (n x n), in D's working dtype; None where no input
+    reached the linear (diag(H) all zero). For m < n the ridge is the first of WHITENING_EPS (nothing
+    is factored); for m >= n the smallest that lets H + rho I factor (whitening). The Grams on their
+    upper block triangle (add_gram), read so by the eigensolver."""
+    work = _working(D)
     scale = float(torch.diagonal(H).mean())
     if not scale > 0:
-        return _unweighted(work, thin_svd_gram)
-    rho = WHITENING_EPS[0] * scale
-    DH = work @ H.to(work.dtype)
-    M = add_gram(None, DH.add_(work, alpha=rho).T, y=work.T)  # its upper block triangle: M is symmetric
-    del DH
-    lam, U = torch.linalg.eigh(M, UPLO="U")
+        return None
+    square = output_error(None, work, None)  # ||D||_F^2, float64
+    if work.shape[0] < work.shape[1]:
+        rho = WHITENING_EPS[0] * scale
+        DH = work @ H.to(work.dtype)
+        M = add_gram(None, DH.add_(work, alpha=rho).T, y=work.T)  # its upper block triangle: M is symmetric
+        del DH
+        L = None
+    else:
+        L, rho = whitening(H, work.dtype, work.device)
+        work = times_lower(work, L)  # A = D L
+        M = add_gram(None, work)  # A^T A
+    energy = float(torch.diagonal(M).sum(dtype=torch.float64)) - rho * square  # tr(D (H + rho I) D^T) - rho ||D||^2
+    lam, basis = torch.linalg.eigh(M, UPLO="U")
+    del M
     order = torch.argsort(lam, descending=True, stable=True)
-    lam, U = lam[order], U[:, order]
-    VS = work.T @ U
-    s = VS.norm(dim=0)
-    V = VS / torch.where(s > 0, s, 1.0)
-    e = (lam.double().clamp_min(0.0) - rho * s.double() ** 2).clamp_min(0.0)
-    return U, s, V, e
+    return Spectrum(work, basis[:, order], lam[order], rho, max(energy, 0.0), L)
 
 
 def whitening_factor(H: torch.Tensor, dtype: torch.dtype | None = None,
