@@ -483,3 +483,27 @@ def test_gptq_rows_error_uses_the_damping_it_factored_with():
         d = (W.double() - out["deq"].double())
         direct = ((d @ H) * d).sum(1)
         torch.testing.assert_close(out["error"], direct, rtol=1e-3, atol=1e-3 * float(direct.abs().max()))
+
+
+def test_the_shared_factor_is_computed_once_per_gram_and_freed_with_it():
+    # consecutive calls on one Gram (a block's q, k, v) get the very factor cholesky_inverse_upper
+    # computes; a Gram written in place, another damping or another Gram compute afresh; the memo's
+    # entry goes when its Gram is freed
+    import gc
+    import weakref
+    from adamix.quant import gptq
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(80, 30, generator=g)
+    H = X.T @ X
+    first = gptq.shared_factor(H, 0.01)
+    assert gptq.shared_factor(H, 0.01) is first
+    assert torch.equal(first.C, gptq.cholesky_inverse_upper(H, 0.01).C)
+    other = gptq.shared_factor(H, 0.1)
+    assert other is not first and other.damp == 0.1
+    H.mul_(2.0)  # written in place: its version changes
+    doubled = gptq.shared_factor(H, 0.1)
+    assert doubled is not other and torch.allclose(doubled.C, other.C / 2 ** 0.5, rtol=1e-5, atol=1e-6)
+    kept = weakref.ref(doubled.C)
+    del doubled, other, first, H
+    gc.collect()
+    assert kept() is None  # nothing holds the factor once its Gram is gone

@@ -32,7 +32,7 @@ from typing import Callable
 
 from . import frontier
 from ..quant import normal
-from ..quant.gptq import Factor, cholesky_inverse_upper, gptq_rows
+from ..quant.gptq import Factor, gptq_rows, shared_factor
 from ..quant.grid import dequantize, expand_groups
 from ..quant.linalg import gram_rows
 from ..timing import timed
@@ -199,7 +199,7 @@ class VQuantizer:
                  codes: dict | None, grid: str = "uniform", factor: Factor | None = None):
         self.V, self.H, self.g, self.damp, self.codes, self.grid = V, H, group_size, damp, codes, grid
         self.widths = [b for b in widths if b > 0]
-        self.factor = factor  # cholesky_inverse_upper(H, damp), made at the first call that needs it
+        self.factor = factor  # gptq.shared_factor(H, damp), made at the first call that needs it
 
     def __call__(self, rows: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
         """{b: {"codes" (len(rows), n) uint8, "scale", "offset" (len(rows), G)[, "error" (len(rows),)]}}
@@ -216,7 +216,7 @@ class VQuantizer:
                 out[b] = {key: q[key] for key in GRID_KEYS[self.grid]}
             return out
         if self.factor is None:
-            self.factor = cholesky_inverse_upper(self.H, self.damp)
+            self.factor = shared_factor(self.H, self.damp)
         parts = {b: [] for b in self.widths}
         # a GPU's GPTQ time is its column loop's kernel launches: one call for all rows; the CPU's, flops
         step = len(rows) if v.is_cuda else max(1, GPTQ_ROWS // len(self.widths))

@@ -24,6 +24,7 @@ import torch
 from . import normal
 from .grid import expand_groups, fit_grid, n_groups
 from .linalg import lower_times, times_lower
+from .memo import LastGram
 from ..timing import timed
 
 
@@ -36,6 +37,15 @@ class Factor(NamedTuple):
     C: torch.Tensor
     dead: torch.Tensor
     damp: float
+
+
+FACTORS = LastGram()  # the linears sharing a Gram share its factor
+
+
+def shared_factor(H: torch.Tensor, damp: float) -> Factor:
+    """cholesky_inverse_upper of a layer's input Gram H, computed once for consecutive calls on the same
+    Gram (memo.LastGram: the error tables of the linears that read the same input)."""
+    return FACTORS.get(H, (float(damp), str(H.device)), lambda: cholesky_inverse_upper(H, damp))
 
 
 def cholesky_inverse_upper(H: torch.Tensor, damp: float) -> Factor:
@@ -247,4 +257,5 @@ def rtn_columns(W: torch.Tensor, bits: torch.Tensor, group_size: int, grid: str 
     return {**r, "deq": r["deq"].T}
 
 
-__all__ = ["gptq", "gptq_rows", "gptq_columns", "rtn_columns", "cholesky_inverse_upper", "Factor", "expand_groups"]
+__all__ = ["gptq", "gptq_rows", "gptq_columns", "rtn_columns", "cholesky_inverse_upper", "shared_factor", "Factor",
+           "expand_groups"]

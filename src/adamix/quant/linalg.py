@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..timing import timed
+from .memo import LastGram
 
 
 SVD_ALGORITHMS = ("gram", "full")
@@ -176,9 +177,18 @@ def whitening_factor(H: torch.Tensor, dtype: torch.dtype | None = None,
     return whitening(H, dtype, device)[0]
 
 
+WHITENINGS = LastGram()  # the linears sharing a Gram share its whitening factor
+
+
 def whitening(H: torch.Tensor, dtype: torch.dtype | None = None,
               device: torch.device | str | None = None) -> tuple[torch.Tensor | None, float]:
-    """whitening_factor's L and the ridge rho = eps mean(diag H) it added (None, 0.0 where diag(H) is all zero)."""
+    """whitening_factor's L and the ridge rho = eps mean(diag H) it added (None, 0.0 where diag(H) is all zero);
+    computed once for consecutive calls on the same Gram (memo.LastGram)."""
+    return WHITENINGS.get(H, (str(dtype), str(device)), lambda: _whitening(H, dtype, device))
+
+
+def _whitening(H: torch.Tensor, dtype: torch.dtype | None = None,
+               device: torch.device | str | None = None) -> tuple[torch.Tensor | None, float]:
     A = H.to(device=device or H.device, dtype=dtype or H.dtype, copy=True)  # the one copy, raised in place
     scale = float(torch.diagonal(A).mean())
     if not scale > 0:
