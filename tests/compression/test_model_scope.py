@@ -446,3 +446,28 @@ def test_token_rows_refusals(bert_pair, calib_file, tmp_path, extra, message):
         adamix.compress(*bert_pair, tmp_path / "d", **{**dict(calib=calib_file, samples=4, seqlen=32, progress=False),
                                                         **extra})
     assert not (tmp_path / "d").exists()
+
+
+def test_linears_fed_the_same_input_share_one_gram(llama_pair, calib_file):
+    """q, k and v (and gate and up) read the very tensor the block passes them: one Gram, one object
+    (computed once, held once, and its factors made once: quant.memo), equal to the X^T X of what
+    k_proj received; o and down have their own."""
+    from transformers import AutoTokenizer
+    from adamix.compression.calibrate import BlockRunner
+    ft = Checkpoint(llama_pair[1])
+    windows = token_windows(calib_file.read_text(), AutoTokenizer.from_pretrained(ft.folder), 4, 32)
+    runner = BlockRunner(ft, windows)
+    block = runner.blocks[0]
+    seen = []
+    hook = block.self_attn.k_proj.register_forward_hook(lambda _m, inp, _o: seen.append(inp[0].detach().reshape(-1, inp[0].shape[-1])))
+    _, _, grams = next(iter(runner.run()))
+    hook.remove()
+
+    def gram(part):
+        return next(g for n, g in grams.items() if f".{part}." in n)
+    assert gram("q_proj") is gram("k_proj") is gram("v_proj")
+    assert gram("gate_proj") is gram("up_proj")
+    assert gram("o_proj") is not gram("q_proj") and gram("down_proj") is not gram("up_proj")
+    X = torch.cat(seen).double()
+    ref = X.T @ X
+    assert float((gram("k_proj").double() - ref).abs().max() / ref.abs().max()) < 1e-5

@@ -171,13 +171,13 @@ class BlockRunner:
         """Accumulate H += X^T X for linear `name`. Linears fed the very same tensor (q, k and v
         projections) share the first one's H: computed once, held once."""
         def hook(_mod, inp, _out):
-            x = inp[0].detach()
+            x = inp[0]  # the very tensor the block passed (a detached view would be a new object per call)
             first = seen.get(id(x))
             if first is not None and first[0] is x:
                 alias[name] = first[1]
                 return
             seen[id(x)] = (x, name)
-            x = x.reshape(-1, x.shape[-1]).float()
+            x = x.detach().reshape(-1, x.shape[-1]).float()
             # in place (no n x n temporaries: 2 x 0.5 GB at n = 11008), the upper half, many windows per product
             grams.setdefault(name, GramSum()).add(x)
         return hook
