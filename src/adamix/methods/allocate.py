@@ -32,7 +32,7 @@ from typing import Callable
 
 from . import frontier
 from ..quant import normal
-from ..quant.gptq import Factor, gptq_rows, shared_factor
+from ..quant.gptq import gptq_rows, shared_factor
 from ..quant.grid import dequantize, expand_groups
 from ..quant.linalg import gram_rows
 from ..timing import timed
@@ -109,16 +109,14 @@ def error_table(s: torch.Tensor, U: torch.Tensor, V: torch.Tensor, H: torch.Tens
     measure reach beyond them: only the vectors of the measured triplets are ever computed.
     """
     r, zero = (len(s) if e0 is None else len(e0)), widths.index(0) if 0 in widths else None
-    factors, state = [U, s, V], {}  # the triplets with vectors so far; the factor of H^-1 once made
+    factors = [U, s, V]  # the triplets with vectors so far
 
     def rows_of(rows: torch.Tensor) -> torch.Tensor:
         if len(rows) and int(rows.max()) >= factors[0].shape[1]:
             factors[:] = grow(int(rows.max()) + 1)[:3]
         U_, s_, V_ = factors
-        vq = VQuantizer(V_, H, widths, group_size, damp, codes, grid, factor=state.get("factor"))
-        out = _table_rows(s_.double() ** 2, U_, V_, H, widths, group_size, rows, chunk, vq)
-        state["factor"] = vq.factor
-        return out
+        vq = VQuantizer(V_, H, widths, group_size, damp, codes, grid)  # its factor of H^-1: gptq.shared_factor's
+        return _table_rows(s_.double() ** 2, U_, V_, H, widths, group_size, rows, chunk, vq)
 
     if max_kept is None or zero is None:
         return rows_of(torch.arange(r))
@@ -196,10 +194,10 @@ class VQuantizer:
     (GPTQ on H, or RTN without a Gram); codes and grids kept in `codes` (error_table) if given."""
 
     def __init__(self, V: torch.Tensor, H: torch.Tensor | None, widths: list[int], group_size: int, damp: float,
-                 codes: dict | None, grid: str = "uniform", factor: Factor | None = None):
+                 codes: dict | None, grid: str = "uniform"):
         self.V, self.H, self.g, self.damp, self.codes, self.grid = V, H, group_size, damp, codes, grid
         self.widths = [b for b in widths if b > 0]
-        self.factor = factor  # gptq.shared_factor(H, damp), made at the first call that needs it
+        self.factor = None  # gptq.shared_factor(H, damp) at the first call that needs it (made once per Gram)
 
     def __call__(self, rows: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
         """{b: {"codes" (len(rows), n) uint8, "scale", "offset" (len(rows), G)[, "error" (len(rows),)]}}
