@@ -46,11 +46,11 @@ import torch
 from adamix.compression.plan import delta_of
 from adamix.io.checkpoint import Checkpoint
 from adamix.quant.linalg import svd
-from adamix.threads import torch_threads
+from adamix.threads import compute_threads
 base, ft = Checkpoint(sys.argv[1]), Checkpoint(sys.argv[2])
 names = [n for n in ft.keys() if n.endswith("proj.weight")]
 out = {"matrices": len(names), "full": 0.0, "gram": 0.0, "s_rel_diff": 0.0}
-with torch_threads(int(sys.argv[3])):
+with compute_threads(int(sys.argv[3])):
     for name in names:
         D = delta_of(base, ft, name)
         res = {}

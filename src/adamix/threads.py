@@ -1,5 +1,7 @@
 """How many CPU threads the linear algebra uses: every core this process may run on by default (or
-OMP_NUM_THREADS where set), set for the duration of one compression and restored after.
+OMP_NUM_THREADS where set), set for the duration of one compression and restored after, in torch's
+pool and in the BLAS pools of the libraries scipy and numpy load (threadpoolctl: scipy's LAPACK
+runs the eigensolver's reduction, quant.eigen).
 
 Oversubscription is the trap: torch's thread pool sized to the machine, beside another busy process
 on the same cores, makes dense factorisations many times slower. `--threads` gives a run fewer cores;
@@ -13,6 +15,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
+from threadpoolctl import threadpool_limits
 
 
 def available_cores() -> int:
@@ -33,11 +36,12 @@ def default_threads() -> int:
 
 
 @contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """torch's intra-op threads set to n inside the block, restored after."""
+def compute_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads and the BLAS libraries' threads set to n inside the block, restored after."""
     previous = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
-        yield
+        with threadpool_limits(limits=n, user_api="blas"):
+            yield
     finally:
         torch.set_num_threads(previous)

@@ -24,7 +24,7 @@ from ..io.manifest import FORMAT_VERSION, build_manifest, encoded_entries, encod
 from ..io.text import default_calibration_file, read_text
 from ..io.vocab import add_new_rows
 from ..memory import release_freed_memory
-from ..threads import available_cores, default_threads, torch_threads
+from ..threads import available_cores, default_threads, compute_threads
 from ..methods import Encoded, ModelContext, get
 from ..methods.kinds import stored_suffixes
 from ..version import __version__
@@ -79,7 +79,7 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
     staged = calib_path is not None and method.staged and not shared
     threads, ilp_workers = cpu_plan(opts.threads, on_gpu, staged)
     # the work folder is removed at the end, or on bad input found midway; an interruption keeps it for --resume
-    with torch_threads(threads), work:
+    with compute_threads(threads), work:
         todo = set(names)
         for chunk in work.chunks():
             todo.difference_update(work.done(chunk)["names"])

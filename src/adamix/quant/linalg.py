@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..timing import timed
+from .eigen import PartialEigen
 from .memo import LastGram
 
 
@@ -91,16 +92,16 @@ class Spectrum:
     from a trace, exactly, whatever is computed. vectors(k): U (m, k), s (k,), V (n, k), e (k,) of the
     leading k triplets; each column is computed once (a later call adds those not yet computed).
 
-    Built by whitened_spectrum, on one of two eigendecompositions:
+    Built by whitened_spectrum, on one of two eigendecompositions (eigen.PartialEigen: every
+    eigenvalue, the eigenvectors z_i back-transformed for the columns asked for only):
     - m >= n: A = D L with H + rho I = L L^T (whitening), A^T A = Z diag(s_w^2) Z^T; then
       u_i = A z_i / s_w,i and V S = L^-T Z S_w (one triangular solve per batch of columns).
     - m < n: M = D (H + rho I) D^T = U diag(s_w^2) U^T (no factor of H); then V S = D^T U.
     """
 
-    def __init__(self, work: torch.Tensor, basis: torch.Tensor, lam: torch.Tensor, rho: float, energy: float,
-                 L: torch.Tensor | None):
-        self.work, self.basis, self.rho, self.energy, self.L = work, basis, rho, energy, L
-        self.bound = lam.double().clamp_min(0.0)
+    def __init__(self, work: torch.Tensor, eigen: PartialEigen, rho: float, energy: float, L: torch.Tensor | None):
+        self.work, self.eigen, self.rho, self.energy, self.L = work, eigen, rho, energy, L
+        self.bound = eigen.values.double().clamp_min(0.0)
         self.done = self._columns(0, 0)  # U, s, V, e of the columns computed so far
 
     def __len__(self) -> int:
@@ -122,7 +123,7 @@ class Spectrum:
         return U[:, :k], s[:k], V[:, :k], e[:k]
 
     def _columns(self, a: int, b: int) -> tuple[torch.Tensor, ...]:
-        Z = self.basis[:, a:b]
+        Z = self.eigen.vectors(a, b)
         if self.L is None:  # m < n: V S = D^T U
             U, VS = Z, self.work.T @ Z
             s = VS.norm(dim=0)
@@ -161,10 +162,7 @@ def whitened_spectrum(D: torch.Tensor, H: torch.Tensor) -> Spectrum | None:
         work = times_lower(work, L)  # A = D L
         M = add_gram(None, work)  # A^T A
     energy = float(torch.diagonal(M).sum(dtype=torch.float64)) - rho * square  # tr(D (H + rho I) D^T) - rho ||D||^2
-    lam, basis = torch.linalg.eigh(M, UPLO="U")
-    del M
-    order = torch.argsort(lam, descending=True, stable=True)
-    return Spectrum(work, basis[:, order], lam[order], rho, max(energy, 0.0), L)
+    return Spectrum(work, PartialEigen(M), rho, max(energy, 0.0), L)  # M is the eigensolver's now
 
 
 def whitening_factor(H: torch.Tensor, dtype: torch.dtype | None = None,
