@@ -11,11 +11,15 @@ the run reports the count it used.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator
 
 import torch
-from threadpoolctl import threadpool_limits
+
+try:
+    from threadpoolctl import threadpool_limits
+except ImportError:  # a bare PYTHONPATH=src run (benchmarks/gpu_check.sh) without the declared dependency:
+    threadpool_limits = None  # scipy's BLAS keeps its own thread count; torch's is still set
 
 
 def available_cores() -> int:
@@ -41,7 +45,7 @@ def compute_threads(n: int) -> Iterator[None]:
     previous = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
-        with threadpool_limits(limits=n, user_api="blas"):
+        with nullcontext() if threadpool_limits is None else threadpool_limits(limits=n, user_api="blas"):
             yield
     finally:
         torch.set_num_threads(previous)

@@ -59,8 +59,7 @@ def test_one_by_one_and_two_by_two():
 
 
 def test_compute_threads_limits_the_blas_pools_and_restores_them():
-    threadpoolctl = pytest.importorskip("threadpoolctl")
-    import scipy.linalg  # noqa: F401  (loads scipy's BLAS)
+    threadpoolctl = pytest.importorskip("threadpoolctl")  # scipy's BLAS is loaded: quant.eigen imports its LAPACK
 
     def blas() -> list[int]:
         return [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
