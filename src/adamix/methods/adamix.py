@@ -32,6 +32,7 @@ from ..quant import hadamard, normal
 from ..quant.gptq import gptq_columns, gptq_rows, rtn_columns
 from ..quant.linalg import (factored_error, matmul64, output_error, product64, relative_errors, svd, whitened_spectrum,
                             whitened_svd, working_dtype)
+from ..timing import phase
 from .kinds import Encoded
 from .registry import Method, Settings, budget_bits, register
 from .svd_mixed import PACK_PAD_BITS
@@ -277,21 +278,23 @@ def quantize_factors(D: torch.Tensor, H: torch.Tensor | None, U: torch.Tensor, s
             vq = normal.rtn_on(settings.grid, Vt, bits, g)
         else:
             vq = gptq_rows(Vt, H, bits, g, damp=settings.damp, grid=settings.grid)
-        Vhat, dtype = vq["deq"].double(), working_dtype(D)  # products with H and D in D's working dtype
-        HV = Vhat.T if H is None else product64(H, Vhat.T, dtype)  # (n, k): H V^^T
-        Gz, rhs = Vhat @ HV, product64(D, HV, dtype)  # V^ H V^^T (k, k), the Gram of z = V^ x; D H V^^T (m, k)
-        if settings.correct_target:
-            Ustar = target_correction(D, H, Vhat, settings.fit_damp, HV, Gz, rhs).float()
-        else:  # Delta-CoMe: quantize U S itself, GPTQ on the quantized V's outputs compensating
-            Ustar = (U * s).float()
+        with phase("target correction"):
+            Vhat, dtype = vq["deq"].double(), working_dtype(D)  # products with H and D in D's working dtype
+            HV = Vhat.T if H is None else product64(H, Vhat.T, dtype)  # (n, k): H V^^T
+            Gz, rhs = Vhat @ HV, product64(D, HV, dtype)  # V^ H V^^T (k, k), the Gram of z = V^ x; D H V^^T (m, k)
+            if settings.correct_target:
+                Ustar = target_correction(D, H, Vhat, settings.fit_damp, HV, Gz, rhs).float()
+            else:  # Delta-CoMe: quantize U S itself, GPTQ on the quantized V's outputs compensating
+                Ustar = (U * s).float()
         uq = rtn_columns(Ustar, bits, g, settings.grid) if H is None else \
             gptq_columns(Ustar, Gz.float(), bits, g, damp=settings.damp, grid=settings.grid)
         enc = encode(on_cpu(vq), on_cpu(uq))
         decode = svd_rotated.rotated_factors if rotated else svd_mixed.factors  # in D's coordinates
         Ud, Vd = (t.to(D.device) for t in decode((m, n), enc.meta, enc.tensors))  # what was stored: D^ = U^ V^
-        measured = factored_error(Ud, rhs, Gz, energy) if torch.equal(Vd, vq["deq"]) else 0.0
-        if measured < 1e-4 * energy:  # V^ not the one of rhs and Gz, or near cancellation: a pass over D H D^T
-            measured = output_error(Ud.double() @ Vd.double(), D, H)
+        with phase("target correction"):  # the measured error, from the correction's products
+            measured = factored_error(Ud, rhs, Gz, energy) if torch.equal(Vd, vq["deq"]) else 0.0
+            if measured < 1e-4 * energy:  # V^ not the one of rhs and Gz, or near cancellation: a pass over D H D^T
+                measured = output_error(Ud.double() @ Vd.double(), D, H)
         enc.stats = {"rank_kept": len(widths), **relative_errors(measured, energy, predicted)}
     return enc
 
