@@ -24,7 +24,7 @@ from ..io.manifest import FORMAT_VERSION, build_manifest, encoded_entries, encod
 from ..io.text import default_calibration_file, read_text
 from ..io.vocab import add_new_rows
 from ..memory import release_freed_memory
-from ..threads import available_cores, default_threads, compute_threads
+from ..threads import available_cores, compute_threads, default_threads
 from ..methods import Encoded, ModelContext, get
 from ..methods.kinds import stored_suffixes
 from ..version import __version__

@@ -45,8 +45,7 @@ class PartialEigen:
             raise RuntimeError(f"{p}stevd failed (info {info}): the tridiagonal eigensolver did not converge")
         self.values = torch.from_numpy(np.ascontiguousarray(lam[::-1]))
         self._Z = torch.from_numpy(Z)  # T's eigenvectors, ascending (Fortran order: columns contiguous)
-        self._Q = torch.from_numpy(c)[1:, :self.n - 1], torch.from_numpy(tau)  # the reflectors of Q', in M's memory
-        self._keep = M  # the reflectors live in M's storage
+        self._Q = torch.from_numpy(c)[1:, :self.n - 1], torch.from_numpy(tau)  # the reflectors of Q' (in M's memory)
 
     def vectors(self, a: int, b: int) -> torch.Tensor:
         """Eigenvectors a..b-1 (by decreasing eigenvalue) as the columns of an (n, b - a) tensor."""
