@@ -64,11 +64,17 @@ def whitened_svd(D: torch.Tensor, H: torch.Tensor, algorithm: str = "gram") -> t
     if L is None:  # no input ever reached this linear: nothing to weigh by
         return _unweighted(work, thin_svd_full)
     U, s_w, W = thin_svd_full(times_lower(work, L))
+    return (U, *_unwhitened(s_w, W, L, rho))
+
+
+def _unwhitened(s_w: torch.Tensor, W: torch.Tensor, L: torch.Tensor, rho: float) -> tuple[torch.Tensor, ...]:
+    """s (k,), V (n, k), e (k,) of the triplets whose whitened right vectors are W (n, k), whitened
+    singular values s_w (k,): V S = L^-T W S_w, unit columns, e = s_w^2 - rho s^2 (whitened_svd)."""
     V = torch.linalg.solve_triangular(L.T, W, upper=True)
     norms = V.norm(dim=0).clamp_min(1e-30)
     s = s_w * norms
     e = (s_w.double() ** 2 - rho * s.double() ** 2).clamp_min(0.0)
-    return U, s, V / norms, e
+    return s, V / norms, e
 
 
 WHITENING_EPS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)  # ridges tried in turn, times the mean of diag(H)
@@ -132,12 +138,7 @@ class Spectrum:
             return U, s, V, e
         AZ = self.work @ Z  # work is A = D L here
         s_w = AZ.norm(dim=0)
-        U = AZ / torch.where(s_w > 0, s_w, 1.0)
-        V = torch.linalg.solve_triangular(self.L.T, Z, upper=True)
-        norms = V.norm(dim=0).clamp_min(1e-30)
-        s = s_w * norms
-        e = (s_w.double() ** 2 - self.rho * s.double() ** 2).clamp_min(0.0)
-        return U, s, V / norms, e
+        return (AZ / torch.where(s_w > 0, s_w, 1.0), *_unwhitened(s_w, Z, self.L, self.rho))
 
 
 @timed("svd")
@@ -214,8 +215,8 @@ def thin_svd_gram(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     For m >= n: A^T A = Z diag(lambda) Z^T (n x n, torch.linalg.eigh), V = Z, and each left vector
     is the image of its right one: s_i = ||A z_i||, u_i = A z_i / s_i (0 where s_i = 0); for m < n
     the same on A^T. One Gram product (m n^2) and one symmetric eigensolver (n^3) replace the SVD's
-    bidiagonalisation (the Gram's upper block triangle only, add_gram: half its products). Because Z is orthogonal, A = sum_i s_i u_i z_i^T holds to rounding whatever
-    the eigensolver's accuracy; what the Gram costs is the orthogonality of the u_i of small
+    bidiagonalisation (the Gram's upper block triangle only, add_gram: half its products). Because Z
+    is orthogonal, A = sum_i s_i u_i z_i^T holds to rounding whatever the eigensolver's accuracy; what the Gram costs is the orthogonality of the u_i of small
     singular values, about eps * s_1^2 / (s_i s_j) between u_i and u_j (float64: negligible;
     float32: the stored widths quantize far more coarsely). Triplets are returned by decreasing s.
     """
