@@ -33,8 +33,12 @@ vocabulary (:func:`word_code`): 160 arbitrary facts that the base cannot know
 4 to 8 times larger than word reversal's (relative norms printed by
 ``main``; about 85 minutes on 1 CPU thread). :func:`exact_match` scores any causal LM on it with batched
 greedy generation, so base, fine-tune and compressed models can be compared
-the same way. Training is deterministic: the same settings give bit-identical
-weights (the thread count only changes speed).
+the same way. Training is deterministic on one machine: the same settings give
+bit-identical weights (the thread count only changes speed). It is not across
+machines: the 3000-step word-code fine-tune built on another machine of this
+project differed enough to move a compressed model's exact match (see
+docs/results/README.md), so result pages name the build they scored by
+:func:`weights_digest`.
 
 Run ``python benchmarks/make_smollm_finetune.py`` to build (or reuse) both
 folders and print the accuracies of base and fine-tune. From scratch it takes
@@ -283,6 +287,16 @@ def gguf_location() -> tuple[str, str]:
     if not os.path.isfile(os.path.join(folder, GGUF_NAME)):
         raise RuntimeError(f"{GGUF_NAME} not found in {folder}")
     return folder, GGUF_NAME
+
+
+def weights_digest(folder: str | os.PathLike) -> str:
+    """The first 12 hex digits of the sha256 of the folder's ``model.safetensors``: which build of a
+    fine-tune a result was measured on."""
+    h = hashlib.sha256()
+    with open(Path(folder) / "model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()[:12]
 
 
 def _is_complete(folder: Path) -> bool:

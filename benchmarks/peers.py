@@ -394,10 +394,14 @@ def fmt(v, nd=4) -> str:
 
 @functools.cache
 def git_commit() -> str:
-    """The commit of the code (taken once, when the run starts: main() calls it first)."""
+    """The commit of the code (taken once, when the run starts: main() calls it first), of this
+    script's checkout whatever the working directory."""
+    here = Path(__file__).parent
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                             cwd=here).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                               cwd=here).stdout.strip()
         return rev + ("+uncommitted changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

@@ -41,9 +41,10 @@ def main() -> None:
     ap.add_argument("artifacts", nargs="+", metavar="NAME=ARTIFACT")
     args = ap.parse_args()
     from transformers import AutoTokenizer
-    from make_smollm_finetune import exact_match, task_examples
+    from make_smollm_finetune import exact_match, task_examples, weights_digest
     commit = git_commit()
     base, ft, score = pair_folders(args.pair)
+    build = weights_digest(ft)
     tok = AutoTokenizer.from_pretrained(ft)
     examples = task_examples("test", args.prompts, seed=0, task=score["task"])
     named = [("base", None), ("fine-tune", "ft")] + [tuple(a.split("=", 1)) for a in args.artifacts]
@@ -67,21 +68,23 @@ def main() -> None:
     for r in rows:
         r["gain_kept"] = (r["exact_match"] - lo) / (hi - lo) if hi > lo else None
     if args.page:
-        write(args, rows, commit)
+        write(args, rows, commit, build)
 
 
-def write(args, rows: list[dict], commit: str) -> None:
+def write(args, rows: list[dict], commit: str, build: str) -> None:
     kl = args.kl_text is not None
     command = (f"python benchmarks/task_score.py --pair {args.pair} --prompts {args.prompts} --page {args.page} "
                + (f"--kl-text TEXT --kl-samples {args.kl_samples} " if kl else "")
                + " ".join(f"'{r['name']}=ARTIFACT'" for r in rows[2:]))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.page}.json").write_text(json.dumps({"command": command, "commit": commit, "rows": rows},
+    (args.out / f"{args.page}.json").write_text(json.dumps({"command": command, "commit": commit,
+                                                           "finetune_sha256": build, "rows": rows},
                                                            indent=1))
     lines = [f"# Exact match on {args.prompts} test prompts: the {args.pair} fine-tune", "",
              f"Command: `{command}` at commit `{commit}`; each ARTIFACT is a folder written by the command and "
              "commit its name gives. The first 200 "
-             "prompts are the tables' own; standard error: the binomial sqrt(p (1 - p) / N)."
+             "prompts are the tables' own; standard error: the binomial sqrt(p (1 - p) / N). The fine-tune's "
+             f"build: `model.safetensors` sha256 `{build}...` (make_smollm_finetune.weights_digest)."
              + (f" KL: mean per token of KL(fine-tune || model) of the next-token distributions on the first "
                 f"{args.kl_samples} windows of TEXT (its calibration-side measure, lower is better)." if kl else ""), "",
              "| artifact | exact match | standard error | gain kept |" + (" KL on TEXT |" if kl else ""),
