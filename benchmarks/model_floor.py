@@ -31,6 +31,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -50,16 +51,15 @@ from adamix.quant.linalg import output_error  # noqa: E402
 PER_TENSOR = "per tensor (alpha each, unweighted)"
 
 
-def drop_items(names: list[str], deltas: dict, grams: dict) -> dict[str, tuple[np.ndarray, float, tuple]]:
+def drop_items(deltas: dict[str, torch.Tensor], grams: dict) -> dict[str, tuple[np.ndarray, float, tuple]]:
     """{name: (e_i(0) (r,) descending, c: the narrowest non-zero width's price of one triplet, factors
-    (U, s, V))} of each matrix's whitened analysis (H None: data-free, e_i(0) = s_i^2)."""
+    (U, s, V))} of each matrix's whitened analysis on its Gram (grams: {name: (H, transposed)}; none:
+    data-free, e_i(0) = s_i^2)."""
     settings = Settings()
     narrowest = settings.widths.index(min(b for b in settings.widths if b > 0))
     out = {}
-    for name in names:
-        D = deltas[name]
-        H = grams[name] if name in grams else None
-        a = analyse(D, H, settings)
+    for name, D in deltas.items():
+        a = analyse(D, grams[name][0] if name in grams else None, settings)
         full = (a.U * a.s) @ a.V.T
         assert float((full - D).norm() / D.norm()) < 1e-6, f"{name}: the factors do not rebuild D"
         out[name] = (a.table[:, 0].copy(), float(a.costs[narrowest]), (a.U, a.s, a.V))
@@ -82,7 +82,8 @@ def floor_ranks(items: dict, weights: dict[str, float], budgets: dict[str, float
 
 
 def truncation_errors(items: dict, kept: dict[str, int], deltas: dict, grams_by_side: dict) -> dict[str, float]:
-    """{side: sum over the block linears of ||(D_k - D) X||^2} of each matrix's rank-k truncation."""
+    """{side: sum over the block linears of ||(D_k - D) X||^2} of each matrix's rank-k truncation
+    (grams_by_side: {side: {name: (H, transposed)}})."""
     out = {side: 0.0 for side in grams_by_side}
     for name, D in deltas.items():
         if not all(name in g for g in grams_by_side.values()):
@@ -91,7 +92,7 @@ def truncation_errors(items: dict, kept: dict[str, int], deltas: dict, grams_by_
         k = kept[name]
         Dk = (U[:, :k] * s[:k]) @ V[:, :k].T
         for side, grams in grams_by_side.items():
-            out[side] += output_error(Dk, D, grams[name])
+            out[side] += output_error(Dk, D, grams[name][0])
     return out
 
 
@@ -107,7 +108,7 @@ def main() -> None:
     base_ck, ft_ck = Checkpoint(base), Checkpoint(ft)
     calib = heldout_grams(ft, [read_text(default_calibration_file())], 128)  # the CLI's 128 windows
     held = pooled_grams(corpus_grams(ft, heldout_corpora()))
-    sides = {"calibration": {n: H for n, (H, _) in calib.items()}, "heldout": {n: H for n, (H, _) in held.items()}}
+    sides = {"calibration": calib, "heldout": held}
     args.work.mkdir(parents=True, exist_ok=True)
     runs, slopes = {}, None
     for ratio in args.ratios.split(","):
@@ -115,8 +116,7 @@ def main() -> None:
             out = args.work / f"{method}-{scope}-{ratio.replace('/', '_')}"
             timing = compress(base, ft, out, method, ratio, scope, grid)
             art = Artifact(out)
-            runs[method, ratio] = {**timing, **{side: error_on_grams(base, ft, art, {n: (H, calib[n][1]) for n, H in g.items()})
-                                                for side, g in sides.items()}}
+            runs[method, ratio] = {**timing, **{side: error_on_grams(base, ft, art, g) for side, g in sides.items()}}
             if scope == "model":
                 slopes = art.manifest["settings"]["model_scope"]
             print(json.dumps({"method": method, "ratio": ratio, **{k: v if not isinstance(v, dict) else v["relative_error"]
@@ -128,9 +128,9 @@ def main() -> None:
         deltas[n] = D.T if n in calib and calib[n][1] else D
     deltas = {n: D for n, D in deltas.items() if bool(D.any())}
     data_free = {n for n in deltas if n not in calib}
-    items = drop_items(list(deltas), deltas, {n: H for n, H in sides["calibration"].items()})
+    items = drop_items(deltas, calib)
     linears = {n: D for n, D in deltas.items() if n not in data_free}
-    energy = {side: sum(output_error(None, D, g[n]) for n, D in linears.items()) for side, g in sides.items()}
+    energy = {side: sum(output_error(None, D, g[n][0]) for n, D in linears.items()) for side, g in sides.items()}
     rows = []
     for ratio in args.ratios.split(","):
         alpha = float(Fraction(ratio))
