@@ -82,12 +82,10 @@ def floor_ranks(items: dict, weights: dict[str, float], budgets: dict[str, float
 
 
 def truncation_errors(items: dict, kept: dict[str, int], deltas: dict, grams_by_side: dict) -> dict[str, float]:
-    """{side: sum over the block linears of ||(D_k - D) X||^2} of each matrix's rank-k truncation
+    """{side: sum over `deltas` (the block linears) of ||(D_k - D) X||^2} of each one's rank-k truncation
     (grams_by_side: {side: {name: (H, transposed)}})."""
     out = {side: 0.0 for side in grams_by_side}
     for name, D in deltas.items():
-        if not all(name in g for g in grams_by_side.values()):
-            continue
         U, s, V = items[name][2]
         k = kept[name]
         Dk = (U[:, :k] * s[:k]) @ V[:, :k].T
